@@ -1,0 +1,35 @@
+# Every target installs what it needs first (idempotent: a stamp file skips it when
+# pyproject.toml has not changed).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export MUJOCO_GL ?= egl
+
+.PHONY: run test test-all lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## run: the main job (a short CP3ER training run on a pixel DMC task; see README)
+run: $(STAMP)
+	$(BIN)/python -m cp3er.demo
+
+## test: the default (fast) test suite
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+## test-all: every test, slow ones included
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ''
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info

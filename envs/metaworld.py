@@ -1,0 +1,81 @@
+"""Meta-World (metaworld 3.x, v3 tasks) as TorchRL environments.
+
+:class:`MetaWorldAdapter` is the smallest gymnasium wrapper doing what TorchRL has
+no part for: repeat the action below the renderer (render once per agent step),
+flip Meta-World's vertically-flipped renders, expose one observation entry
+(``pixels`` uint8 HxWx3 or ``observation`` float32), and report ``success`` per
+agent step as a bool (True if the task succeeded at any repeated sub-step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torchrl.data import Categorical
+from torchrl.envs.libs.gym import GymWrapper, default_info_dict_reader
+
+from envs.registry import TaskSpec
+
+
+class MetaWorldAdapter(gym.Wrapper):
+    """Action repeat + single observation entry + boolean ``success`` for Meta-World."""
+
+    def __init__(self, env: gym.Env, obs: str, action_repeat: int) -> None:
+        if action_repeat < 1:
+            raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
+        super().__init__(env)
+        self._obs = obs
+        self._repeat = action_repeat
+        if obs == "pixels":
+            height, width = env.unwrapped.height, env.unwrapped.width
+            space = gym.spaces.Box(0, 255, (height, width, 3), np.uint8)
+        else:
+            size = env.observation_space.shape[0]
+            space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        self.observation_space = gym.spaces.Dict({obs: space})
+
+    def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        if self._obs == "pixels":
+            # Meta-World renders upside down (TORCHRL_NOTES): flip rows.
+            return {"pixels": np.ascontiguousarray(self.env.render()[::-1])}
+        return {"observation": np.asarray(state, dtype=np.float32)}
+
+    def reset(self, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        state, info = self.env.reset(**kwargs)
+        info = {**info, "success": np.array([False])}
+        return self._observation(state), info
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        total, success = 0.0, False
+        terminated = truncated = False
+        info: dict[str, Any] = {}
+        for _ in range(self._repeat):
+            state, reward, terminated, truncated, info = self.env.step(action)
+            total += float(reward)
+            success = success or bool(info.get("success", 0.0))
+            if terminated or truncated:
+                break
+        info = {**info, "success": np.array([success])}
+        return self._observation(state), total, terminated, truncated, info
+
+
+def make_metaworld_env(
+    spec: TaskSpec, obs: str, seed: int, action_repeat: int, image_size: int, camera: str
+) -> GymWrapper:
+    """A TorchRL env for one Meta-World MT1 task (random goal per episode, seeded)."""
+    import metaworld  # noqa: F401  (registers the Meta-World/* gymnasium ids)
+
+    render = {"render_mode": "rgb_array", "width": image_size, "height": image_size,
+              "camera_name": camera} if obs == "pixels" else {}
+    env = gym.make("Meta-World/MT1", env_name=spec.domain, seed=seed, **render)
+    env = MetaWorldAdapter(env, obs, action_repeat)
+    torchrl_env = GymWrapper(env)
+    # Meta-World's info["success"] is a Python float: read it with a spec (TORCHRL_NOTES).
+    reader = default_info_dict_reader(
+        ["success"], spec={"success": Categorical(2, shape=(1,), dtype=torch.bool)}
+    )
+    torchrl_env.set_info_dict_reader(reader)
+    return torchrl_env

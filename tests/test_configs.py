@@ -1,0 +1,46 @@
+"""Hydra configs: one file per registered task holding only deltas, and they compose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from envs import TASKS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_every_registered_task_has_a_config_and_nothing_else() -> None:
+    files = {p.stem for p in (CONFIGS / "task").glob("*.yaml")}
+    assert files == set(TASKS)
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [
+        ("cheetah_run", {"frames": 3_100_000, "lr": 1e-4, "feature_dim": 50, "batch_size": 256}),
+        ("dog_run", {"frames": 30_100_000, "lr": 8e-5, "feature_dim": 100}),
+        ("humanoid_walk", {"lr": 8e-5, "feature_dim": 100}),
+        ("walker_run", {"batch_size": 512, "n_step": 1}),
+        ("mw_assembly", {"frames": 3_100_000, "n_step": 3}),
+        ("cartpole_balance", {"frames": 1_100_000}),
+    ],
+)
+def test_task_deltas_compose(task: str, expected: dict) -> None:
+    cfg = _compose(f"task={task}")
+    assert cfg.task_name == task
+    for key, value in expected.items():
+        assert cfg[key] == value, key
+
+
+def test_quadruped_run_replay_capacity_delta_keeps_other_replay_keys() -> None:
+    cfg = _compose("task=quadruped_run")
+    assert cfg.replay.capacity == 100_000
+    assert cfg.replay.sampler == "proximal" and cfg.replay.alpha == 2.0

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 ## run: the main job (a short CP3ER training run on a pixel DMC task; see README)
 run: $(STAMP)
-	$(BIN)/python -m cp3er.demo
+	$(BIN)/cp3er-train --config-name demo
 
 ## test: the default (fast) test suite
 test: $(STAMP)

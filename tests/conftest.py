@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Two test workers share two cores: more than one OpenMP thread per process makes tiny
+# ops ~100x slower under contention. Subprocesses (cp3er-train in tests) inherit this.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch

@@ -1,0 +1,176 @@
+"""DrQ-v2 random-shift image augmentation.
+
+DrQ-v2 (Yarats et al. 2021, arXiv 2107.09645) pads each image by ``pad`` pixels with
+replicate padding and crops it back at a random integer offset. Its code does the
+crop with a bilinear ``F.grid_sample`` whose sampling points fall on pixel centres,
+so the result is an exact integer shift of the padded image. Two implementations:
+
+- :func:`random_shift_grid_sample`: DrQ-v2's formulation (float, reference);
+- :func:`random_shift` / :class:`RandomShift`: the same shift by integer indexing,
+  no interpolation, on uint8 or float, without materialising the padded image
+  (replicate padding + crop == clamping the source indices to the image).
+
+Shift convention, shared by both: ``shifts`` is an integer tensor ``[N, 2]`` of
+``(dy, dx)`` in ``[-pad, pad]``, and output pixel ``(i, j)`` reads input pixel
+``(clamp(i + dy, 0, H - 1), clamp(j + dx, 0, W - 1))``. DrQ-v2 draws the crop
+offset uniformly in ``{0, ..., 2 pad}`` per axis; that offset is ``shift + pad``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RandomShift", "random_shift", "random_shift_grid_sample", "sample_shifts"]
+
+
+def sample_shifts(
+    num: int,
+    pad: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw ``[num, 2]`` integer ``(dy, dx)`` shifts uniformly in ``[-pad, pad]`` (DrQ-v2).
+
+    Drawn on the generator's device (CPU by default) and moved to ``device``.
+    """
+    draw_device = generator.device if generator is not None else None
+    shifts = torch.randint(-pad, pad + 1, (num, 2), generator=generator, device=draw_device)
+    return shifts.to(device) if device is not None else shifts
+
+
+def _flatten_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    if x.dim() < 3:
+        raise ValueError(f"expected images [*batch, C, H, W], got shape {tuple(x.shape)}")
+    batch = x.shape[:-3]
+    return x.reshape(-1, *x.shape[-3:]), batch
+
+
+def _resolve_shifts(
+    shifts: torch.Tensor | None,
+    num: int,
+    pad: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    if shifts is None:
+        return sample_shifts(num, pad, generator, device)
+    if shifts.numel() != 2 * num:
+        raise ValueError(f"need one (dy, dx) pair per image ({num}), got {tuple(shifts.shape)}")
+    return shifts.reshape(num, 2).to(device=device, dtype=torch.long)
+
+
+def random_shift(
+    x: torch.Tensor,
+    pad: int = 4,
+    generator: torch.Generator | None = None,
+    shifts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Random shift by integer indexing (DrQ-v2's augmentation without interpolation).
+
+    Equivalent to replicate-padding by ``pad`` and cropping back at a random integer
+    offset, computed as one gather with clamped source indices. Works on any dtype
+    (uint8 included, so augment before converting to float) and keeps it.
+
+    Args:
+        x: images ``[*batch, C, H, W]``; contiguous or channels-last (the output then
+            stays channels-last).
+        pad: maximum shift in pixels.
+        generator: random generator for the shifts (ignored when ``shifts`` is given).
+        shifts: optional ``(dy, dx)`` integer shifts ``[*batch, 2]`` (or ``[N, 2]``).
+
+    Returns:
+        the shifted images, same shape and dtype as ``x``.
+    """
+    images, batch = _flatten_batch(x)
+    n, c, h, w = images.shape
+    shifts = _resolve_shifts(shifts, n, pad, generator, images.device)
+    rows = (torch.arange(h, device=images.device) + shifts[:, :1]).clamp_(0, h - 1)
+    cols = (torch.arange(w, device=images.device) + shifts[:, 1:]).clamp_(0, w - 1)
+    source = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, h * w)  # [N, H*W]
+    if (
+        images.dim() == 4
+        and not images.is_contiguous()
+        and images.is_contiguous(memory_format=torch.channels_last)
+    ):
+        # Pixels are rows of C values: copy whole pixels, keep the layout.
+        flat = images.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        offset = torch.arange(n, device=images.device)[:, None] * (h * w)
+        out = flat.index_select(0, (source + offset).reshape(-1))
+        out = out.view(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        planes = images.reshape(n, c, h * w)
+        out = planes.gather(2, source[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
+    return out.reshape(*batch, c, h, w)
+
+
+def random_shift_grid_sample(
+    x: torch.Tensor,
+    pad: int = 4,
+    generator: torch.Generator | None = None,
+    shifts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DrQ-v2's random shift: replicate pad, then bilinear ``grid_sample`` at integer offsets.
+
+    The reference formulation (DrQ-v2 ``RandomShiftsAug``), generalised to
+    non-square images. Kept to check :func:`random_shift` against; slower, float only
+    (integer input is converted to float32).
+
+    Args:
+        x: images ``[*batch, C, H, W]``.
+        pad: replicate padding / maximum shift in pixels.
+        generator: random generator for the shifts (ignored when ``shifts`` is given).
+        shifts: optional ``(dy, dx)`` integer shifts ``[*batch, 2]`` (or ``[N, 2]``).
+
+    Returns:
+        the shifted images as floats, same shape as ``x``.
+    """
+    images, batch = _flatten_batch(x)
+    if not images.is_floating_point():
+        images = images.float()
+    n, c, h, w = images.shape
+    shifts = _resolve_shifts(shifts, n, pad, generator, images.device)
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    hp, wp = h + 2 * pad, w + 2 * pad
+    # Normalised centres of the first h (w) padded pixels (align_corners=False).
+    ys = torch.linspace(-1.0 + 1.0 / hp, 1.0 - 1.0 / hp, hp, device=x.device, dtype=images.dtype)
+    xs = torch.linspace(-1.0 + 1.0 / wp, 1.0 - 1.0 / wp, wp, device=x.device, dtype=images.dtype)
+    grid_y, grid_x = torch.meshgrid(ys[:h], xs[:w], indexing="ij")
+    base_grid = torch.stack([grid_x, grid_y], dim=-1)  # [H, W, 2], (x, y) order
+    offset = (shifts.flip(-1) + pad).to(images.dtype)  # crop offset in {0..2 pad}, (x, y)
+    offset = offset * torch.tensor([2.0 / wp, 2.0 / hp], device=x.device, dtype=images.dtype)
+    grid = base_grid.unsqueeze(0) + offset[:, None, None, :]
+    out = F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(*batch, c, h, w)
+
+
+class RandomShift(nn.Module):
+    """DrQ-v2 random-shift augmentation as a module (integer indexing, see :func:`random_shift`).
+
+    Always active (it is called explicitly on replay batches, not in acting), works
+    on uint8 or float ``[*batch, C, H, W]`` images and keeps their dtype.
+
+    Examples:
+        >>> aug = RandomShift(pad=4)
+        >>> aug(torch.zeros(256, 9, 84, 84, dtype=torch.uint8)).dtype
+        torch.uint8
+    """
+
+    def __init__(self, pad: int = 4) -> None:
+        super().__init__()
+        if pad < 0:
+            raise ValueError(f"pad must be >= 0, got {pad}")
+        self.pad = pad
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        shifts: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Shift every image by its own random (or given) ``(dy, dx)``."""
+        return random_shift(x, self.pad, generator=generator, shifts=shifts)
+
+    def extra_repr(self) -> str:
+        return f"pad={self.pad}"

@@ -1,0 +1,231 @@
+"""The CP3ER agent as TorchRL parts: a consistency actor module and a LossModule.
+
+CP3ER (Li et al., NeurIPS 2024, arXiv 2410.00051): a consistency-model policy
+sampled in one step, a mixture-of-Gaussians critic, and the actor objective
+``-Q(s, pi(s)) + lambda * L_c(a ~ replay, s)`` where the consistency-training loss
+on replayed actions is the sample-based entropy regulariser (REFERENCE section 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict.nn import TensorDictModule, TensorDictSequential, dispatch
+from tensordict.utils import NestedKey
+from torch import nn
+from torchrl.objectives import LossModule
+
+from agents.critic import MoGCritic, mog_log_prob, mog_mean
+from cp3er.consistency import (
+    ConditionalMLP,
+    ConsistencyTrainingLoss,
+    Denoiser,
+    KarrasSchedule,
+    sample_one_step,
+)
+
+
+class ConsistencyPolicy(nn.Module):
+    """``features -> action``: one-step consistency sampling ``a = D(80 z, 80 | s)``.
+
+    The noise is drawn inside ``forward``, so the module is a stochastic actor that
+    TorchRL objectives (``TD3Loss``, ``DDPGLoss``) can call like any deterministic one;
+    gradients flow through the denoiser (REFERENCE section 1, one-step sampling).
+    """
+
+    def __init__(self, denoiser: Denoiser, action_dim: int) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.action_dim = action_dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return sample_one_step(self.denoiser, features, self.action_dim)
+
+
+def make_consistency_actor(
+    repr_dim: int,
+    action_dim: int,
+    *,
+    hidden_dim: int = 1024,
+    num_layers: int = 3,
+    trunk_dim: int | None = None,
+    schedule: KarrasSchedule | None = None,
+    clip: str = "clamp",
+    in_key: NestedKey = "features",
+    out_key: NestedKey = "action",
+) -> TensorDictModule:
+    """The CP3ER actor as a ``TensorDictModule`` reading ``in_key`` and writing ``out_key``.
+
+    With ``trunk_dim=None`` the MLP reads the raw encoder output (the reference: 39,200
+    features for pixels, ~42M parameters); an int adds the Linear+LayerNorm+Tanh trunk.
+    """
+    network = ConditionalMLP(action_dim, repr_dim, hidden_dim, num_layers, trunk_dim=trunk_dim)
+    denoiser = Denoiser(network, schedule or KarrasSchedule(), clip=clip)
+    return TensorDictModule(
+        ConsistencyPolicy(denoiser, action_dim), in_keys=[in_key], out_keys=[out_key]
+    )
+
+
+def make_policy(encoder: TensorDictModule, actor: TensorDictModule) -> TensorDictSequential:
+    """Observation -> features -> action, the module a collector or evaluator runs."""
+    return TensorDictSequential(encoder, actor)
+
+
+class CP3ERLoss(LossModule):
+    """CP3ER objective: MoG critic NLL and ``-Q + lambda * L_c`` actor loss.
+
+    Reads a replay batch with n-step targets already folded in (``cp3er.replay``):
+    ``observation`` (pixels uint8 or states), ``action``, ``("next", observation)``,
+    ``("next", "reward")`` (n-step discounted sum) and ``("next", "discount")``
+    (``gamma^n'`` times non-termination: terminations cut bootstrapping, time-limit
+    truncations do not).
+
+    * Critic (REFERENCE section 4): ``y = r_n + discount * q``, ``q`` = ``target_samples``
+      draws from the *target* mixture at ``(s', a')``, ``a'`` = one-step sample of the
+      current actor at ``s'``; loss ``-mean log p_online(y | s, a)``. Trains the critic and
+      the encoder.
+    * Actor (REFERENCE section 2): features detached, critic parameters detached;
+      ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``. Trains the actor only.
+
+    ``forward`` returns both losses and detached metrics; :meth:`critic_loss` and
+    :meth:`actor_loss` return ``(loss, metadata)`` for a drqv2-style sequential update
+    (critic step, then actor step with the updated critic; the reference's order).
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from agents.encoder import StateEncoder
+        >>> enc = TensorDictModule(StateEncoder(5), ["observation"], ["features"])
+        >>> actor = make_consistency_actor(5, 2, hidden_dim=32)
+        >>> critic = MoGCritic(5, 2, feature_dim=8, hidden_dim=32)
+        >>> loss = CP3ERLoss(enc, actor, critic)
+        >>> td = TensorDict({"observation": torch.randn(4, 5), "action": torch.rand(4, 2),
+        ...     "next": {"observation": torch.randn(4, 5), "reward": torch.randn(4, 1),
+        ...              "discount": torch.full((4, 1), 0.99)}}, [4])
+        >>> sorted(k for k in loss(td).keys() if k.startswith("loss_"))
+        ['loss_actor', 'loss_critic']
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Keys read from the replay batch; change them with :meth:`set_keys`."""
+
+        observation: NestedKey = "pixels"
+        action: NestedKey = "action"
+        reward: NestedKey = "reward"
+        discount: NestedKey = "discount"
+        features: NestedKey = "features"
+
+    tensor_keys: _AcceptedKeys
+    default_keys = _AcceptedKeys
+    out_keys = ("loss_critic", "loss_actor")
+    critic: MoGCritic
+    critic_params: TensorDictParams
+    target_critic_params: TensorDictParams
+
+    def __init__(
+        self,
+        encoder: TensorDictModule,
+        actor: TensorDictModule,
+        critic: MoGCritic,
+        *,
+        lambda_consistency: float = 0.05,
+        target_samples: int = 20,
+        consistency_loss: ConsistencyTrainingLoss | None = None,
+        augmentation: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.actor = actor
+        self.convert_to_functional(critic, "critic", create_target_params=True)
+        self.lambda_consistency = lambda_consistency
+        self.target_samples = target_samples
+        policy = actor.module
+        self.consistency_loss = consistency_loss or ConsistencyTrainingLoss(
+            policy.denoiser.schedule
+        )
+        self.augmentation = augmentation
+        self.set_keys(observation=encoder.in_keys[0], features=encoder.out_keys[0])
+
+    # -- helpers -------------------------------------------------------------------------
+    @property
+    def policy(self) -> ConsistencyPolicy:
+        return self.actor.module
+
+    def _encode(self, observation: torch.Tensor) -> torch.Tensor:
+        if self.augmentation is not None:
+            observation = self.augmentation(observation)
+        return self.encoder.module(observation)
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:  # no value estimator
+        pass
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        keys = self.tensor_keys
+        return [keys.observation, keys.action, ("next", keys.observation),
+                ("next", keys.reward), ("next", keys.discount)]
+
+    # -- losses --------------------------------------------------------------------------
+    def critic_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """MoG negative log-likelihood of sampled n-step targets; writes detached features
+        into ``tensordict`` for :meth:`actor_loss`."""
+        keys = self.tensor_keys
+        action = tensordict[keys.action]
+        features = self._encode(tensordict[keys.observation])
+        with torch.no_grad():
+            next_features = self._encode(tensordict[("next", keys.observation)])
+            next_action = self.policy(next_features)
+            with self.target_critic_params.to_module(self.critic):
+                q_samples = self.critic.sample_values(
+                    next_features, next_action, self.target_samples
+                )
+            reward = tensordict[("next", keys.reward)]
+            discount = tensordict[("next", keys.discount)]
+            target = reward + discount * q_samples  # [B, S]
+        with self.critic_params.to_module(self.critic):
+            loc, scale, logits = self.critic(features, action)
+        nll = -mog_log_prob(loc, scale, logits, target).mean()
+        tensordict.set(keys.features, features.detach())
+        metadata = {
+            "q_mean": mog_mean(loc, logits).mean().detach(),
+            "target_mean": target.mean().detach(),
+            "critic_std": (torch.softmax(logits, -1) * scale).sum(-1).mean().detach(),
+        }
+        return nll, metadata
+
+    def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` on detached features."""
+        keys = self.tensor_keys
+        features = tensordict.get(keys.features, None)
+        if features is None:
+            with torch.no_grad():
+                features = self._encode(tensordict[keys.observation])
+        features = features.detach()
+        action = self.policy(features)
+        with self.critic_params.detach().to_module(self.critic):
+            q = self.critic.mean(features, action)
+        consistency, ct_metrics = self.consistency_loss(
+            self.policy.denoiser, tensordict[keys.action], features
+        )
+        loss = -q.mean() + self.lambda_consistency * consistency.mean()
+        with torch.no_grad():  # spread of the policy at fixed s: std from two samples
+            action_std = (action.detach() - self.policy(features)).abs() / 2**0.5
+        metadata = {
+            "actor_q": q.mean().detach(),
+            "consistency_loss": consistency.mean().detach(),
+            "action_std": action_std.mean(),
+            **{k: v.detach() for k, v in ct_metrics.items()},
+        }
+        return loss, metadata
+
+    @dispatch
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Both losses (critic first, then actor on its detached features) and metrics."""
+        tensordict = tensordict.copy()
+        loss_critic, critic_meta = self.critic_loss(tensordict)
+        loss_actor, actor_meta = self.actor_loss(tensordict)
+        out = {"loss_critic": loss_critic, "loss_actor": loss_actor, **critic_meta, **actor_meta}
+        return TensorDict(out, batch_size=[])

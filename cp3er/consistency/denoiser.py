@@ -1,0 +1,134 @@
+"""EDM preconditioning around a network, the phased map, and EMA targets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cp3er.consistency.schedule import KarrasSchedule
+
+__all__ = [
+    "CLIP_MODES",
+    "TIME_INPUT_SCALE",
+    "Denoiser",
+    "DenoiserFn",
+    "ema_target",
+    "phased_map",
+    "schedule_of",
+    "unwrap",
+]
+
+#: Anything called as ``fn(x, sigma, cond) -> Tensor``: a :class:`Denoiser`, an EMA copy
+#: made by :func:`ema_target`, or a test double.
+DenoiserFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+CLIP_MODES = ("clamp", "straight_through", "none")
+
+#: Scale of the network's noise input, ``c_noise(sigma) = 250 ln(sigma)`` (Song et al.
+#: 2023's ``1000 * 0.25 ln(sigma)``; CP3ER / CPQL reference code).
+TIME_INPUT_SCALE = 250.0
+
+
+class Denoiser(nn.Module):
+    """Consistency function ``D(x, sigma | cond)`` with EDM preconditioning.
+
+    ``D = clip(c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, 250 ln sigma, cond))``
+    (Song et al. 2023; Karras et al. 2022, table 1). ``clip`` maps into the action
+    box ``[-1, 1]``:
+
+    - ``"clamp"``: hard clamp, as the CP3ER reference; saturated outputs get zero gradient.
+    - ``"straight_through"``: clamped forward value, identity gradient.
+    - ``"none"``: no clipping; then ``D(x, sigma_min) = x`` holds exactly for every ``x``
+      (with a clip it holds for ``x`` inside the box).
+
+    ``sigma`` may be a Python float, a 0-d tensor, ``(*batch,)`` or ``(*batch, 1)``.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        schedule: KarrasSchedule | None = None,
+        clip: Literal["clamp", "straight_through", "none"] = "clamp",
+    ) -> None:
+        super().__init__()
+        if clip not in CLIP_MODES:
+            raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+        self.network = network
+        self.schedule = schedule if schedule is not None else KarrasSchedule()
+        self.clip = clip
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule}, clip={self.clip!r}"
+
+    def apply_clip(self, x: Tensor) -> Tensor:
+        """Map ``x`` into the action box according to ``self.clip``."""
+        if self.clip == "clamp":
+            return x.clamp(-1.0, 1.0)
+        if self.clip == "straight_through":
+            return x + (x.clamp(-1.0, 1.0) - x).detach()
+        return x
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Tensor) -> Tensor:
+        sigma = _batch_sigma(sigma, x)
+        c_skip, c_out, c_in = (c.unsqueeze(-1) for c in self.schedule.scalings(sigma))
+        out = self.network(c_in * x, TIME_INPUT_SCALE * sigma.log(), cond)
+        return self.apply_clip(c_skip * x + c_out * out)
+
+
+def _batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """Noise level(s) as a ``x.shape[:-1]`` tensor of ``x``'s dtype and device."""
+    batch = x.shape[:-1]
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == len(batch) + 1 and sigma.shape[-1] == 1:
+        sigma = sigma.squeeze(-1)
+    return sigma.expand(batch)
+
+
+def phased_map(
+    denoiser: DenoiserFn, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Tensor
+) -> Tensor:
+    """Phased consistency map from noise ``t`` to the phase edge ``s <= t`` (Wang et al. 2024).
+
+    The DDIM-form parameterization of PCM: with ``x0 = D(x, t)`` and
+    ``eps = (x - x0) / t``, ``f(x, t -> s) = x0 + s eps = (s/t) x + (1 - s/t) D(x, t)``.
+    It satisfies the phase boundary condition ``f(x, s -> s) = x`` exactly for any ``D``.
+    """
+    t, s = _batch_sigma(t, x), _batch_sigma(s, x)
+    ratio = (s / t).unsqueeze(-1)
+    return ratio * x + (1.0 - ratio) * denoiser(x, t, cond)
+
+
+def unwrap(denoiser: DenoiserFn) -> DenoiserFn:
+    """The module inside an :func:`ema_target` copy, else ``denoiser`` itself."""
+    return denoiser.module if isinstance(denoiser, AveragedModel) else denoiser
+
+
+def schedule_of(denoiser: DenoiserFn) -> KarrasSchedule:
+    """The :class:`KarrasSchedule` a denoiser (or its EMA copy) carries as ``schedule``."""
+    schedule = getattr(unwrap(denoiser), "schedule", None)
+    if not isinstance(schedule, KarrasSchedule):
+        raise ValueError(
+            f"{type(denoiser).__name__} carries no KarrasSchedule `schedule`; pass one"
+        )
+    return schedule
+
+
+def ema_target(denoiser: nn.Module, decay: float = 0.995) -> AveragedModel:
+    """EMA copy of ``denoiser`` as a consistency target (Consistency-AC uses 0.995).
+
+    A ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)`` over
+    parameters and buffers, gradients off. Call ``target.update_parameters(denoiser)``
+    after each optimiser step: ``p_ema <- decay p_ema + (1 - decay) p``. It is initialised
+    (first update done) here, so the first call already averages. Call it like the
+    denoiser: ``target(x, sigma, cond)``; its schedule is ``target.module.schedule``.
+    """
+    target = AveragedModel(
+        denoiser, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
+    )
+    target.requires_grad_(False)
+    target.update_parameters(denoiser)
+    return target

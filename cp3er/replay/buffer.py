@@ -1,0 +1,497 @@
+"""Frame-efficient n-step replay for pixel and state observations (DrQ-v2 style).
+
+DrQ-v2 (Yarats et al., 2021, arXiv 2107.09645) stores every frame once and rebuilds
+frame stacks and n-step returns when sampling; CP3ER (arXiv 2410.00051) keeps that
+pipeline and changes only which transitions are drawn (prioritized proximal
+experience, :class:`~cp3er.replay.sampler.ProximalSampler`).
+
+Layout. One storage row per environment step holds the NEWEST frame of the step's
+observation (``3x84x84`` uint8 for pixels, the whole vector for states), the action,
+the reward, the ``terminated``/``truncated`` flags of the step, an episode id and the
+step in the episode. An episode that ends gets one extra row holding its final
+next-observation frame (``final=True``, never a transition start), so next
+observations are rebuilt from the following rows. Rows go through a TorchRL
+:class:`~torchrl.data.RoundRobinWriter` into a
+:class:`~torchrl.data.LazyTensorStorage` (RAM) or
+:class:`~torchrl.data.LazyMemmapStorage` (disk): ~21.2 KB a pixel transition instead
+of 63.5 KB for stored 9-channel stacks.
+
+What TorchRL does not cover, and is written here: ``CatFrames``'s replay-buffer
+stacking costs ~2 s a batch (pytorch/rl#2406), ``MultiStepTransform`` computes n-step
+targets at write time and cannot see episode ends written later, and TorchRL's
+samplers cannot skip rows that are not valid transition starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer, RoundRobinWriter
+
+from cp3er.replay.sampler import ProximalSampler, _storage_column
+
+__all__ = ["NStepReplayBuffer", "make_replay_buffer"]
+
+_SAMPLER_MODES = {"proximal": "paper", "reference": "reference", "uniform": "uniform"}
+_STORAGES = ("memory", "memmap")
+_COUNTERS_FILE = "nstep_buffer.json"
+
+
+class NStepReplayBuffer:
+    """Replay buffer storing each frame once; stacks and n-step targets built at sampling.
+
+    Feed it the batches of a single-environment TorchRL collector (batch ``[T]``; keys
+    ``obs_key``, ``action``, ``("next", obs_key)``, ``("next", "reward")``,
+    ``("next", "terminated")``, ``("next", "truncated")``, optionally
+    ``("next", "done")`` and ``("collector", "traj_ids")``). Stacked pixel
+    observations are assumed to be channel stacks built by ``CatFrames(dim=-3)``
+    (oldest..newest), whose reset fills the stack with copies of the first frame;
+    episodes must be written from their first step.
+
+    A sample of ``B`` transitions is a TensorDict of batch ``[B]`` with ``obs_key``
+    (the rebuilt stack; ``uint8 [B, 9, 84, 84]`` or ``[B, D]``), ``action``,
+    ``("next", obs_key)`` (the stack ``n'`` steps later), ``("next", "reward")``
+    (``sum_{k<n'} gamma^k r_{t+k}``, ``[B, 1]``), ``("next", "discount")``
+    (``gamma^n' * (1 - terminated)``, ``[B, 1]``: the bootstrap multiplier the critic
+    applies directly), ``("next", "terminated")``, ``("next", "n_steps")`` (``n'``),
+    ``index`` (storage slot) and ``age`` (rows written since, 1 = newest).
+
+    ``n' = min(n, steps to the episode's end, steps written so far)``: a time-limit
+    truncation bootstraps from the final observation, a termination cuts the return.
+    Head-of-buffer rule: a transition of the episode still being collected uses the
+    steps already written after it, bootstrapping from the newest written frame (its
+    target is re-derived, longer, once more steps arrive); the newest row has no next
+    frame yet and is not sampled.
+
+    Never sampled: empty slots, final-frame rows, rows whose next frame is not
+    written yet, and rows whose frame stack reaches rows the ring has overwritten
+    (the oldest ``frame_stack - 1`` retained rows of a partially overwritten episode).
+    The n-step window only looks forward from a retained row, so it never reaches
+    overwritten rows.
+
+    Stacks are clamped at the episode's first frame (what ``CatFrames`` does at reset).
+    Ages count storage rows, final-frame rows included (one extra row an episode).
+
+    Args:
+        capacity: storage rows (transitions plus one final-frame row per episode).
+
+    Keyword Args:
+        obs_key: ``"pixels"`` (channel-stacked uint8 frames) or a state key such as
+            ``"observation"``.
+        frame_stack: frames per stacked observation (1 for states).
+        n_step: the ``n`` of the n-step return.
+        gamma: discount factor.
+        batch_size: default batch size of :meth:`sample`.
+        sampler: ``"proximal"`` (PPE, paper weights), ``"reference"`` (the reference
+            code's inverted episode weighting) or ``"uniform"``.
+        alpha: PPE sharpness.
+        transitions_per_episode: the episode length the ``"reference"`` sampler assumes.
+        storage: ``"memory"`` (RAM) or ``"memmap"`` (disk, under ``scratch_dir``).
+        scratch_dir: directory of the memmap storage (a temporary one when ``None``).
+        device: where sampled batches are sent (the storage stays on the CPU).
+        generator: optional ``torch.Generator`` for sampling (the global RNG otherwise).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        obs_key: str = "pixels",
+        frame_stack: int = 3,
+        n_step: int = 3,
+        gamma: float = 0.99,
+        batch_size: int = 256,
+        sampler: str = "proximal",
+        alpha: float = 2.0,
+        transitions_per_episode: int = 1000,
+        storage: str = "memory",
+        scratch_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if sampler not in _SAMPLER_MODES:
+            raise ValueError(f"sampler must be one of {tuple(_SAMPLER_MODES)}, got {sampler!r}")
+        if storage not in _STORAGES:
+            raise ValueError(f"storage must be one of {_STORAGES}, got {storage!r}")
+        if frame_stack < 1 or n_step < 1:
+            raise ValueError(f"frame_stack and n_step must be >= 1, got {frame_stack}, {n_step}")
+        if capacity < 2:
+            raise ValueError(f"capacity must be >= 2, got {capacity}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        self.capacity = int(capacity)
+        self.obs_key = obs_key
+        self.frame_stack = int(frame_stack)
+        self.n_step = int(n_step)
+        self.gamma = float(gamma)
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.sampler = ProximalSampler(
+            _SAMPLER_MODES[sampler],
+            alpha,
+            transitions_per_episode=transitions_per_episode,
+            episode_key="episode",
+            valid_fn=self.valid_mask,
+        )
+        if storage == "memory":
+            backing = LazyTensorStorage(self.capacity, device="cpu")
+        else:
+            backing = LazyMemmapStorage(self.capacity, scratch_dir=scratch_dir, device="cpu")
+        self._rb = ReplayBuffer(
+            storage=backing,
+            sampler=self.sampler,
+            writer=RoundRobinWriter(),
+            batch_size=self.batch_size,
+            generator=generator,
+        )
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self._written = 0  # absolute rows written (position of the next row)
+        self._head_slot = -1  # storage slot of the newest row
+        self._last_episode = -1  # id of the most recently started episode
+        self._pending: dict[str, int] | None = None  # the episode still being collected
+
+    # ------------------------------------------------------------------- properties
+    @property
+    def storage(self) -> LazyTensorStorage:
+        """The TorchRL storage (one row per frame)."""
+        return self._rb.storage
+
+    @property
+    def write_count(self) -> int:
+        """Rows written since creation (transitions plus final-frame rows)."""
+        return self._written
+
+    def __len__(self) -> int:
+        """Rows stored (transitions plus one final-frame row per finished episode)."""
+        return len(self._rb)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(capacity={self.capacity}, obs_key={self.obs_key!r}, "
+            f"frame_stack={self.frame_stack}, n_step={self.n_step}, gamma={self.gamma}, "
+            f"sampler={self.sampler!r}, rows={len(self)})"
+        )
+
+    # ------------------------------------------------------------------------ write
+    def _newest_frame(self, obs: torch.Tensor) -> torch.Tensor:
+        """The newest frame of stacked observations ``[..., F*C, H, W]`` or ``[..., F*D]``."""
+        if self.frame_stack == 1:
+            return obs
+        dim = -3 if obs.ndim >= 4 else -1
+        size = obs.shape[dim]
+        if size % self.frame_stack:
+            raise ValueError(
+                f"{self.obs_key!r} has {size} entries along the stack dim {dim}, "
+                f"not a multiple of frame_stack={self.frame_stack}"
+            )
+        per_frame = size // self.frame_stack
+        return obs.narrow(dim, size - per_frame, per_frame)
+
+    def extend(self, batch: TensorDictBase) -> torch.Tensor:
+        """Writes a collector batch (shape ``[T]`` or ``[1, T]``); returns the written slots."""
+        if batch.batch_dims == 2 and batch.shape[0] == 1:
+            batch = batch[0]
+        if batch.batch_dims != 1:
+            raise ValueError(
+                "NStepReplayBuffer takes the [T] batches of a single-environment collector "
+                f"(episodes must be contiguous in the ring); got batch shape {batch.shape}"
+            )
+        steps = batch.shape[0]
+        if steps == 0:
+            return torch.zeros(0, dtype=torch.long)
+        batch = batch.to("cpu")
+        terminated = batch.get(("next", "terminated")).reshape(steps).bool()
+        truncated = batch.get(("next", "truncated"), None)
+        done = batch.get(("next", "done"), None)
+        done = terminated.clone() if done is None else done.reshape(steps).bool() | terminated
+        if truncated is None:
+            truncated = done & ~terminated
+        else:
+            truncated = truncated.reshape(steps).bool()
+            done = done | truncated
+        traj = batch.get(("collector", "traj_ids"), None)
+        traj = None if traj is None else traj.reshape(steps).long()
+
+        # Episode boundaries: after a done, at a traj-id change, or when the batch does
+        # not continue the episode left pending by the previous batch.
+        start = torch.zeros(steps, dtype=torch.bool)
+        start[1:] = done[:-1]
+        if traj is not None:
+            start[1:] |= traj[1:] != traj[:-1]
+        pending = self._pending
+        continues = pending is not None and (traj is None or int(traj[0]) == pending["traj"])
+        start[0] = not continues
+        segment = torch.cumsum(start.long(), 0)
+        episode = self._last_episode + segment
+        arange = torch.arange(steps)
+        first_row = torch.cummax(torch.where(start, arange, torch.zeros_like(arange)), 0).values
+        step = arange - first_row
+        if continues:
+            step = torch.where(segment == 0, step + pending["next_step"], step)
+
+        # Output rows: each step row, plus a final-frame row after each episode end.
+        before = torch.cumsum(done.long(), 0) - done.long()
+        row_of_step = arange + before
+        final_rows = row_of_step[done] + 1
+        n_rows = steps + int(done.sum())
+        frame = self._newest_frame(batch.get(self.obs_key))
+        final_frame = self._newest_frame(batch.get(("next", self.obs_key))[done])
+        action = batch.get("action")
+        reward = batch.get(("next", "reward")).reshape(steps, 1).to(torch.float32)
+
+        rows = TensorDict(
+            {
+                "frame": frame.new_zeros((n_rows, *frame.shape[1:])),
+                "action": action.new_zeros((n_rows, *action.shape[1:])),
+                "reward": torch.zeros(n_rows, 1),
+                "terminated": torch.zeros(n_rows, 1, dtype=torch.bool),
+                "truncated": torch.zeros(n_rows, 1, dtype=torch.bool),
+                "final": torch.zeros(n_rows, dtype=torch.bool),
+                "episode": torch.zeros(n_rows, dtype=torch.long),
+                "step": torch.zeros(n_rows, dtype=torch.int32),
+            },
+            batch_size=[n_rows],
+        )
+        rows["frame"][row_of_step] = frame
+        rows["frame"][final_rows] = final_frame
+        rows["action"][row_of_step] = action
+        rows["reward"][row_of_step] = reward
+        rows["terminated"][row_of_step] = terminated.unsqueeze(-1)
+        rows["truncated"][row_of_step] = truncated.unsqueeze(-1)
+        rows["final"][final_rows] = True
+        rows["episode"][row_of_step] = episode
+        rows["episode"][final_rows] = episode[done]
+        rows["step"][row_of_step] = step.to(torch.int32)
+        rows["step"][final_rows] = (step[done] + 1).to(torch.int32)
+
+        self._last_episode = int(episode[-1])
+        if done[-1]:
+            self._pending = None
+        else:
+            self._pending = {
+                "traj": int(traj[-1]) if traj is not None else -1,
+                "next_step": int(step[-1]) + 1,
+            }
+        self._written += n_rows
+        if n_rows > self.capacity:  # only the newest `capacity` rows survive anyway
+            rows = rows[n_rows - self.capacity :]
+        index = self._rb.extend(rows)
+        self._head_slot = int(index[-1])
+        return index
+
+    # ------------------------------------------------------------------------- read
+    def _columns(self) -> dict[str, torch.Tensor]:
+        storage = self._rb.storage
+        if len(storage) == 0:
+            raise RuntimeError("The replay buffer is empty.")
+        return {
+            key: _storage_column(storage, key)
+            for key in ("frame", "action", "reward", "terminated", "final", "episode", "step")
+        }
+
+    def _locate(
+        self, index: torch.Tensor, cols: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Absolute position, n-step length, episode start and validity of slots."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        cap, written = self.capacity, self._written
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < cap):
+            raise IndexError(f"storage slots must lie in [0, {cap})")
+        stored = len(self._rb.storage)
+        age = (self._head_slot - index) % cap + 1
+        pos = written - age
+        episode = _take(cols["episode"], index)
+        ahead = torch.arange(1, self.n_step + 1)
+        same = (pos[:, None] + ahead < written) & (
+            _take(cols["episode"], (index[:, None] + ahead) % cap) == episode[:, None]
+        )
+        n_steps = same.long().cumprod(1).sum(1)
+        start = pos - _take(cols["step"], index).long()
+        first_needed = torch.maximum(pos - (self.frame_stack - 1), start)
+        valid = (
+            (age <= stored)
+            & ~_take(cols["final"], index)
+            & (n_steps >= 1)
+            & (first_needed >= written - stored)
+        )
+        return {
+            "index": index,
+            "age": age,
+            "pos": pos,
+            "n_steps": n_steps,
+            "start": start,
+            "valid": valid,
+        }
+
+    def valid_mask(self, index: torch.Tensor) -> torch.Tensor:
+        """Whether each storage slot in ``index`` is a valid transition start."""
+        return self._locate(index, self._columns())["valid"]
+
+    def gather(self, index: torch.Tensor) -> TensorDict:
+        """The transitions starting at storage slots ``index`` (all must be valid)."""
+        cols = self._columns()
+        loc = self._locate(index, cols)
+        if not bool(loc["valid"].all()):
+            raise ValueError(f"invalid transition starts: {loc['index'][~loc['valid']].tolist()}")
+        index, pos, n_steps, start = loc["index"], loc["pos"], loc["n_steps"], loc["start"]
+        size, cap, stack = index.numel(), self.capacity, self.frame_stack
+
+        # Frame stacks of obs_t and obs_{t+n'}, oldest..newest, clamped at the episode start.
+        offsets = torch.arange(-(stack - 1), 1)
+        rows = torch.cat([pos[:, None] + offsets, (pos + n_steps)[:, None] + offsets], 1)
+        rows = torch.maximum(rows, start[:, None])
+        slots = (self._head_slot - (self._written - 1 - rows)) % cap
+        frame_shape = cols["frame"].shape[1:]
+        stacked = (size, stack * frame_shape[0], *frame_shape[1:])  # channels/features stacked
+        obs = _take(cols["frame"], slots[:, :stack]).reshape(stacked)
+        next_obs = _take(cols["frame"], slots[:, stack:]).reshape(stacked)
+
+        # n-step return over the n' rows of the window.
+        ahead = torch.arange(self.n_step)
+        window = (index[:, None] + ahead) % cap
+        rewards = _take(cols["reward"], window).reshape(size, self.n_step)
+        powers = self.gamma ** ahead.to(torch.float64)
+        mask = ahead[None, :] < n_steps[:, None]
+        reward = (rewards.double() * powers * mask).sum(1, keepdim=True).float()
+        terminated = _take(cols["terminated"], (index + n_steps - 1) % cap).reshape(size, 1)
+        discount = (self.gamma ** n_steps.double()).unsqueeze(1) * (~terminated).double()
+
+        out = TensorDict(
+            {
+                self.obs_key: obs,
+                "action": _take(cols["action"], index),
+                "next": {
+                    self.obs_key: next_obs,
+                    "reward": reward,
+                    "discount": discount.float(),
+                    "terminated": terminated,
+                    "n_steps": n_steps.unsqueeze(1),
+                },
+                "index": index,
+                "age": loc["age"],
+            },
+            batch_size=[size],
+        )
+        return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
+
+    def sample(self, batch_size: int | None = None) -> TensorDict:
+        """Draws a batch with the configured sampler (see the class docstring for keys)."""
+        batch_size = self.batch_size if batch_size is None else int(batch_size)
+        index, _ = self.sampler.sample(self._rb.storage, batch_size)
+        return self.gather(index)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "written": self._written,
+            "head_slot": self._head_slot,
+            "last_episode": self._last_episode,
+            "pending": self._pending,
+            "config": {
+                "capacity": self.capacity,
+                "obs_key": self.obs_key,
+                "frame_stack": self.frame_stack,
+            },
+        }
+
+    def _load_counters(self, counters: dict[str, Any]) -> None:
+        config = counters["config"]
+        mine = self._counters()["config"]
+        if config != mine:
+            raise ValueError(f"checkpoint of a buffer built with {config}, this one has {mine}")
+        self._written = int(counters["written"])
+        self._head_slot = int(counters["head_slot"])
+        self._last_episode = int(counters["last_episode"])
+        pending = counters["pending"]
+        self._pending = None if pending is None else {k: int(v) for k, v in pending.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Storage, sampler, writer, RNG and episode counters (holds the storage's tensors)."""
+        return {"rb": self._rb.state_dict(), "counters": self._counters()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict`; sampling then continues exactly."""
+        self._load_counters(state_dict["counters"])
+        storage = self._rb.storage
+        saved = state_dict["rb"]["_storage"]["_storage"]
+        if isinstance(storage, LazyMemmapStorage) and not storage.initialized and saved:
+            # Allocate the memmap under scratch_dir first: loading into an uninitialised
+            # LazyMemmapStorage would memmap into a fresh temporary directory instead.
+            storage._init(TensorDict().load_state_dict(saved, strict=False)[0])
+        self._rb.load_state_dict(state_dict["rb"])
+
+    def dumps(self, path: str | Path) -> None:
+        """Checkpoints the whole buffer under directory ``path`` (storage as memmaps).
+
+        Uses TorchRL's ``ReplayBuffer.dumps`` (storage, sampler, writer, RNG); with a
+        memmap storage whose ``scratch_dir`` is ``path/storage`` the copy is skipped.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._rb.dumps(path)
+        with open(path / _COUNTERS_FILE, "w") as file:
+            json.dump(self._counters(), file)
+
+    def loads(self, path: str | Path) -> None:
+        """Restores a buffer written by :meth:`dumps`; sampling then continues exactly."""
+        path = Path(path)
+        with open(path / _COUNTERS_FILE) as file:
+            self._load_counters(json.load(file))
+        self._rb.loads(path)
+
+    def empty(self) -> None:
+        """Drops all data and counters."""
+        self._rb.empty()
+        self._reset_counters()
+
+
+def _take(column: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``column[index]`` along dim 0 via ``index_select`` (several times faster than
+    advanced indexing for large rows: ~8 ms instead of ~50 ms for 1536 pixel frames)."""
+    out = column.index_select(0, index.reshape(-1))
+    return out.reshape(*index.shape, *column.shape[1:])
+
+
+def make_replay_buffer(
+    capacity: int,
+    *,
+    obs_key: str = "pixels",
+    frame_stack: int = 3,
+    n_step: int = 3,
+    gamma: float = 0.99,
+    batch_size: int = 256,
+    sampler: str = "proximal",
+    alpha: float = 2.0,
+    transitions_per_episode: int = 1000,
+    storage: str = "memory",
+    scratch_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    generator: torch.Generator | None = None,
+) -> NStepReplayBuffer:
+    """The CP3ER/DrQ-v2 replay buffer (see :class:`NStepReplayBuffer` for the arguments).
+
+    Examples:
+        >>> rb = make_replay_buffer(100_000, obs_key="pixels", frame_stack=3, n_step=3)
+        >>> # for batch in collector: rb.extend(batch); batch = rb.sample()
+    """
+    return NStepReplayBuffer(
+        capacity,
+        obs_key=obs_key,
+        frame_stack=frame_stack,
+        n_step=n_step,
+        gamma=gamma,
+        batch_size=batch_size,
+        sampler=sampler,
+        alpha=alpha,
+        transitions_per_episode=transitions_per_episode,
+        storage=storage,
+        scratch_dir=scratch_dir,
+        device=device,
+        generator=generator,
+    )

@@ -1,0 +1,65 @@
+"""Build a run's parts from its config: environments, agent, replay; restore checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from agents.build import Agent, build_agent
+from cp3er.checkpoint import CheckpointError, load_checkpoint
+from cp3er.replay import make_replay_buffer
+from envs import make_env
+
+EVAL_SEED_OFFSET = 10_000
+
+
+def env_overrides(cfg: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg.env).items() if v is not None}
+
+
+def make_train_env(cfg: DictConfig):
+    return make_env(cfg.task_name, cfg.obs, seed=cfg.seed, **env_overrides(cfg))
+
+
+def make_eval_env(cfg: DictConfig, seed: int | None = None):
+    """A separate environment whose transitions never enter the replay buffer."""
+    seed = cfg.seed + EVAL_SEED_OFFSET if seed is None else seed
+    return make_env(cfg.task_name, cfg.obs, seed=seed, **env_overrides(cfg))
+
+
+def make_buffer(cfg: DictConfig, run_dir: Path):
+    obs_key = "pixels" if cfg.obs == "pixels" else "observation"
+    frame_stack = cfg.env.frame_stack if cfg.obs == "pixels" else 1
+    return make_replay_buffer(
+        cfg.replay.capacity,
+        obs_key=obs_key,
+        frame_stack=frame_stack,
+        n_step=cfg.n_step,
+        gamma=cfg.gamma,
+        batch_size=cfg.batch_size,
+        sampler=cfg.replay.sampler,
+        alpha=cfg.replay.alpha,
+        storage=cfg.replay.storage,
+        scratch_dir=run_dir / "replay" if cfg.replay.storage == "memmap" else None,
+    )
+
+
+def load_agent_for_eval(target: str | Path, seed: int) -> tuple[DictConfig, object, Agent]:
+    """Config, a fresh evaluation env and the agent restored from ``target``."""
+    state = load_checkpoint(target)
+    cfg = OmegaConf.create(state["config"])
+    env = make_eval_env(cfg, seed=seed)
+    agent = build_agent(cfg, env)
+    try:
+        agent.load_state_dict(state["agent"])
+    except (RuntimeError, KeyError) as error:
+        env.close()
+        raise CheckpointError(
+            f"checkpoint does not match the {cfg.agent.name} agent for task {cfg.task_name} "
+            f"({cfg.obs}): {str(error).splitlines()[0]}"
+        ) from error
+    agent.loss.eval()
+    torch.set_grad_enabled(True)
+    return cfg, env, agent

@@ -1,0 +1,227 @@
+"""``cp3er-plot`` on synthetic run folders with known numbers (no training involved)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from cp3er.plot import PlotError, aggregate_metrics, main, plot_learning_curve
+
+COLUMNS = [
+    "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
+    "seconds", "fps", "loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
+    "actor_q", "consistency_loss", "action_std",
+]
+# Final evaluation returns per (task, agent), one per seed 0, 1, 2.
+FINAL = {
+    ("cheetah_run", "cp3er"): [800.0, 850.0, 100.0],
+    ("walker_walk", "cp3er"): [900.0, 950.0, 990.0],
+    ("cheetah_run", "drqv2"): [300.0, 400.0, 500.0],
+    ("walker_walk", "drqv2"): [600.0, 200.0, 950.0],
+}
+FRAMES = [0, 10_000, 20_000, 30_000]
+# cheetah_run/cp3er seed 2 is shorter and evaluated at other frames: 0, 5k, 20k.
+SHORT_FRAMES = [0, 5_000, 20_000]
+
+
+def write_run(run_dir: Path, task: str, agent: str, seed: int,
+              evals: list[tuple[int, float, float | None]]) -> Path:
+    """A run folder: config.yaml and metrics.csv with eval rows ``(frame, return, success)``.
+
+    Train rows carry a sentinel return (12345) that would spoil any eval statistic.
+    """
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(
+        f"task_name: {task}\nobs: pixels\nseed: {seed}\nframes: 30000\n"
+        f"agent:\n  name: {agent}\n  lr: 0.0001\n")
+    rows = []
+    for index, (frame, ret, success) in enumerate(evals):
+        if frame > 0:
+            rows.append({"frame": frame - 500, "step": (frame - 500) // 2, "phase": "train",
+                         "episode": index, "episode_return": 12345.0,
+                         "episode_length": 500, "loss_critic": 0.1})
+        rows.append({"frame": frame, "step": frame // 2, "phase": "eval", "episode": index,
+                     "episode_return": ret, "episode_length": 500,
+                     "success": "" if success is None else success})
+    with open(run_dir / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return run_dir
+
+
+def ramp(final: float, frames: list[int]) -> list[tuple[int, float, None]]:
+    """Eval returns rising linearly from 0 at frame 0 to ``final`` at the last frame."""
+    return [(f, final * f / frames[-1], None) for f in frames]
+
+
+@pytest.fixture
+def dmc_runs(tmp_path: Path) -> list[Path]:
+    """2 tasks x 2 agents x 3 seeds."""
+    runs = []
+    for (task, agent), finals in FINAL.items():
+        for seed, final in enumerate(finals):
+            short = (task, agent, seed) == ("cheetah_run", "cp3er", 2)
+            evals = ramp(final, SHORT_FRAMES if short else FRAMES)
+            if (task, agent, seed) == ("walker_walk", "cp3er", 0):
+                evals[-2] = (evals[-2][0], 1000.0, None)  # a peak: the final score is the last
+            runs.append(write_run(tmp_path / f"{task}_{agent}_s{seed}", task, agent, seed, evals))
+    return runs
+
+
+def assert_png(path: Path, min_bytes: int = 10_000) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
+    assert width >= 300 and height >= 200
+    assert len(data) > min_bytes
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)
+    assert pixels[..., :3].std() > 0.01  # something is drawn
+
+
+def run_main(args: list[str], capsys) -> tuple[int, dict | str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out) if code == 0 and "--json" in args else captured.out
+    return code, out, captured.err
+
+
+def test_plot_runs_curves_and_aggregates(dmc_runs, tmp_path, capsys):
+    out_png = tmp_path / "figs" / "compare.png"
+    code, report, _ = run_main([*map(str, dmc_runs), "--out", str(out_png), "--json"], capsys)
+    assert code == 0
+    assert report["out"] == str(out_png)
+    assert_png(out_png, min_bytes=30_000)
+
+    # Curves: seed 2 of cheetah_run/cp3er is interpolated onto the union grid, which stops
+    # at the shortest run's last frame (20k). At 10k: 800/3, 850/3 and 25 + 75/3 = 50.
+    curve = report["curves"]["cheetah_run"]["cp3er"]
+    assert curve["frames"] == [0, 5_000, 10_000, 20_000]
+    at_10k = np.array([800 / 3, 850 / 3, 50.0])
+    i = curve["frames"].index(10_000)
+    assert curve["mean"][i] == pytest.approx(at_10k.mean())  # = 200
+    assert curve["mean"][i] == pytest.approx(200.0)
+    # Bootstrap over 3 seeds: each all-same-seed resample has probability 1/27 > 2.5%, so
+    # the percentile band runs from the lowest to the highest seed.
+    assert curve["ci_low"][i] == pytest.approx(at_10k.min())
+    assert curve["ci_high"][i] == pytest.approx(at_10k.max())
+    regular = report["curves"]["walker_walk"]["drqv2"]
+    assert regular["frames"] == FRAMES
+    assert regular["mean"][-1] == pytest.approx(np.mean(FINAL["walker_walk", "drqv2"]))
+    assert set(report["curves"]) == {"cheetah_run", "walker_walk"}
+    assert all(set(by_agent) == {"cp3er", "drqv2"} for by_agent in report["curves"].values())
+
+    # Aggregates over the 6 final scores of each agent, normalized by 1000.
+    for agent in ("cp3er", "drqv2"):
+        scores = np.array(FINAL["cheetah_run", agent] + FINAL["walker_walk", agent]) / 1000
+        agg = report["aggregate"][agent]
+        expected = {
+            "iqm": stats.trim_mean(scores, 0.25),
+            "mean": scores.mean(),
+            "optimality_gap": np.mean(np.maximum(0.0, 1.0 - scores)),
+        }
+        for name, value in expected.items():
+            assert agg[name] == pytest.approx(value), (agent, name)
+            low, high = agg[f"{name}_ci"]
+            assert low <= agg[name] <= high, (agent, name)
+            assert high - low > 0.01, (agent, name)  # seeds differ, so the CI has width
+        assert agg["runs"] == 6
+        assert agg["tasks"] == ["cheetah_run", "walker_walk"]
+    # The hand numbers, so a wrong reference cannot hide a wrong estimator.
+    assert report["aggregate"]["cp3er"]["iqm"] == pytest.approx(0.875)
+    assert report["aggregate"]["cp3er"]["mean"] == pytest.approx(0.765)
+    assert report["aggregate"]["cp3er"]["optimality_gap"] == pytest.approx(0.235)
+
+
+def test_stratified_bootstrap_resamples_within_tasks():
+    """Constant tasks: resampling within each task never changes the pooled statistics."""
+    agg = aggregate_metrics({"a": np.zeros(3), "b": np.ones(3)}, reps=500)
+    for name in ("iqm", "mean", "optimality_gap"):
+        assert agg[name] == pytest.approx(0.5)
+        assert agg[f"{name}_ci"] == pytest.approx([0.5, 0.5])
+
+
+def test_optimality_gap_clips_scores_above_one():
+    """A normalized score above 1 contributes 0 to the gap, not a negative shortfall."""
+    agg = aggregate_metrics({"a": np.array([0.5, 1.5])}, reps=200)
+    assert agg["optimality_gap"] == pytest.approx(0.25)
+    assert agg["mean"] == pytest.approx(1.0)
+
+
+def test_train_phase_curves_use_train_rows(dmc_runs, tmp_path, capsys):
+    runs = [str(p) for p in dmc_runs if p.name.startswith("walker_walk_drqv2")]
+    code, report, _ = run_main(
+        [*runs, "--out", str(tmp_path / "train.png"), "--phase", "train", "--json"], capsys)
+    assert code == 0
+    curve = report["curves"]["walker_walk"]["drqv2"]
+    assert curve["frames"] == [f - 500 for f in FRAMES[1:]]
+    assert curve["mean"] == pytest.approx([12345.0] * 3)
+    # The aggregates still use the final evaluation.
+    final = np.mean(FINAL["walker_walk", "drqv2"]) / 1000
+    assert report["aggregate"]["drqv2"]["mean"] == pytest.approx(final)
+
+
+def test_meta_world_success_is_not_rescaled(tmp_path, capsys):
+    runs = [
+        write_run(tmp_path / f"mw_s{seed}", "mw_assembly", "cp3er", seed,
+                  [(0, 10.0, 0.0), (10_000, 900.0, 0.5), (20_000, 1500.0, final)])
+        for seed, final in enumerate([0.5, 1.0])
+    ]
+    code, report, _ = run_main(
+        [*map(str, runs), "--out", str(tmp_path / "mw.png"), "--metric", "success", "--json"],
+        capsys)
+    assert code == 0
+    agg = report["aggregate"]["cp3er"]
+    assert agg["mean"] == pytest.approx(0.75)
+    assert agg["optimality_gap"] == pytest.approx(0.25)
+    assert report["curves"]["mw_assembly"]["cp3er"]["mean"] == pytest.approx([0.0, 0.5, 0.75])
+
+
+def test_plot_learning_curve_single_run(tmp_path):
+    run = write_run(tmp_path / "run", "cheetah_run", "cp3er", 0, ramp(700.0, FRAMES))
+    out = plot_learning_curve(run)
+    assert out == run / "learning_curve.png"
+    assert_png(out)
+    mw = write_run(tmp_path / "mw", "mw_assembly", "cp3er", 0,
+                   [(0, 1.0, 0.0), (10_000, 50.0, 1.0)])
+    assert_png(plot_learning_curve(mw, tmp_path / "elsewhere" / "mw.png"))
+    empty = tmp_path / "empty"
+    write_run(empty, "cheetah_run", "cp3er", 0, [])
+    assert_png(plot_learning_curve(empty), min_bytes=5_000)  # "no finished episodes yet"
+
+
+def test_clear_errors(dmc_runs, tmp_path, capsys):
+    out = str(tmp_path / "x.png")
+    missing = tmp_path / "not_a_run"
+    missing.mkdir()
+    code, _, err = run_main([str(dmc_runs[0]), str(missing), "--out", out], capsys)
+    assert code == 2
+    assert err.startswith("cp3er-plot: no metrics.csv in") and str(missing) in err
+    assert "Traceback" not in err
+    with pytest.raises(PlotError, match=r"no metrics\.csv"):
+        plot_learning_curve(missing)
+
+    code, _, err = run_main([str(dmc_runs[0]), "--out", out, "--metric", "reward"], capsys)
+    assert code == 2
+    assert "unknown metric 'reward'" in err and "episode_return" in err
+
+    code, _, err = run_main([str(dmc_runs[0]), "--out", out, "--metric", "success"], capsys)
+    assert code == 2
+    assert "no eval rows with a success value" in err
+
+    no_eval = write_run(tmp_path / "no_eval", "cheetah_run", "cp3er", 0, [])
+    with open(no_eval / "metrics.csv", "a", newline="") as handle:
+        csv.DictWriter(handle, COLUMNS, restval="").writerow(
+            {"frame": 1000, "phase": "train", "episode_return": 5.0})
+    code, _, err = run_main([str(no_eval), "--out", out], capsys)
+    assert code == 2
+    assert "no eval rows" in err and "no_eval" in err
+    assert not Path(out).exists()

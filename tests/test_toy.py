@@ -1,0 +1,92 @@
+"""Tests of the ``cp3er-toy`` script: targets, the sliced Wasserstein distance, and a
+``--quick`` smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cp3er.toy import (
+    TARGETS,
+    grid,
+    main,
+    mode_accuracy,
+    ring_centers,
+    sample_target,
+    sliced_wasserstein,
+    target_distance,
+)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sliced_wasserstein_known_values():
+    x = torch.randn(256, 2, generator=gen())
+    assert sliced_wasserstein(x, x.clone(), generator=gen(1)) == 0.0
+    # A translation by v moves every 1-D projection by |v . theta|; for directions uniform
+    # on the circle E|cos| = 2/pi, so SW1 = |v| 2/pi (up to the projection sample).
+    shift = torch.tensor([0.3, -0.4])
+    distance = sliced_wasserstein(x, x + shift, num_projections=4096, generator=gen(1))
+    assert distance == pytest.approx(0.5 * 2 / math.pi, rel=0.03)
+    with pytest.raises(ValueError, match="equal-size"):
+        sliced_wasserstein(x, x[:10])
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_targets_in_box_with_small_floor(name):
+    points, cond = sample_target(name, 2048, gen(), balanced=True)
+    assert points.shape == (2048, 2) and bool((points.abs() <= 1).all())
+    assert cond.shape == (2048, 8 if name == "conditional" else 0)
+    fresh, _ = sample_target(name, 2048, gen(1), balanced=True)
+    floor = target_distance(name, points, fresh, cond)
+    assert 0 < floor < 0.03
+    # Not degenerate: far from a point mass at the origin.
+    assert target_distance(name, points, torch.zeros_like(points), cond) > 0.2
+
+
+def test_target_shapes_and_modes():
+    points, cond = sample_target("conditional", 800, gen(), balanced=True)
+    assert torch.equal(cond.argmax(-1), torch.arange(800) % 8)
+    assert mode_accuracy(points, cond) > 0.999
+    # The 8 modes sit at radius 0.75; a wrong condition gives zero accuracy.
+    torch.testing.assert_close(ring_centers().norm(dim=-1), torch.full((8,), 0.75))
+    assert mode_accuracy(points, cond.roll(1, dims=-1)) < 0.001
+    moons, _ = sample_target("two_moons", 4000, gen())
+    assert abs(moons[:, 0].mean().item()) < 0.05  # centred by the rescaling
+    with pytest.raises(ValueError, match="unknown target"):
+        sample_target("spiral", 4)
+
+
+def test_full_grid_composition():
+    rows = [(t, c, s) for t, c, samplers in grid(quick=False) for s in samplers]
+    assert len(rows) == 21
+    assert {c for _, c, _ in rows} == {"independent", "generator", "reconstruction", "phased"}
+    assert all((s == "phased") == (c == "phased") for _, c, s in rows)
+
+
+def test_quick_cli_smoke(tmp_path, capsys, restore_threads):
+    plot = tmp_path / "toy.png"
+    main(["--quick", "--steps", "150", "--eval-samples", "512", "--seed", "3",
+          "--plot", str(plot), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"results", "floor", "untrained"}
+    assert len(report["results"]) == 2
+    for row in report["results"]:
+        assert set(row) == {"target", "sampler", "coupling", "swd", "seconds"}
+        assert row["target"] == "eight_gaussians" and row["sampler"] == "one_step"
+        assert row["swd"] < 0.75 * report["untrained"]["eight_gaussians"]
+        assert row["seconds"] > 0
+    assert report["floor"]["eight_gaussians"] < 0.03
+    assert plot.stat().st_size > 10_000

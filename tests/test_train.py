@@ -1,0 +1,77 @@
+"""End to end through the real command lines: cp3er-train (pixels) then cp3er-eval."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = [
+    "hidden_dim=32", "feature_dim=16", "agent.actor_trunk=true", "batch_size=16",
+    "replay.capacity=5000", "schedule.seed_frames=200", "schedule.explore_frames=200",
+    "schedule.eval_episodes=1", "log.progress=false",
+]
+
+
+def _train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cp3er.train", f"run_dir={run_dir}", *TINY, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_pixel_run_writes_the_run_folder_and_evaluates(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _train(run_dir, "task=cartpole_balance", "obs=pixels", "frames=1000",
+                    "schedule.eval_every_frames=1000", "log.backend=tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.yaml", "metrics.csv", "checkpoints/latest.pt"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "eval").glob("*.gif")), "no evaluation video"
+    assert list((run_dir / "tb").rglob("events.out.tfevents*")), "no TensorBoard events"
+    rows = _rows(run_dir)
+    train = [r for r in rows if r["phase"] == "train"]
+    evals = [r for r in rows if r["phase"] == "eval"]
+    assert len(train) == 1 and train[0]["frame"] == "1000"  # one 500-step episode
+    assert len(evals) == 1 and evals[0]["frame"] == "1000"
+    assert float(train[0]["loss_critic"]) == float(train[0]["loss_critic"])  # updates ran
+    state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    # updates every 2 agent steps from step 100 (200 seed frames) to step 500 inclusive
+    assert state["counters"]["step"] == 500 and state["counters"]["updates"] == 201
+
+    cmd = [sys.executable, "-m", "cp3er.evaluate", str(run_dir), "--episodes", "2", "--video"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["task"] == "cartpole_balance" and summary["episodes"] == 2
+    for key in ("return_mean", "return_iqm", "return_ci"):
+        assert key in summary
+    assert summary["return_ci"][0] <= summary["return_mean"] <= summary["return_ci"][1]
+    assert Path(summary["video"]).is_file()
+
+
+def test_eval_of_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "cp3er.evaluate", str(tmp_path / "nothing")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("obs", ["state"])
+def test_metaworld_state_run_logs_success(tmp_path: Path, obs: str) -> None:
+    run_dir = tmp_path / "mw"
+    result = _train(run_dir, "task=mw_reach", f"obs={obs}", "frames=500",
+                    "schedule.eval_every_frames=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(run_dir)
+    assert {r["phase"] for r in rows} == {"train", "eval"}
+    assert all(r["success"] in ("0", "1", "0.0", "1.0") for r in rows if r["phase"] == "train")
+    assert rows[-1]["success"] != ""

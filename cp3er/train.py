@@ -24,10 +24,12 @@ from tqdm import tqdm
 
 from agents.build import Agent, build_agent
 from cp3er.checkpoint import CHECKPOINT_NAME, atomic_torch_save
+from cp3er.config_check import ConfigError, validate_config
 from cp3er.evaluate import run_episodes, summarize, write_video
 from cp3er.plot import plot_learning_curve
 from cp3er.runlog import MetricsWriter, make_logger
 from cp3er.session import make_buffer, make_eval_env, make_train_env
+from envs.registry import UnknownTaskError
 
 UPDATE_METRICS = ("loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
                   "actor_q", "consistency_loss", "action_std")
@@ -46,6 +48,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        validate_config(cfg)
         self.device = torch.device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -207,7 +210,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    Trainer(cfg).train()
+    try:
+        trainer = Trainer(cfg)
+    except (ConfigError, UnknownTaskError) as error:
+        raise SystemExit(f"cp3er-train: {error}") from None
+    trainer.train()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""Validate a run's config before anything heavy starts: one clear error per problem,
+naming the key, the value and the valid choices."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import torch
+from omegaconf import DictConfig
+
+from cp3er.runlog import LOGGER_BACKENDS
+
+REPLAY_SAMPLERS = ("proximal", "reference", "uniform")
+REPLAY_STORAGES = ("memory", "memmap")
+DEVICES = ("cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names key, value and valid choices."""
+
+
+def _require(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}={value!r} is invalid: expected {expected}")
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    ok = isinstance(value, Integral) and not isinstance(value, bool) and value >= minimum
+    _require(ok, key, value, f"an integer >= {minimum}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` (or ``UnknownTaskError``) for the first invalid value."""
+    from agents.build import AGENTS
+    from envs import OBS_TYPES, TASKS
+    from envs.registry import lookup
+
+    lookup(cfg.task_name, TASKS)  # unknown task -> closest names
+    _require(cfg.agent.name in AGENTS, "agent", cfg.agent.name, f"one of {AGENTS}")
+    _require(cfg.obs in OBS_TYPES, "obs", cfg.obs, f"one of {OBS_TYPES}")
+    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {DEVICES}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config device='cuda' is invalid: no CUDA device is available "
+                          "on this machine (use device=cpu)")
+    for key in ("frames", "batch_size", "n_step", "hidden_dim", "feature_dim",
+                "replay.capacity", "schedule.update_every_steps", "schedule.eval_episodes",
+                "env.action_repeat", "env.frame_stack", "env.image_size"):
+        _positive_int(cfg, key)
+    for key in ("seed", "checkpoint_every", "schedule.seed_frames",
+                "schedule.explore_frames", "schedule.eval_every_frames"):
+        _positive_int(cfg, key, minimum=0)
+    _require(cfg.batch_size <= cfg.replay.capacity, "batch_size", cfg.batch_size,
+             f"at most replay.capacity={cfg.replay.capacity}")
+    _require(isinstance(cfg.lr, Real) and cfg.lr > 0, "lr", cfg.lr, "a number > 0")
+    _require(isinstance(cfg.gamma, Real) and 0 < cfg.gamma <= 1, "gamma", cfg.gamma,
+             "a number in (0, 1]")
+    _require(cfg.replay.sampler in REPLAY_SAMPLERS, "replay.sampler", cfg.replay.sampler,
+             f"one of {REPLAY_SAMPLERS}")
+    _require(cfg.replay.storage in REPLAY_STORAGES, "replay.storage", cfg.replay.storage,
+             f"one of {REPLAY_STORAGES}")
+    _require(isinstance(cfg.replay.alpha, Real) and cfg.replay.alpha > 0, "replay.alpha",
+             cfg.replay.alpha, "a number > 0")
+    _require(cfg.log.backend in LOGGER_BACKENDS, "log.backend", cfg.log.backend,
+             f"one of {LOGGER_BACKENDS}")

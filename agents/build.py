@@ -32,6 +32,7 @@ class Agent:
     optimizers: dict[str, torch.optim.Optimizer]
     updater: SoftUpdate
     obs_key: str
+    grad_clip: float | None = None  # max global grad norm per optimiser step (None: off)
 
     def state_dict(self) -> dict:
         return {
@@ -44,6 +45,10 @@ class Agent:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_clip is not None:
+            for optimizer in optimizers:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         for optimizer in optimizers:
             optimizer.step()
 
@@ -121,4 +126,6 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
     if encoder_params:
         optimizers["encoder"] = _adam(encoder_params, cfg.lr)
     policy = make_policy(encoder, actor)
-    return Agent(policy, loss, optimizers, updater, obs_key)
+    grad_clip = cfg.get("optim", {}).get("grad_clip")
+    return Agent(policy, loss, optimizers, updater, obs_key,
+                 grad_clip=None if grad_clip is None else float(grad_clip))

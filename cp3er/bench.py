@@ -10,6 +10,10 @@ Figures (medians of timed repetitions after warm-up, on this machine):
 - ``act_ms``: encoder + one-step sampling for one observation (no grad).
 - ``sample_ms``: one batch of 256 indices from a full 1e6-capacity proximal sampler.
 - ``replay_bytes_per_transition``: storage bytes per stored pixel transition.
+- ``checkpoint``: a training checkpoint's replay buffer of ``--checkpoint-transitions``
+  pixel transitions (100,000; 10,000 with ``--quick``): bytes on disk, seconds to write
+  it (``save_run_checkpoint``: temporary folder, rename, atomic ``latest.pt``) and to load
+  it back (``NStepReplayBuffer.loads``, what a resume does).
 """
 
 from __future__ import annotations
@@ -133,12 +137,59 @@ def bench_replay_bytes() -> float:
     return total / buffer.capacity
 
 
+def bench_checkpoint(transitions: int) -> dict:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tensordict import TensorDict
+
+    from cp3er.checkpoint import load_run_checkpoint, save_run_checkpoint
+    from cp3er.replay import make_replay_buffer
+
+    episode = 500  # DMC: 500 agent steps an episode; chunks shaped like collector batches
+    buffer = make_replay_buffer(transitions + transitions // episode + 1, obs_key="pixels")
+    gen = torch.Generator().manual_seed(0)
+    chunk = 100
+    for first in range(0, transitions, chunk):
+        steps = min(chunk, transitions - first)
+        pixels = torch.randint(0, 256, (steps, 9, 84, 84), dtype=torch.uint8, generator=gen)
+        done = (torch.arange(first, first + steps) % episode == episode - 1).unsqueeze(-1)
+        buffer.extend(TensorDict({
+            "pixels": pixels, "action": torch.rand(steps, 6, generator=gen),
+            "collector": {"traj_ids": torch.arange(first, first + steps) // episode},
+            "next": {"pixels": pixels, "reward": torch.rand(steps, 1, generator=gen),
+                     "done": done, "terminated": torch.zeros_like(done),
+                     "truncated": done.clone()},
+        }, [steps]))
+    run_dir = Path(tempfile.mkdtemp(prefix="cp3er-bench-ckpt-"))
+    try:
+        start = time.perf_counter()
+        save_run_checkpoint({"agent": {}, "config": {}, "counters": {}, "rng": {}}, run_dir,
+                            buffer, frame=2 * transitions)
+        write_s = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in (run_dir / "checkpoints").rglob("*")
+                   if p.is_file())
+        fresh = make_replay_buffer(buffer.capacity, obs_key="pixels")
+        start = time.perf_counter()
+        _, replay = load_run_checkpoint(run_dir)
+        fresh.loads(replay)
+        load_s = time.perf_counter() - start
+        assert fresh.write_count == buffer.write_count
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {"transitions": transitions, "bytes": size, "write_s": round(write_s, 2),
+            "load_s": round(load_s, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cp3er-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tasks")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--checkpoint-transitions", type=int, default=None,
+                        help="pixel transitions in the checkpoint figure (0: skip it)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -161,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__},
         "quick": args.quick,
     }
+    transitions = args.checkpoint_transitions
+    if transitions is None:
+        transitions = 10_000 if args.quick else 100_000
+    if transitions > 0:
+        result["checkpoint"] = bench_checkpoint(transitions)
     import torchrl
 
     result["machine"]["torchrl"] = torchrl.__version__

@@ -57,6 +57,10 @@ def validate_config(cfg: DictConfig) -> None:
     _require(isinstance(cfg.lr, Real) and cfg.lr > 0, "lr", cfg.lr, "a number > 0")
     _require(isinstance(cfg.gamma, Real) and 0 < cfg.gamma <= 1, "gamma", cfg.gamma,
              "a number in (0, 1]")
+    clip = cfg.get("optim", {}).get("grad_clip")
+    _require(clip is None or (isinstance(clip, Real) and not isinstance(clip, bool) and clip > 0),
+             "optim.grad_clip", clip, "null or a number > 0")
+    _require(isinstance(cfg.resume, bool), "resume", cfg.resume, "true or false")
     _require(cfg.replay.sampler in REPLAY_SAMPLERS, "replay.sampler", cfg.replay.sampler,
              f"one of {REPLAY_SAMPLERS}")
     _require(cfg.replay.storage in REPLAY_STORAGES, "replay.storage", cfg.replay.storage,

@@ -54,7 +54,7 @@ def load_agent_for_eval(target: str | Path, seed: int) -> tuple[DictConfig, obje
     agent = build_agent(cfg, env)
     try:
         agent.load_state_dict(state["agent"])
-    except (RuntimeError, KeyError) as error:
+    except (RuntimeError, KeyError, ValueError) as error:  # tensordict raises ValueError
         env.close()
         raise CheckpointError(
             f"checkpoint does not match the {cfg.agent.name} agent for task {cfg.task_name} "

@@ -69,4 +69,17 @@ def make_env(task: str, obs: str = "pixels", seed: int = 0, **overrides) -> EnvB
     return env
 
 
-__all__ = ["DEFAULTS", "OBS_TYPES", "TASKS", "TaskSpec", "UnknownTaskError", "make_env"]
+__all__ = ["DEFAULTS", "OBS_TYPES", "TASKS", "TaskSpec", "UnknownTaskError", "make_env",
+           "physics_errors"]
+
+
+def physics_errors(env: EnvBase) -> int:
+    """Steps of ``env`` whose MuJoCo simulation failed (each ended its episode as a
+    truncation; see ``envs/dmc.py`` and ``envs/metaworld.py``)."""
+    inner = getattr(env, "base_env", env)
+    inner = getattr(inner, "_env", None)
+    while inner is not None:
+        if hasattr(inner, "physics_errors") and isinstance(inner.physics_errors, int):
+            return inner.physics_errors
+        inner = getattr(inner, "_env", None) or getattr(inner, "env", None)
+    return 0

@@ -8,6 +8,9 @@ Two small dm_env wrappers sit below TorchRL's :class:`DMControlWrapper`:
 * :class:`ObservationAdapter` turns the task's observation dict into exactly one entry,
   ``pixels`` (HxWx3 uint8, rendered once) or ``observation`` (flat float32), which
   covers both the suite (rendered) and manipulation (a camera observation) tasks.
+  It also turns a MuJoCo ``PhysicsError`` raised by a step (divergent simulation) into
+  the end of the episode as a *truncation* (LAST time step, discount 1, the last good
+  observation, reward 0), counted in ``physics_errors``; the next reset is clean.
 
 TorchRL's ``DMControlWrapper`` only accepts ``control.Environment`` or
 ``pixels.Wrapper`` instances, so :class:`DMControlTorchRLEnv` relaxes that check and
@@ -16,6 +19,7 @@ re-seeds through the innermost task.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import dm_env
@@ -92,6 +96,8 @@ class ObservationAdapter(_DelegatingWrapper):
         super().__init__(env)
         self._obs = obs
         self._render_kwargs = {"height": image_size, "width": image_size, "camera_id": camera}
+        self.physics_errors = 0  # steps that raised a PhysicsError (episodes truncated)
+        self._last_observation: dict[str, np.ndarray] | None = None
         inner = env.observation_spec()
         self._camera_key = _MANIPULATION_CAMERA_KEY if _MANIPULATION_CAMERA_KEY in inner else None
         if obs == "pixels":
@@ -114,13 +120,27 @@ class ObservationAdapter(_DelegatingWrapper):
         else:
             parts = [np.asarray(time_step.observation[k]).ravel() for k in self._state_keys]
             observation = {"observation": np.concatenate(parts).astype(np.float32)}
+        # a copy: TorchRL's reader writes into the dict it is given
+        self._last_observation = {k: v.copy() for k, v in observation.items()}
         return time_step._replace(observation=observation)
 
     def reset(self) -> dm_env.TimeStep:
         return self._convert(self._env.reset())
 
     def step(self, action: np.ndarray) -> dm_env.TimeStep:
-        return self._convert(self._env.step(action))
+        from dm_control.rl.control import PhysicsError
+
+        try:
+            return self._convert(self._env.step(action))
+        except PhysicsError as error:
+            if self._last_observation is None:
+                raise
+            self.physics_errors += 1
+            warnings.warn(f"MuJoCo physics error, episode truncated: {error}", stacklevel=2)
+            # A LAST step with discount 1 is a truncation (TorchRL's DMControlWrapper):
+            # the episode bootstraps from the last good observation; the collector resets.
+            observation = {k: v.copy() for k, v in self._last_observation.items()}
+            return dm_env.truncation(0.0, observation)
 
     def observation_spec(self) -> dict[str, specs.Array]:
         return {self._spec.name: self._spec}

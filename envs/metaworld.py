@@ -5,19 +5,30 @@ no part for: repeat the action below the renderer (render once per agent step),
 flip Meta-World's vertically-flipped renders, expose one observation entry
 (``pixels`` uint8 HxWx3 or ``observation`` float32), and report ``success`` per
 agent step as a bool (True if the task succeeded at any repeated sub-step).
+A MuJoCo simulation error ends the episode at once as a *truncation*, counted in
+``physics_errors``; the next reset is clean. Detected two ways: Meta-World's
+``_did_see_sim_exception`` flag (set by versions that catch simulator exceptions, after
+which the env returns its last stable observation with reward 0 until the time limit),
+and MuJoCo's own instability warnings (``mjWARN_BADQACC`` etc.: with mujoco 3 the
+simulator resets the state silently instead of raising).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 from torchrl.data import Categorical
 from torchrl.envs.libs.gym import GymWrapper, default_info_dict_reader
 
 from envs.registry import TaskSpec
+
+_UNSTABLE_WARNINGS = (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
+                      mujoco.mjtWarning.mjWARN_BADQACC)
 
 
 class MetaWorldAdapter(gym.Wrapper):
@@ -29,6 +40,8 @@ class MetaWorldAdapter(gym.Wrapper):
         super().__init__(env)
         self._obs = obs
         self._repeat = action_repeat
+        self.physics_errors = 0  # agent steps that hit a simulation error (episodes truncated)
+        self._last_observation: dict[str, np.ndarray] = {}
         if obs == "pixels":
             height, width = env.unwrapped.height, env.unwrapped.width
             space = gym.spaces.Box(0, 255, (height, width, 3), np.uint8)
@@ -43,23 +56,51 @@ class MetaWorldAdapter(gym.Wrapper):
             return {"pixels": np.ascontiguousarray(self.env.render()[::-1])}
         return {"observation": np.asarray(state, dtype=np.float32)}
 
+    def _sim_warnings(self) -> int:
+        """MuJoCo's count of divergent-simulation warnings in the current data."""
+        data = getattr(self.env.unwrapped, "data", None)
+        if data is None:
+            return 0
+        return sum(int(data.warning[int(w)].number) for w in _UNSTABLE_WARNINGS)
+
+    def _sim_error(self, warnings_before: int) -> bool:
+        flagged = bool(getattr(self.env.unwrapped, "_did_see_sim_exception", False))
+        return flagged or self._sim_warnings() > warnings_before
+
     def reset(self, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        if getattr(self.env.unwrapped, "_did_see_sim_exception", False):
+            self.env.unwrapped._did_see_sim_exception = False  # Meta-World never clears it
         state, info = self.env.reset(**kwargs)
         info = {**info, "success": np.array([False])}
-        return self._observation(state), info
+        self._last_observation = self._observation(state)
+        return self._copy(self._last_observation), info
+
+    @staticmethod
+    def _copy(observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in observation.items()}  # TorchRL writes into dicts
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         total, success = 0.0, False
         terminated = truncated = False
         info: dict[str, Any] = {}
         for _ in range(self._repeat):
+            before = self._sim_warnings()
             state, reward, terminated, truncated, info = self.env.step(action)
+            if self._sim_error(before):
+                # The sub-step's state is divergent (or MuJoCo's silent reset): end the
+                # episode as a truncation from the last good observation, reward 0.
+                self.physics_errors += 1
+                warnings.warn("MuJoCo simulation error in Meta-World, episode truncated",
+                              stacklevel=2)
+                info = {**info, "success": np.array([success])}
+                return self._copy(self._last_observation), total, False, True, info
             total += float(reward)
             success = success or bool(info.get("success", 0.0))
             if terminated or truncated:
                 break
         info = {**info, "success": np.array([success])}
-        return self._observation(state), total, terminated, truncated, info
+        self._last_observation = self._observation(state)
+        return self._copy(self._last_observation), total, terminated, truncated, info
 
 
 def make_metaworld_env(

@@ -40,6 +40,9 @@ def test_default_config_is_valid() -> None:
         ("env.action_repeat=0", "env.action_repeat=0"),
         ("log.backend=mlflow", "log.backend='mlflow'.*'tensorboard'"),
         ("schedule.eval_episodes=0", "schedule.eval_episodes=0"),
+        ("optim.grad_clip=0", "optim.grad_clip=0.*null or a number > 0"),
+        ("optim.grad_clip=-1.5", "optim.grad_clip=-1.5"),
+        ("resume=maybe", "resume='maybe'.*true or false"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(override: str, message: str) -> None:

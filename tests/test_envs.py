@@ -204,14 +204,22 @@ def _first_steps(task: str, obs: str, seed: int) -> tuple[torch.Tensor, torch.Te
     return torch.stack(observations), torch.stack(rewards)
 
 
-@pytest.mark.parametrize(("task", "obs"), [("cheetah_run", "pixels"), ("mw_assembly", "state"),
-                                           ("reacher_easy", "state")])
+@pytest.mark.parametrize(("task", "obs"), [("cheetah_run", "pixels"), ("cheetah_run", "state"),
+                                           ("mw_assembly", "state"), ("reacher_easy", "state")])
 def test_seeding(task: str, obs: str) -> None:
     obs_a, rew_a = _first_steps(task, obs, seed=7)
     obs_b, rew_b = _first_steps(task, obs, seed=7)
     obs_c, _ = _first_steps(task, obs, seed=8)
-    assert torch.equal(obs_a, obs_b) and torch.equal(rew_a, rew_b)
-    assert not torch.equal(obs_a, obs_c)
+    assert torch.equal(rew_a, rew_b)
+    if obs == "pixels":
+        # The physics is bit-identical (rewards, and states in the state case); the Mesa
+        # rasteriser differed in a handful of pixels once under heavy load, so pixels are
+        # compared up to 0.1% of values. Different seeds differ in far more than that.
+        assert (obs_a != obs_b).float().mean() < 1e-3
+        assert (obs_a != obs_c).float().mean() > 1e-2
+    else:
+        assert torch.equal(obs_a, obs_b)
+        assert not torch.equal(obs_a, obs_c)
 
 
 def test_mujoco_gl_default_is_egl_but_user_wins() -> None:

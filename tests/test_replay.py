@@ -524,3 +524,21 @@ def test_buffer_rejects_bad_arguments() -> None:
     fake = FakeCollector([Episode(3, None)], "pixels", 3, (3, 2, 2))
     with pytest.raises(ValueError, match="single-environment"):
         rb.extend(fake.batch(0, 2).unsqueeze(0).expand(2, 2))
+
+
+def test_unwritten_rows_never_leak_into_targets() -> None:
+    # LazyTensorStorage allocates with torch.empty: slots past the head hold arbitrary bits,
+    # NaN included. Head-of-buffer targets must not read them (NaN * 0 is NaN).
+    fake = FakeCollector([Episode(6, None)], "observation", 1, (3,))
+    rb = make_replay_buffer(16, obs_key="observation", frame_stack=1, n_step=3, gamma=0.9)
+    rb.extend(fake.batch(0, 4))
+    storage = rb.storage._storage
+    storage["reward"][4:] = float("nan")
+    storage["action"][4:] = float("nan")
+    valid = torch.arange(16)[rb.valid_mask(torch.arange(16))]
+    assert valid.tolist() == [0, 1, 2]
+    batch = rb.gather(valid)
+    assert torch.isfinite(batch["next", "reward"]).all()
+    # row 2's target uses the one step written after it: r_2 + 0.9 r_3... only r_2 (n'=1)
+    assert batch["next", "n_steps"].reshape(-1).tolist() == [3, 2, 1]
+    assert batch["next", "reward"][2].item() == pytest.approx(fake.reward(0, 2))

@@ -358,7 +358,10 @@ class NStepReplayBuffer:
         rewards = _take(cols["reward"], window).reshape(size, self.n_step)
         powers = self.gamma ** ahead.to(torch.float64)
         mask = ahead[None, :] < n_steps[:, None]
-        reward = (rewards.double() * powers * mask).sum(1, keepdim=True).float()
+        # where, not a product with the mask: rows past the head may be unwritten storage
+        # (uninitialised memory, possibly NaN/inf bit patterns) and NaN * 0 is NaN.
+        discounted = torch.where(mask, rewards.double() * powers, 0.0)
+        reward = discounted.sum(1, keepdim=True).float()
         terminated = _take(cols["terminated"], (index + n_steps - 1) % cap).reshape(size, 1)
         discount = (self.gamma ** n_steps.double()).unsqueeze(1) * (~terminated).double()
 
@@ -444,6 +447,14 @@ class NStepReplayBuffer:
         with open(path / _COUNTERS_FILE) as file:
             self._load_counters(json.load(file))
         self._rb.loads(path)
+
+    def cut_episode(self) -> None:
+        """Ends the episode still being collected without a done (a resumed run starts
+        its collector on a fresh reset): the next write starts a new episode whatever
+        its traj ids. The cut episode then reads like an abandoned one: its n-step
+        windows stop at its last written row (bootstrapping, as for a truncation) and
+        that last row, whose next frame was never written, is never sampled."""
+        self._pending = None
 
     def empty(self) -> None:
         """Drops all data and counters."""

@@ -1,0 +1,181 @@
+"""Faults a run survives or reports clearly: MuJoCo physics errors (episode truncated,
+run goes on), NaN losses/parameters (run stops, last checkpoint intact), gradient clipping."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cp3er.checkpoint import load_run_checkpoint
+from cp3er.faults import NumericalError
+from cp3er.train import CONFIG_DIR, Trainer
+from envs import make_env, physics_errors
+
+TINY_STATE = [
+    "task=cartpole_balance", "obs=state", "hidden_dim=32", "feature_dim=16", "batch_size=16",
+    "replay.capacity=5000", "schedule.seed_frames=200", "schedule.explore_frames=200",
+    "schedule.eval_every_frames=0", "schedule.eval_episodes=1", "log.progress=false",
+]
+
+
+def _cfg(run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="config",
+                       overrides=[f"run_dir={run_dir}", *TINY_STATE, *overrides])
+
+
+def _diverge_at(call: int, step_fn, corrupt):
+    """Wrap a step function so that its ``call``-th call starts from a NaN state."""
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            corrupt()
+        return step_fn(*args, **kwargs)
+
+    return step
+
+
+def _check_truncated_at_step_5(env, steps: int = 12) -> None:
+    with pytest.warns(UserWarning, match="episode truncated"):
+        td = env.rollout(steps, break_when_any_done=False)
+    truncated = td["next", "truncated"].reshape(-1).tolist()
+    assert truncated == [i == 4 for i in range(steps)], truncated
+    assert not td["next", "terminated"].any()
+    # the run goes on: a clean reset, then a normal episode
+    assert td["next", "step_count"].reshape(-1).tolist() == [1, 2, 3, 4, 5, *range(1, steps - 4)]
+    assert torch.isfinite(td["next", "observation"]).all()
+    assert torch.isfinite(td["next", "reward"]).all() and td["next", "reward"][4].item() == 0.0
+    # the truncated step bootstraps from the last good observation
+    assert torch.equal(td["next", "observation"][4], td["observation"][4])
+    assert physics_errors(env) == 1
+
+
+def test_dmc_physics_error_truncates_the_episode() -> None:
+    env = make_env("cartpole_balance", "state", seed=0)
+    physics = env.base_env._env.physics
+
+    def corrupt():
+        physics.data.qpos[:] = np.nan  # a real divergence: dm_control raises PhysicsError
+
+    # agent step 5 = physics steps 9-10 (action repeat 2)
+    physics.step = _diverge_at(9, physics.step, corrupt)
+    _check_truncated_at_step_5(env)
+    env.close()
+
+
+def test_metaworld_simulation_error_truncates_the_episode() -> None:
+    env = make_env("mw_reach", "state", seed=0)
+    inner = env.base_env._env.env
+
+    def corrupt():
+        inner.unwrapped.data.qpos[:] = np.nan  # MuJoCo warns and resets itself silently
+
+    inner.step = _diverge_at(9, inner.step, corrupt)
+    _check_truncated_at_step_5(env)
+    # Meta-World's own flag (versions that catch simulator exceptions) is honoured too
+    inner.step = _diverge_at(
+        3, inner.step, lambda: setattr(inner.unwrapped, "_did_see_sim_exception", True))
+    with pytest.warns(UserWarning, match="episode truncated"):
+        td = env.rollout(4, break_when_any_done=False)
+    assert td["next", "truncated"].reshape(-1).tolist() == [False, True, False, False]
+    assert physics_errors(env) == 2
+    env.close()
+
+
+def test_physics_errors_are_counted_in_metrics(tmp_path: Path) -> None:
+    # no updates (seed_frames past the end): only the environment matters here
+    trainer = Trainer(_cfg(tmp_path, "frames=1400", "schedule.seed_frames=2000"))
+    physics = trainer.env.base_env._env.physics
+
+    def corrupt():
+        physics.data.qpos[:] = np.nan
+
+    # first episode: 500 agent steps = 1000 physics steps; fail in the second episode
+    physics.step = _diverge_at(1300, physics.step, corrupt)
+    with pytest.warns(UserWarning, match="episode truncated"):
+        trainer.train()
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        train = [r for r in csv.DictReader(handle) if r["phase"] == "train"]
+    # episode 2 truncated at agent step 650 (frame 1300); episode 3 runs on to frame 1400
+    assert [r["frame"] for r in train] == ["1000", "1300"]
+    assert [r["physics_errors"] for r in train] == ["0", "1"]
+    assert train[1]["episode_length"] == "150"
+
+
+@pytest.mark.parametrize("where", ["loss", "parameter"])
+def test_non_finite_values_stop_the_run_and_keep_the_checkpoint(tmp_path: Path,
+                                                                where: str) -> None:
+    trainer = Trainer(_cfg(tmp_path, "frames=2000", "checkpoint_every=600"))
+    loss = trainer.agent.loss
+    if where == "loss":
+        critic_loss = loss.critic_loss
+
+        def poisoned(batch):
+            value, meta = critic_loss(batch)
+            return (value * float("nan") if trainer.frame > 700 else value), meta
+
+        loss.critic_loss = poisoned
+        expected = "non-finite loss_critic=nan"
+    else:
+        optimizer = trainer.agent.optimizers["actor"]
+        step = optimizer.step
+
+        def poisoned_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            if trainer.frame > 700:
+                with torch.no_grad():
+                    next(iter(optimizer.param_groups[0]["params"])).fill_(float("inf"))
+            return out
+
+        optimizer.step = poisoned_step
+        poisoned = next(iter(optimizer.param_groups[0]["params"]))
+        name = next(n for n, p in loss.named_parameters() if p is poisoned)
+        expected = re.escape(f"non-finite values in parameter {name!r}")
+    with pytest.raises(NumericalError, match=expected) as info:
+        trainer.train()
+    # updates every 2 agent steps from step 100: update k at step 98 + 2k; the first
+    # poisoned one is at frame 704 (step 352)
+    assert "at update 127 (frame 704)" in str(info.value)
+    state, replay = load_run_checkpoint(tmp_path)
+    assert state["counters"]["step"] == 300  # the checkpoint at frame 600, untouched
+    assert all(torch.isfinite(t).all() for t in state["agent"]["loss"].values()
+               if t.is_floating_point())
+    assert replay.is_dir()
+
+
+def test_grad_clip_bounds_each_step(tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(tmp_path, "optim.grad_clip=0.001"))
+    agent = trainer.agent
+    assert agent.grad_clip == 0.001
+    params = list(agent.optimizers["actor"].param_groups[0]["params"])
+    # plain SGD, lr 1: the parameter change is exactly the (clipped) gradient
+    agent.optimizers["actor"] = torch.optim.SGD(params, lr=1.0)
+    before = torch.cat([p.detach().flatten().clone() for p in params])
+    loss = sum((p * 1000).sum() for p in params)  # gradient norm ~ 1000 * sqrt(#params)
+    agent._step(("actor",), loss)
+    after = torch.cat([p.detach().flatten() for p in params])
+    assert float((after - before).norm()) == pytest.approx(0.001, rel=1e-3)
+
+
+def test_preemption_signals_become_a_flag() -> None:
+    import os
+    import signal
+
+    from cp3er.faults import Preemption
+
+    previous = signal.getsignal(signal.SIGINT)
+    with Preemption() as preemption:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.received == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # repeated: still just the flag
+        with pytest.raises(KeyboardInterrupt):  # a second SIGINT interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous

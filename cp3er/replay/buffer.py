@@ -469,40 +469,11 @@ def _take(column: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.reshape(*index.shape, *column.shape[1:])
 
 
-def make_replay_buffer(
-    capacity: int,
-    *,
-    obs_key: str = "pixels",
-    frame_stack: int = 3,
-    n_step: int = 3,
-    gamma: float = 0.99,
-    batch_size: int = 256,
-    sampler: str = "proximal",
-    alpha: float = 2.0,
-    transitions_per_episode: int = 1000,
-    storage: str = "memory",
-    scratch_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    generator: torch.Generator | None = None,
-) -> NStepReplayBuffer:
-    """The CP3ER/DrQ-v2 replay buffer (see :class:`NStepReplayBuffer` for the arguments).
+def make_replay_buffer(capacity: int, **kwargs: Any) -> NStepReplayBuffer:
+    """The CP3ER/DrQ-v2 replay buffer; keyword arguments as :class:`NStepReplayBuffer`.
 
     Examples:
         >>> rb = make_replay_buffer(100_000, obs_key="pixels", frame_stack=3, n_step=3)
         >>> # for batch in collector: rb.extend(batch); batch = rb.sample()
     """
-    return NStepReplayBuffer(
-        capacity,
-        obs_key=obs_key,
-        frame_stack=frame_stack,
-        n_step=n_step,
-        gamma=gamma,
-        batch_size=batch_size,
-        sampler=sampler,
-        alpha=alpha,
-        transitions_per_episode=transitions_per_episode,
-        storage=storage,
-        scratch_dir=scratch_dir,
-        device=device,
-        generator=generator,
-    )
+    return NStepReplayBuffer(capacity, **kwargs)

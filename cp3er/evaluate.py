@@ -34,7 +34,6 @@ def run_episodes(
 ) -> EpisodeResults:
     """Roll out ``episodes`` full episodes (until done) with ``policy`` under ``no_grad``."""
     results = EpisodeResults()
-    has_success = "success" in env.observation_spec.keys() or "success" in env.full_state_spec
     for episode in range(episodes):
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
             rollout = env.rollout(max_steps, policy, break_when_any_done=True)
@@ -42,8 +41,6 @@ def run_episodes(
         results.lengths.append(int(rollout.shape[0]))
         if ("next", "success") in rollout.keys(True):
             results.successes.append(bool(rollout["next", "success"].any()))
-        elif has_success:
-            results.successes.append(False)
         if record_video and episode == 0 and "pixels" in rollout.keys():
             frames = torch.cat([rollout["pixels"][:1], rollout["next", "pixels"]])
             results.frames = list(frames[:, -3:].permute(0, 2, 3, 1).numpy())

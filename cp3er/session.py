@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agents.build import Agent, build_agent
@@ -61,5 +60,4 @@ def load_agent_for_eval(target: str | Path, seed: int) -> tuple[DictConfig, obje
             f"({cfg.obs}): {str(error).splitlines()[0]}"
         ) from error
     agent.loss.eval()
-    torch.set_grad_enabled(True)
     return cfg, env, agent

@@ -17,10 +17,16 @@ from torchrl.objectives import LossModule, SoftUpdate
 from agents.augment import RandomShift
 from agents.cp3er import CP3ERLoss, make_consistency_actor, make_policy
 from agents.critic import MoGCritic
+from agents.drqv2 import DoubleQCritic, DrQV2Loss, ScheduledGaussianNoise, make_drqv2_actor
 from agents.encoder import PixelEncoder, StateEncoder
 from cp3er.consistency import ConsistencyTrainingLoss, KarrasSchedule
 
-AGENTS = ("cp3er",)
+AGENTS = ("cp3er", "drqv2")
+
+#: DrQ-v2's exploration-noise decay length in agent steps per task difficulty
+#: (``stddev_schedule: linear(1.0, 0.1, N)`` of its easy / medium / hard task configs).
+DIFFICULTIES = ("easy", "medium", "hard")
+DRQV2_STDDEV_STEPS = {"easy": 100_000, "medium": 500_000, "hard": 2_000_000}
 
 
 @dataclass
@@ -33,6 +39,19 @@ class Agent:
     updater: SoftUpdate
     obs_key: str
     grad_clip: float | None = None  # max global grad norm per optimiser step (None: off)
+    exploration: ScheduledGaussianNoise | None = None  # acting noise (DrQ-v2), None: none
+
+    @property
+    def collect_policy(self) -> TensorDictSequential:
+        """The policy the training collector runs: ``policy`` plus exploration noise."""
+        if self.exploration is None:
+            return self.policy
+        return TensorDictSequential(self.policy, self.exploration)
+
+    def advance(self, steps: int) -> None:
+        """Tell the agent ``steps`` more agent steps were taken (exploration schedule)."""
+        if self.exploration is not None:
+            self.exploration.step(steps)
 
     def state_dict(self) -> dict:
         return {
@@ -87,16 +106,21 @@ def _adam(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(list(params), lr=lr)
 
 
-def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu") -> Agent:
-    """The agent named by ``cfg.agent.name`` for ``env`` (specs give every shape)."""
-    name = cfg.agent.name
-    if name not in AGENTS:
-        raise ValueError(f"unknown agent {name!r}; valid: {AGENTS}")
-    obs_key = obs_key_for(cfg.obs)
-    obs_shape = env.observation_spec[obs_key].shape
-    action_dim = int(env.action_spec.shape[-1])
-    encoder_net, repr_dim = make_encoder(cfg.obs, obs_shape)
-    encoder = TensorDictModule(encoder_net, in_keys=[obs_key], out_keys=["features"])
+def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictModule,
+                lr: float) -> dict[str, torch.optim.Optimizer]:
+    """Separate Adam optimisers for critic, actor and (if it has parameters) encoder."""
+    optimizers = {
+        "critic": _adam(loss.critic_params.values(True, True), lr),
+        "actor": _adam(actor.parameters(), lr),
+    }
+    encoder_params = list(encoder.parameters())
+    if encoder_params:
+        optimizers["encoder"] = _adam(encoder_params, lr)
+    return optimizers
+
+
+def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_dim: int,
+                action_dim: int, augmentation: nn.Module | None) -> tuple[LossModule, None]:
     acfg = cfg.agent
     ccfg = acfg.consistency
     schedule = KarrasSchedule(ccfg.sigma_min, ccfg.sigma_max, ccfg.rho, ccfg.num_steps,
@@ -114,18 +138,54 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
         lambda_consistency=acfg.lambda_consistency,
         target_samples=acfg.target_samples,
         consistency_loss=ConsistencyTrainingLoss(schedule, coupling=ccfg.coupling, mu=ccfg.mu),
-        augmentation=RandomShift(4) if cfg.obs == "pixels" else None,
+        augmentation=augmentation,
     )
+    return loss, None
+
+
+def drqv2_stddev_steps(cfg: DictConfig) -> int:
+    """Agent steps of DrQ-v2's noise decay: ``agent.stddev_steps`` or the difficulty's."""
+    steps = cfg.agent.get("stddev_steps")
+    if steps is None:
+        steps = DRQV2_STDDEV_STEPS[cfg.get("difficulty", "easy")]
+    return int(steps)
+
+
+def _drqv2_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_dim: int,
+                action_dim: int, augmentation: nn.Module | None
+                ) -> tuple[LossModule, ScheduledGaussianNoise]:
+    acfg = cfg.agent
+    actor = make_drqv2_actor(repr_dim, action_dim, feature_dim=cfg.feature_dim,
+                             hidden_dim=cfg.hidden_dim)
+    critic = DoubleQCritic(repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim)
+    exploration = ScheduledGaussianNoise(env.action_spec, acfg.stddev_init, acfg.stddev_final,
+                                         drqv2_stddev_steps(cfg))
+    loss = DrQV2Loss(encoder, actor, critic, exploration, stddev_clip=acfg.stddev_clip,
+                     augmentation=augmentation)
+    return loss, exploration
+
+
+_LOSS_BUILDERS = {"cp3er": _cp3er_loss, "drqv2": _drqv2_loss}
+
+
+def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu") -> Agent:
+    """The agent named by ``cfg.agent.name`` for ``env`` (specs give every shape)."""
+    name = cfg.agent.name
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; valid: {AGENTS}")
+    obs_key = obs_key_for(cfg.obs)
+    obs_shape = env.observation_spec[obs_key].shape
+    action_dim = int(env.action_spec.shape[-1])
+    encoder_net, repr_dim = make_encoder(cfg.obs, obs_shape)
+    encoder = TensorDictModule(encoder_net, in_keys=[obs_key], out_keys=["features"])
+    augmentation = RandomShift(4) if cfg.obs == "pixels" else None
+    loss, exploration = _LOSS_BUILDERS[name](cfg, env, encoder, repr_dim, action_dim,
+                                             augmentation)
     loss.to(device)
-    updater = SoftUpdate(loss, tau=acfg.critic_tau)
-    optimizers = {
-        "critic": _adam(loss.critic_params.values(True, True), cfg.lr),
-        "actor": _adam(actor.parameters(), cfg.lr),
-    }
-    encoder_params = list(encoder.parameters())
-    if encoder_params:
-        optimizers["encoder"] = _adam(encoder_params, cfg.lr)
-    policy = make_policy(encoder, actor)
+    updater = SoftUpdate(loss, tau=cfg.agent.critic_tau)
+    optimizers = _optimizers(loss, encoder, loss.actor, cfg.lr)
+    policy = make_policy(encoder, loss.actor)
     grad_clip = cfg.get("optim", {}).get("grad_clip")
     return Agent(policy, loss, optimizers, updater, obs_key,
-                 grad_clip=None if grad_clip is None else float(grad_clip))
+                 grad_clip=None if grad_clip is None else float(grad_clip),
+                 exploration=exploration)

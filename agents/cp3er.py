@@ -8,15 +8,13 @@ on replayed actions is the sample-based entropy regulariser (REFERENCE section 2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from tensordict import TensorDict, TensorDictBase, TensorDictParams
-from tensordict.nn import TensorDictModule, TensorDictSequential, dispatch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictSequential
 from tensordict.utils import NestedKey
 from torch import nn
-from torchrl.objectives import LossModule
 
+from agents.actor_critic_loss import EncoderActorCriticLoss
 from agents.critic import MoGCritic, mog_log_prob, mog_mean
 from cp3er.consistency import (
     ConditionalMLP,
@@ -73,7 +71,7 @@ def make_policy(encoder: TensorDictModule, actor: TensorDictModule) -> TensorDic
     return TensorDictSequential(encoder, actor)
 
 
-class CP3ERLoss(LossModule):
+class CP3ERLoss(EncoderActorCriticLoss):
     """CP3ER objective: MoG critic NLL and ``-Q + lambda * L_c`` actor loss.
 
     Reads a replay batch with n-step targets already folded in (``cp3er.replay``):
@@ -108,22 +106,7 @@ class CP3ERLoss(LossModule):
         ['loss_actor', 'loss_critic']
     """
 
-    @dataclass
-    class _AcceptedKeys:
-        """Keys read from the replay batch; change them with :meth:`set_keys`."""
-
-        observation: NestedKey = "pixels"
-        action: NestedKey = "action"
-        reward: NestedKey = "reward"
-        discount: NestedKey = "discount"
-        features: NestedKey = "features"
-
-    tensor_keys: _AcceptedKeys
-    default_keys = _AcceptedKeys
-    out_keys = ("loss_critic", "loss_actor")
     critic: MoGCritic
-    critic_params: TensorDictParams
-    target_critic_params: TensorDictParams
 
     def __init__(
         self,
@@ -136,37 +119,16 @@ class CP3ERLoss(LossModule):
         consistency_loss: ConsistencyTrainingLoss | None = None,
         augmentation: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.actor = actor
-        self.convert_to_functional(critic, "critic", create_target_params=True)
+        super().__init__(encoder, actor, critic, augmentation=augmentation)
         self.lambda_consistency = lambda_consistency
         self.target_samples = target_samples
-        policy = actor.module
         self.consistency_loss = consistency_loss or ConsistencyTrainingLoss(
-            policy.denoiser.schedule
+            self.policy.denoiser.schedule
         )
-        self.augmentation = augmentation
-        self.set_keys(observation=encoder.in_keys[0], features=encoder.out_keys[0])
 
-    # -- helpers -------------------------------------------------------------------------
     @property
     def policy(self) -> ConsistencyPolicy:
         return self.actor.module
-
-    def _encode(self, observation: torch.Tensor) -> torch.Tensor:
-        if self.augmentation is not None:
-            observation = self.augmentation(observation)
-        return self.encoder.module(observation)
-
-    def _forward_value_estimator_keys(self, **kwargs) -> None:  # no value estimator
-        pass
-
-    @property
-    def in_keys(self) -> list[NestedKey]:
-        keys = self.tensor_keys
-        return [keys.observation, keys.action, ("next", keys.observation),
-                ("next", keys.reward), ("next", keys.discount)]
 
     # -- losses --------------------------------------------------------------------------
     def critic_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
@@ -174,16 +136,14 @@ class CP3ERLoss(LossModule):
         into ``tensordict`` for :meth:`actor_loss`."""
         keys = self.tensor_keys
         action = tensordict[keys.action]
-        features = self._encode(tensordict[keys.observation])
+        features, next_features = self.encode_transition(tensordict)
         with torch.no_grad():
-            next_features = self._encode(tensordict[("next", keys.observation)])
             next_action = self.policy(next_features)
             with self.target_critic_params.to_module(self.critic):
                 q_samples = self.critic.sample_values(
                     next_features, next_action, self.target_samples
                 )
-            reward = tensordict[("next", keys.reward)]
-            discount = tensordict[("next", keys.discount)]
+            reward, discount = self.td_target_inputs(tensordict)
             target = reward + discount * q_samples  # [B, S]
         with self.critic_params.to_module(self.critic):
             loc, scale, logits = self.critic(features, action)
@@ -199,11 +159,7 @@ class CP3ERLoss(LossModule):
     def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
         """``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` on detached features."""
         keys = self.tensor_keys
-        features = tensordict.get(keys.features, None)
-        if features is None:
-            with torch.no_grad():
-                features = self._encode(tensordict[keys.observation])
-        features = features.detach()
+        features = self.actor_features(tensordict)
         action = self.policy(features)
         with self.critic_params.detach().to_module(self.critic):
             q = self.critic.mean(features, action)
@@ -220,12 +176,3 @@ class CP3ERLoss(LossModule):
             **{k: v.detach() for k, v in ct_metrics.items()},
         }
         return loss, metadata
-
-    @dispatch
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Both losses (critic first, then actor on its detached features) and metrics."""
-        tensordict = tensordict.copy()
-        loss_critic, critic_meta = self.critic_loss(tensordict)
-        loss_actor, actor_meta = self.actor_loss(tensordict)
-        out = {"loss_critic": loss_critic, "loss_actor": loss_actor, **critic_meta, **actor_meta}
-        return TensorDict(out, batch_size=[])

@@ -34,12 +34,14 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (or ``UnknownTaskError``) for the first invalid value."""
-    from agents.build import AGENTS
+    from agents.build import AGENTS, DIFFICULTIES
     from envs import OBS_TYPES, TASKS
     from envs.registry import lookup
 
     lookup(cfg.task_name, TASKS)  # unknown task -> closest names
     _require(cfg.agent.name in AGENTS, "agent", cfg.agent.name, f"one of {AGENTS}")
+    _require(cfg.get("difficulty", "easy") in DIFFICULTIES, "difficulty", cfg.get("difficulty"),
+             f"one of {DIFFICULTIES}")
     _require(cfg.obs in OBS_TYPES, "obs", cfg.obs, f"one of {OBS_TYPES}")
     _require(cfg.device in DEVICES, "device", cfg.device, f"one of {DEVICES}")
     if cfg.device == "cuda" and not torch.cuda.is_available():

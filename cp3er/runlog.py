@@ -12,7 +12,7 @@ from typing import Any
 METRIC_COLUMNS = [
     "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
     "seconds", "fps", "loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
-    "actor_q", "consistency_loss", "action_std", "physics_errors",
+    "actor_q", "consistency_loss", "action_std", "physics_errors", "stddev",
 ]
 LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
 

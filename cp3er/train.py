@@ -52,7 +52,7 @@ from envs import physics_errors
 from envs.registry import UnknownTaskError
 
 UPDATE_METRICS = ("loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
-                  "actor_q", "consistency_loss", "action_std")
+                  "actor_q", "consistency_loss", "action_std", "stddev")
 LOSSES = ("loss_critic", "loss_actor")
 # Config entries a resumed run must share with the run it continues (they fix the task,
 # the observation and the shapes of every saved tensor).
@@ -184,7 +184,7 @@ class Trainer:
         cfg = self.cfg
         return Collector(
             self.env,
-            self.agent.policy,
+            self.agent.collect_policy,
             frames_per_batch=cfg.schedule.update_every_steps,
             total_frames=self._steps(cfg.frames) - self.step,
             init_random_frames=max(0, self._steps(cfg.schedule.explore_frames) - self.step),
@@ -351,6 +351,7 @@ class Trainer:
                 batch = batch.reshape(-1)
                 self.buffer.extend(batch)
                 self.step += batch.shape[0]
+                self.agent.advance(batch.shape[0])
                 progress.update(batch.shape[0] * self.repeat)
                 self._finish_episodes(batch)
                 if self.step >= seed_steps:

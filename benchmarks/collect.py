@@ -1,0 +1,106 @@
+"""Collect a task x agent x seed grid of run folders into a CSV, a Markdown table and a PNG.
+
+``python benchmarks/collect.py <grid_dir> --out <prefix>`` reads every run folder under
+``grid_dir`` (those with a ``metrics.csv`` and ``config.yaml`` written by ``cp3er-train``)
+and writes:
+
+* ``<prefix>.csv``: one row per run: task, agent, obs, seed, frames reached, final eval
+  return (mean over the final evaluation's episodes), best eval return, wall seconds;
+* ``<prefix>_table.md``: per task and agent, the mean final return over seeds with a 95%
+  bootstrap CI (seeds resampled), the seeds, frames and mean wall time;
+* ``<prefix>.png`` and ``<prefix>_aggregate.json``: ``cp3er-plot``'s learning curves and
+  IQM / mean / optimality-gap aggregates with stratified-bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cp3er.plot import PlotError, bootstrap_mean_ci, load_run, summarize
+
+COLUMNS = ["task", "agent", "obs", "seed", "frames", "final_return", "best_return",
+           "wall_seconds", "run_dir"]
+
+
+def run_dirs(grid_dir: Path) -> list[Path]:
+    """Every run folder under ``grid_dir`` (sorted), skipping Hydra's own folders."""
+    found = sorted(p.parent for p in grid_dir.rglob("metrics.csv")
+                   if (p.parent / "config.yaml").is_file())
+    if not found:
+        raise PlotError(f"no run folders (metrics.csv + config.yaml) under {grid_dir}")
+    return found
+
+
+def run_row(path: Path) -> dict:
+    run = load_run(path)
+    evals = [r for r in run.rows if r["phase"] == "eval" and r["episode_return"]]
+    if not evals:
+        raise PlotError(f"{path} has no evaluation rows yet")
+    returns = [float(r["episode_return"]) for r in evals]
+    return {"task": run.task, "agent": run.agent, "obs": run.obs, "seed": run.seed,
+            "frames": int(evals[-1]["frame"]), "final_return": returns[-1],
+            "best_return": max(returns), "wall_seconds": float(evals[-1]["seconds"]),
+            "run_dir": os.path.relpath(path)}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def table(rows: list[dict], reps: int = 2000, seed: int = 0) -> str:
+    """Markdown: mean final return +- 95% bootstrap CI per (task, agent)."""
+    rng = np.random.default_rng(seed)
+    lines = ["| task | agent | final return, mean [95% CI] | seeds | frames | wall time (s) |",
+             "|---|---|---|---|---|---|"]
+    keys = sorted({(r["task"], r["agent"]) for r in rows})
+    for task, agent in keys:
+        group = [r for r in rows if r["task"] == task and r["agent"] == agent]
+        values = np.array([[r["final_return"]] for r in group])
+        low, high = bootstrap_mean_ci(values, reps, rng)
+        frames = sorted({r["frames"] for r in group})
+        lines.append(
+            f"| {task} | {agent} | {values.mean():.0f} [{low[0]:.0f}, {high[0]:.0f}] | "
+            f"{len(group)} | {'/'.join(str(f) for f in frames)} | "
+            f"{np.mean([r['wall_seconds'] for r in group]):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("grid_dir", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="output prefix (no suffix)")
+    args = parser.parse_args(argv)
+    try:
+        paths = run_dirs(args.grid_dir)
+        rows = [run_row(p) for p in paths]
+        report = summarize(paths, args.out.with_suffix(".png"))
+    except PlotError as error:
+        print(f"collect: {error}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out.with_suffix(".csv.tmp"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(args.out.with_suffix(".csv.tmp"), args.out.with_suffix(".csv"))
+    write_atomic(Path(f"{args.out}_table.md"), table(rows))
+    aggregate = {k: v for k, v in report.items() if k != "curves"}
+    write_atomic(Path(f"{args.out}_aggregate.json"),
+                 json.dumps(aggregate, indent=2, default=lambda v: None if
+                            (isinstance(v, float) and math.isnan(v)) else v))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

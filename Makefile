@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 
-.PHONY: run test test-all lint setup clean
+.PHONY: run test test-all lint setup clean suite
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 ## test-all: every test, slow ones included
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ''
+
+## suite: the CPU-sized CP3ER vs DrQ-v2 state suite (about an hour on 2 cores; docs/results)
+suite: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/cpu_state_suite.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

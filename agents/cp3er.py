@@ -176,3 +176,47 @@ class CP3ERLoss(EncoderActorCriticLoss):
             **{k: v.detach() for k, v in ct_metrics.items()},
         }
         return loss, metadata
+
+
+class ConsistencyRegularizer(nn.Module):
+    """CP3ER's sample-based entropy regulariser as a term for *any* actor loss.
+
+    ``weight * mean L_c(a_replay, s)`` (REFERENCE section 2): the consistency-training loss
+    of the actor's denoiser on replayed actions, conditioned on the actor's input. Add it to
+    another objective's actor loss, e.g. TorchRL's ``TD3Loss``::
+
+        td3 = TD3Loss(actor, qvalue, action_spec=spec)
+        regularizer = ConsistencyRegularizer(actor, weight=0.05)
+        out = td3(batch)
+        (out["loss_actor"] + regularizer(batch)).backward()
+
+    Args:
+        actor: the consistency actor, a ``TensorDictModule`` wrapping a
+            :class:`ConsistencyPolicy` (``make_consistency_actor``); its first in_key is the
+            conditioning input read from the batch (features or the observation itself).
+        weight: lambda (CP3ER: 0.05).
+        consistency_loss: the loss to use (default: ``ConsistencyTrainingLoss`` on the
+            actor's schedule, independent coupling).
+        action_key: where the replayed actions are in the batch.
+
+    The conditioning input is detached: the regulariser trains the actor only.
+    """
+
+    def __init__(self, actor: TensorDictModule, weight: float = 0.05,
+                 consistency_loss: ConsistencyTrainingLoss | None = None,
+                 action_key: NestedKey = "action") -> None:
+        super().__init__()
+        if not isinstance(actor.module, ConsistencyPolicy):
+            raise TypeError("ConsistencyRegularizer needs a consistency actor "
+                            f"(make_consistency_actor), got {type(actor.module).__name__}")
+        self.actor = actor
+        self.weight = weight
+        self.consistency_loss = consistency_loss or ConsistencyTrainingLoss(
+            actor.module.denoiser.schedule)
+        self.action_key = action_key
+
+    def forward(self, tensordict: TensorDictBase) -> torch.Tensor:
+        cond = tensordict[self.actor.in_keys[0]].detach()
+        value, _ = self.consistency_loss(self.actor.module.denoiser,
+                                         tensordict[self.action_key], cond)
+        return self.weight * value.mean()

@@ -3,13 +3,17 @@
 # then the CSV / table / PNG of benchmarks/collect.py. Two lanes run side by side, one per
 # core, each a Hydra multirun per agent (threads=1 per run).
 #
-#   bash benchmarks/cpu_state_suite.sh               # 20k frames, seeds 1,2,3
-#   FRAMES=50000 SEEDS=1,2,3,4,5 OUT=runs/suite50k bash benchmarks/cpu_state_suite.sh
+#   make suite                                       # 20k frames, seeds 1,2,3
+#   FRAMES=50000 SEEDS=1,2,3,4,5 OUT=runs/suite50k make suite
 #
 # CPU sizing, the same for both agents (documented in docs/results/README.md): MLPs of 256
 # units, lr 1e-3, 2k random-action and seed frames, evaluation every 5k frames (5 episodes).
 # CP3ER: MoG init_scale 0.1. DrQ-v2: noise decays over the first half of the run.
 set -euo pipefail
+if ! command -v cp3er-train > /dev/null; then
+  echo "cpu_state_suite: cp3er-train is not on PATH (run 'make suite', or activate .venv)" >&2
+  exit 2
+fi
 OUT=${OUT:-runs/cpu_state_suite}
 FRAMES=${FRAMES:-20000}
 SEEDS=${SEEDS:-1,2,3}

@@ -93,29 +93,36 @@ def obs_key_for(obs: str) -> str:
     return "pixels" if obs == "pixels" else "observation"
 
 
-def make_encoder(obs: str, obs_shape: torch.Size) -> tuple[nn.Module, int]:
+def make_encoder(obs: str, obs_shape: torch.Size, channels_last: bool = False
+                 ) -> tuple[nn.Module, int]:
     """DrQ-v2 conv encoder for pixels, identity for states; returns (module, repr_dim)."""
     if obs == "pixels":
-        encoder = PixelEncoder(tuple(obs_shape))
+        encoder = PixelEncoder(tuple(obs_shape), channels_last=channels_last)
     else:
         encoder = StateEncoder(int(obs_shape[-1]))
     return encoder, encoder.repr_dim
 
 
-def _adam(params, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(list(params), lr=lr)
+def _adam(params, lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    """Adam; ``fused`` runs the whole step as one kernel (same update rule)."""
+    return torch.optim.Adam(list(params), lr=lr, fused=fused or None)
+
+
+def perf_option(cfg: DictConfig, key: str, default: bool = False) -> bool:
+    """``cfg.perf.<key>`` (configs without a ``perf`` section get ``default``)."""
+    return bool(cfg.get("perf", {}).get(key, default))
 
 
 def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictModule,
-                lr: float) -> dict[str, torch.optim.Optimizer]:
+                lr: float, fused: bool = False) -> dict[str, torch.optim.Optimizer]:
     """Separate Adam optimisers for critic, actor and (if it has parameters) encoder."""
     optimizers = {
-        "critic": _adam(loss.critic_params.values(True, True), lr),
-        "actor": _adam(actor.parameters(), lr),
+        "critic": _adam(loss.critic_params.values(True, True), lr, fused),
+        "actor": _adam(actor.parameters(), lr, fused),
     }
     encoder_params = list(encoder.parameters())
     if encoder_params:
-        optimizers["encoder"] = _adam(encoder_params, lr)
+        optimizers["encoder"] = _adam(encoder_params, lr, fused)
     return optimizers
 
 
@@ -139,6 +146,7 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
         target_samples=acfg.target_samples,
         consistency_loss=ConsistencyTrainingLoss(schedule, coupling=ccfg.coupling, mu=ccfg.mu),
         augmentation=augmentation,
+        share_condition=perf_option(cfg, "share_condition", True),
     )
     return loss, None
 
@@ -165,6 +173,21 @@ def _drqv2_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
     return loss, exploration
 
 
+def compile_networks(loss: LossModule) -> None:
+    """``torch.compile`` the modules called with their own parameters: the encoder's conv
+    stack and the actor network (the critic runs under functional parameter swaps, which
+    would recompile). In place (``nn.Module.compile``): parameter names, state dicts and
+    checkpoints are unchanged. Same math; the first updates pay the compilation."""
+    encoder = loss.encoder.module
+    if isinstance(encoder, PixelEncoder):
+        encoder.convnet.compile()
+    actor = loss.actor.module
+    if hasattr(actor, "denoiser"):
+        actor.denoiser.network.mlp.compile()
+    elif hasattr(actor, "policy"):
+        actor.policy.compile()
+
+
 _LOSS_BUILDERS = {"cp3er": _cp3er_loss, "drqv2": _drqv2_loss}
 
 
@@ -176,14 +199,18 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
     obs_key = obs_key_for(cfg.obs)
     obs_shape = env.observation_spec[obs_key].shape
     action_dim = int(env.action_spec.shape[-1])
-    encoder_net, repr_dim = make_encoder(cfg.obs, obs_shape)
+    encoder_net, repr_dim = make_encoder(cfg.obs, obs_shape,
+                                         channels_last=perf_option(cfg, "channels_last"))
     encoder = TensorDictModule(encoder_net, in_keys=[obs_key], out_keys=["features"])
     augmentation = RandomShift(4) if cfg.obs == "pixels" else None
     loss, exploration = _LOSS_BUILDERS[name](cfg, env, encoder, repr_dim, action_dim,
                                              augmentation)
     loss.to(device)
     updater = SoftUpdate(loss, tau=cfg.agent.critic_tau)
-    optimizers = _optimizers(loss, encoder, loss.actor, cfg.lr)
+    optimizers = _optimizers(loss, encoder, loss.actor, cfg.lr,
+                             fused=perf_option(cfg, "fused_adam"))
+    if perf_option(cfg, "compile"):
+        compile_networks(loss)
     policy = make_policy(encoder, loss.actor)
     grad_clip = cfg.get("optim", {}).get("grad_clip")
     return Agent(policy, loss, optimizers, updater, obs_key,

@@ -21,6 +21,7 @@ from cp3er.consistency import (
     ConsistencyTrainingLoss,
     Denoiser,
     KarrasSchedule,
+    ProjectedCondition,
     sample_one_step,
 )
 
@@ -38,8 +39,14 @@ class ConsistencyPolicy(nn.Module):
         self.denoiser = denoiser
         self.action_dim = action_dim
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor | ProjectedCondition) -> torch.Tensor:
         return sample_one_step(self.denoiser, features, self.action_dim)
+
+    def condition(self, features: torch.Tensor) -> torch.Tensor | ProjectedCondition:
+        """``features`` projected once through the network's first layer when it supports
+        it (:class:`ConditionalMLP`), for several calls on the same states."""
+        project = getattr(self.denoiser.network, "project", None)
+        return features if project is None else project(features)
 
 
 def make_consistency_actor(
@@ -86,6 +93,9 @@ class CP3ERLoss(EncoderActorCriticLoss):
       the encoder.
     * Actor (REFERENCE section 2): features detached, critic parameters detached;
       ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``. Trains the actor only.
+      With ``share_condition`` (default) the states' term of the actor's first layer is
+      computed once for all actor calls on ``s`` (:class:`ProjectedCondition`; same
+      values and gradients, one 39,200-wide matmul instead of four).
 
     ``forward`` returns both losses and detached metrics; :meth:`critic_loss` and
     :meth:`actor_loss` return ``(loss, metadata)`` for a drqv2-style sequential update
@@ -118,8 +128,10 @@ class CP3ERLoss(EncoderActorCriticLoss):
         target_samples: int = 20,
         consistency_loss: ConsistencyTrainingLoss | None = None,
         augmentation: nn.Module | None = None,
+        share_condition: bool = True,
     ) -> None:
         super().__init__(encoder, actor, critic, augmentation=augmentation)
+        self.share_condition = share_condition
         self.lambda_consistency = lambda_consistency
         self.target_samples = target_samples
         self.consistency_loss = consistency_loss or ConsistencyTrainingLoss(
@@ -160,15 +172,16 @@ class CP3ERLoss(EncoderActorCriticLoss):
         """``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` on detached features."""
         keys = self.tensor_keys
         features = self.actor_features(tensordict)
-        action = self.policy(features)
+        cond = self.policy.condition(features) if self.share_condition else features
+        action = self.policy(cond)
         with self.critic_params.detach().to_module(self.critic):
             q = self.critic.mean(features, action)
         consistency, ct_metrics = self.consistency_loss(
-            self.policy.denoiser, tensordict[keys.action], features
+            self.policy.denoiser, tensordict[keys.action], cond
         )
         loss = -q.mean() + self.lambda_consistency * consistency.mean()
         with torch.no_grad():  # spread of the policy at fixed s: std from two samples
-            action_std = (action.detach() - self.policy(features)).abs() / 2**0.5
+            action_std = (action.detach() - self.policy(cond)).abs() / 2**0.5
         metadata = {
             "actor_q": q.mean().detach(),
             "consistency_loss": consistency.mean().detach(),

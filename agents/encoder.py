@@ -92,6 +92,7 @@ class PixelEncoder(nn.Module):
             kernel_sizes=3,
             strides=strides,
             activation_class=nn.ReLU,
+            activation_kwargs={"inplace": True},  # same values, one tensor less per layer
         )
         for stride in strides:
             height = conv_output_size(height, 3, stride)

@@ -2,14 +2,35 @@
 
 Figures (medians of timed repetitions after warm-up, on this machine):
 
+All agent figures use the run defaults of ``configs/config.yaml`` (``perf.*`` switches on,
+glibc allocator tuned); ``--ablation`` adds the update with the switches turned on one by
+one from the straightforward implementation.
+
 - ``env_ms``: ms per agent step (action repeat 2) of ``make_env`` for pixels and states.
 - ``update_ms``: one CP3ER update (critic step + actor step + Polyak) at the reference
   configuration: batch 256, 9x84x84 pixels, random-shift augmentation, the 39,200-feature
   actor MLP of 3 x 1024 units, MoG critic of 1024 units.
 - ``update_trunk_ms``: the same with the actor's Linear+LayerNorm+Tanh trunk (50 features).
-- ``act_ms``: encoder + one-step sampling for one observation (no grad).
+- ``act_ms`` / ``act_trunk_ms``: encoder + one-step sampling for one observation (no
+  grad), reference actor / actor with the input trunk.
+- ``flops_floor_ms``: the update's floating-point work (``torch.utils.flop_counter``:
+  matmuls and convolutions, forward and backward, ``update_gflop``) divided by this
+  machine's measured dense matmul rate (``matmul_gflops``, a 2048^3 float32 matmul with the
+  same threads): the time the update would take at peak; ``update_efficiency`` is
+  ``flops_floor_ms / update_ms``.
+- ``act_floor_ms``: the bytes of parameters one act reads (encoder + actor), divided by the
+  measured memory bandwidth (``memory_gbps``, a 512 MB copy): acting with the 42M-parameter
+  reference actor is memory-bound.
+- ``train_fps`` / ``train_fps_trunk``: end-to-end training frames per second on pixel
+  ``cheetah_run`` at the reference configuration (collector, rendering, replay writes and
+  sampling, one update every 2 agent steps), timed after the seed phase.
 - ``sample_ms``: one batch of 256 indices from a full 1e6-capacity proximal sampler.
 - ``replay_bytes_per_transition``: storage bytes per stored pixel transition.
+- ``replay_1e6`` (``--replay-1e6``): a 1e6-capacity pixel buffer memory-mapped on disk
+  (``LazyMemmapStorage``), filled with 1e6 transitions: fill seconds, bytes on disk, the
+  process's resident memory (``VmRSS``, anonymous and file-backed) after filling and
+  sampling, and ms per sampled batch of 256 (frame stacks and n-step returns included);
+  ``replay_rss_gb_1e6`` is that resident memory in GB.
 - ``checkpoint``: a training checkpoint's replay buffer of ``--checkpoint-transitions``
   pixel transitions (100,000; 10,000 with ``--quick``): bytes on disk, seconds to write
   it (``save_run_checkpoint``: temporary folder, rename, atomic ``latest.pt``) and to load
@@ -24,6 +45,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -53,14 +75,18 @@ def bench_env(task: str, obs: str, steps: int) -> float:
     return 1000 * elapsed / steps
 
 
-def _reference_cfg(trunk: bool):
+PERF_SWITCHES = ("tune_allocator", "channels_last", "fused_adam", "share_condition")
+
+
+def _reference_cfg(trunk: bool, *overrides: str):
     from hydra import compose, initialize_config_dir
 
     from cp3er.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return compose(config_name="config", overrides=[
-            "task=cheetah_run", "obs=pixels", f"agent.actor_trunk={str(trunk).lower()}"])
+            "task=cheetah_run", "obs=pixels", f"agent.actor_trunk={str(trunk).lower()}",
+            *overrides])
 
 
 def _pixel_batch(batch: int, action_dim: int, device: torch.device):
@@ -75,34 +101,164 @@ def _pixel_batch(batch: int, action_dim: int, device: torch.device):
     }, [batch], device=device)
 
 
-def bench_update(trunk: bool, device: torch.device, repeats: int) -> tuple[float, float]:
-    """(update ms, act ms) at the reference sizes."""
-    from tensordict import TensorDict
-
+def _build(trunk: bool, device: torch.device, *overrides: str):
     from agents.build import build_agent
     from envs import make_env
 
-    cfg = _reference_cfg(trunk)
+    cfg = _reference_cfg(trunk, *overrides)
     env = make_env("cheetah_run", "pixels")
     agent = build_agent(cfg, env, device)
     env.close()
-    action_dim = 6
-    batch = _pixel_batch(cfg.batch_size, action_dim, device)
+    return cfg, agent
+
+
+def bench_update(trunk: bool, device: torch.device, repeats: int, *overrides: str,
+                 act: bool = True) -> dict:
+    """Update ms (and act ms, update GFLOP, parameter bytes per act) at the reference sizes."""
+    from tensordict import TensorDict
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, agent = _build(trunk, device, *overrides)
+    batch = _pixel_batch(cfg.batch_size, 6, device)
 
     def update() -> None:
         agent.update(batch.clone())
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    update_ms = _median_ms(update, repeats)
+    result = {"update_ms": _median_ms(update, repeats)}
+    if not act:
+        return result
+    with FlopCounterMode(display=False) as counter:
+        agent.update(batch.clone())
+    result["update_gflop"] = counter.get_total_flops() / 1e9
     obs = TensorDict({"pixels": batch["pixels"][:1]}, [1])
 
-    def act() -> None:
+    def act_once() -> None:
         with torch.no_grad():
             agent.policy(obs.clone())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    act_ms = _median_ms(act, 20 * repeats, warmup=5)
-    return update_ms, act_ms
+    result["act_ms"] = _median_ms(act_once, 20 * repeats, warmup=5)
+    result["act_bytes"] = sum(p.numel() * p.element_size() for p in agent.policy.parameters())
+    return result
+
+
+def bench_ablation(device: torch.device, repeats: int) -> dict[str, float]:
+    """Update ms with the ``perf`` switches turned on one at a time, cumulatively."""
+    out = {}
+    for count in range(len(PERF_SWITCHES) + 1):
+        on = PERF_SWITCHES[:count]
+        overrides = [f"perf.{name}={str(name in on).lower()}" for name in PERF_SWITCHES]
+        label = "+".join(on) if on else "straightforward"
+        if "tune_allocator" in on:
+            from cp3er.perf import tune_allocator
+
+            tune_allocator()  # process-wide and irreversible: hence applied first
+        out[label] = round(bench_update(False, device, repeats, *overrides,
+                                        act=False)["update_ms"], 1)
+    return out
+
+
+def bench_matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+
+    def matmul() -> None:
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * size**3 / _median_ms(matmul, repeats, warmup=2) / 1e6
+
+
+def bench_memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second) of a large CPU tensor."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), repeats, warmup=2)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def bench_train_fps(trunk: bool, device: torch.device, updates: int) -> float:
+    """Frames per second of ``Trainer`` on pixel cheetah_run after its seed phase."""
+    import tempfile
+
+    from cp3er.faults import Preemption
+    from cp3er.train import Trainer
+
+    seed_frames = 600  # enough transitions for a batch of 256 with n-step and stacks
+    with tempfile.TemporaryDirectory(prefix="cp3er-bench-fps-") as run_dir:
+        cfg = _reference_cfg(trunk, f"run_dir={run_dir}", f"device={device.type}",
+                             f"schedule.seed_frames={seed_frames}",
+                             f"schedule.explore_frames={seed_frames}",
+                             f"frames={seed_frames}", "schedule.eval_every_frames=0",
+                             "checkpoint_every=0", "log.progress=false", "log.video=false",
+                             "replay.capacity=100000")
+        trainer = Trainer(cfg)
+        with Preemption() as preemption:
+            trainer._collect(preemption)  # the seed phase: random actions, no updates
+            trainer.cfg.frames = seed_frames + 4 * updates  # an update every 2 agent steps
+            start = time.perf_counter()
+            frame0 = trainer.frame
+            trainer._collect(preemption)
+            elapsed = time.perf_counter() - start
+        fps = (trainer.frame - frame0) / elapsed
+        trainer.env.close()
+        trainer.eval_env.close()
+    return fps
+
+
+def _rss_gb() -> dict[str, float]:
+    fields = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) * 1024 / 1e9
+    return fields
+
+
+def bench_replay_1e6(capacity: int = 1_000_000, samples: int = 20) -> dict:
+    """Fill a memory-mapped pixel buffer of ``capacity`` transitions; RSS and sampling."""
+    import tempfile
+
+    from tensordict import TensorDict
+
+    from cp3er.replay import make_replay_buffer
+
+    episode, chunk = 500, 1000
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (chunk, 9, 84, 84), dtype=torch.uint8, generator=gen)
+    with tempfile.TemporaryDirectory(prefix="cp3er-bench-replay-") as scratch:
+        buffer = make_replay_buffer(capacity, obs_key="pixels", storage="memmap",
+                                    scratch_dir=scratch)
+        start = time.perf_counter()
+        for first in range(0, capacity, chunk):
+            steps = min(chunk, capacity - first)
+            index = torch.arange(first, first + steps)
+            done = (index % episode == episode - 1).unsqueeze(-1)
+            buffer.extend(TensorDict({
+                "pixels": pixels[:steps], "action": torch.zeros(steps, 6),
+                "collector": {"traj_ids": index // episode},
+                "next": {"pixels": pixels[:steps], "reward": torch.ones(steps, 1),
+                         "done": done, "terminated": torch.zeros_like(done),
+                         "truncated": done.clone()},
+            }, [steps]))
+        fill_s = time.perf_counter() - start
+        after_fill = _rss_gb()
+        disk = sum(p.stat().st_size for p in Path(scratch).rglob("*") if p.is_file())
+        sample_ms = _median_ms(buffer.sample, samples, warmup=2)
+        after_sample = _rss_gb()
+        stored = buffer.storage._storage
+        per_transition = sum(t.element_size() * t.numel()
+                             for t in stored.values(True, True)) / capacity
+    return {"transitions": len(buffer), "fill_s": round(fill_s, 1),
+            "disk_bytes": disk, "bytes_per_transition": round(per_transition, 1),
+            "rss_gb_after_fill": {k: round(v, 2) for k, v in after_fill.items()},
+            "rss_gb_after_sampling": {k: round(v, 2) for k, v in after_sample.items()},
+            "sample_batch_ms": round(sample_ms, 1)}
 
 
 def bench_sampler(repeats: int) -> float:
@@ -140,7 +296,6 @@ def bench_replay_bytes() -> float:
 def bench_checkpoint(transitions: int) -> dict:
     import shutil
     import tempfile
-    from pathlib import Path
 
     from tensordict import TensorDict
 
@@ -182,44 +337,90 @@ def bench_checkpoint(transitions: int) -> dict:
             "load_s": round(load_s, 2)}
 
 
+def _machine(device: torch.device) -> dict:
+    import os
+
+    import tensordict
+    import torchrl
+
+    info = {"platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "torch": torch.__version__,
+            "torchrl": torchrl.__version__, "tensordict": tensordict.__version__}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in handle
+                                      if line.startswith("model name")), None)
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cp3er-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and tasks")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repetitions and tasks, no train_fps (CI smoke, < 1 min)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--checkpoint-transitions", type=int, default=None,
                         help="pixel transitions in the checkpoint figure (0: skip it)")
+    parser.add_argument("--replay-1e6", action="store_true",
+                        help="fill a 1e6 memory-mapped pixel buffer (~21 GB on disk)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="update ms with the perf switches turned on one by one")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    repeats = 2 if args.quick else 5
+    repeats = 1 if args.quick else 5
+    result: dict = {"machine": _machine(device), "quick": args.quick}
+    if args.ablation:  # before anything tunes the allocator
+        result["update_ablation_ms"] = bench_ablation(device, repeats)
+    from cp3er.perf import tune_allocator
+
+    result["allocator_tuned"] = tune_allocator()
     tasks = ENV_TASKS[:1] if args.quick else ENV_TASKS
-    env_ms = {f"{t}/{obs}": round(bench_env(t, obs, 30 if args.quick else 200), 2)
-              for t in tasks for obs in ("pixels", "state")}
-    update_ms, act_ms = bench_update(False, device, repeats)
-    update_trunk_ms, _ = bench_update(True, device, repeats)
-    result = {
-        "env_ms": env_ms,
-        "update_ms": round(update_ms, 1),
-        "update_trunk_ms": round(update_trunk_ms, 1),
-        "act_ms": round(act_ms, 2),
-        "sample_ms": round(bench_sampler(repeats), 3),
-        "replay_bytes_per_transition": round(bench_replay_bytes(), 1),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_threads": torch.get_num_threads(), "device": args.device,
-                    "torch": torch.__version__},
-        "quick": args.quick,
-    }
+    result["env_ms"] = {f"{t}/{obs}": round(bench_env(t, obs, 30 if args.quick else 200), 2)
+                        for t in tasks for obs in ("pixels", "state")}
+    reference = bench_update(False, device, repeats)
+    trunk = bench_update(True, device, repeats)
+    matmul_gflops = bench_matmul_gflops(device, 1024 if args.quick else 2048)
+    floor_ms = reference["update_gflop"] / matmul_gflops * 1e3
+    result.update({
+        "update_ms": round(reference["update_ms"], 1),
+        "update_trunk_ms": round(trunk["update_ms"], 1),
+        "update_gflop": round(reference["update_gflop"], 1),
+        "update_trunk_gflop": round(trunk["update_gflop"], 1),
+        "matmul_gflops": round(matmul_gflops, 1),
+        "flops_floor_ms": round(floor_ms, 1),
+        "update_efficiency": round(floor_ms / reference["update_ms"], 3),
+        "act_ms": round(reference["act_ms"], 2),
+        "act_trunk_ms": round(trunk["act_ms"], 2),
+    })
+    if device.type == "cpu":
+        gbps = bench_memory_gbps(128 if args.quick else 512)
+        result["memory_gbps"] = round(gbps, 1)
+        result["act_floor_ms"] = round(reference["act_bytes"] / gbps / 1e6, 2)
+    result["sample_ms"] = round(bench_sampler(repeats), 3)
+    result["replay_bytes_per_transition"] = round(bench_replay_bytes(), 1)
+    result["train_fps"] = None if args.quick else round(bench_train_fps(False, device, 8), 2)
+    result["train_fps_trunk"] = (None if args.quick
+                                 else round(bench_train_fps(True, device, 8), 2))
+    result["replay_rss_gb_1e6"] = None
+    if args.replay_1e6:
+        result["replay_1e6"] = bench_replay_1e6()
+        result["replay_rss_gb_1e6"] = result["replay_1e6"]["rss_gb_after_sampling"]["VmRSS"]
     transitions = args.checkpoint_transitions
     if transitions is None:
         transitions = 10_000 if args.quick else 100_000
     if transitions > 0:
         result["checkpoint"] = bench_checkpoint(transitions)
-    import torchrl
-
-    result["machine"]["torchrl"] = torchrl.__version__
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 

@@ -45,6 +45,7 @@ from cp3er.checkpoint import (
 from cp3er.config_check import ConfigError, validate_config
 from cp3er.evaluate import run_episodes, summarize, write_video
 from cp3er.faults import NumericalError, Preemption, check_finite_losses, check_finite_parameters
+from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
 from cp3er.runlog import MetricsWriter, make_logger
 from cp3er.session import EVAL_SEED_OFFSET, make_buffer, make_eval_env, make_train_env
@@ -140,6 +141,8 @@ class Trainer:
         self.device = torch.device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        if cfg.get("perf", {}).get("tune_allocator", False):
+            tune_allocator()
         seed_everything(cfg.seed)
         self.repeat = cfg.env.action_repeat
         self.env = make_train_env(cfg)

@@ -60,7 +60,7 @@ from cp3er.consistency.losses import (
     PhasedConsistencyLoss,
     ReconstructionLoss,
 )
-from cp3er.consistency.network import ConditionalMLP, SinusoidalTimeEmbedding
+from cp3er.consistency.network import ConditionalMLP, ProjectedCondition, SinusoidalTimeEmbedding
 from cp3er.consistency.samplers import sample_multi_step, sample_one_step, sample_phased
 from cp3er.consistency.schedule import KarrasSchedule, phase_edges
 
@@ -74,6 +74,7 @@ __all__ = [
     "DenoiserFn",
     "KarrasSchedule",
     "PhasedConsistencyLoss",
+    "ProjectedCondition",
     "ReconstructionLoss",
     "SinusoidalTimeEmbedding",
     "ema_target",

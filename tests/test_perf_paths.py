@@ -35,6 +35,24 @@ def test_split_first_layer_is_the_concatenated_linear() -> None:
     assert net.cond_layer.weight.abs().max() > 0.8 * bound
 
 
+def test_single_first_layer_state_dicts_still_load() -> None:
+    torch.manual_seed(0)
+    net = ConditionalMLP(action_dim=3, cond_dim=20, hidden_dim=32, num_layers=3)
+    old = {"time_embed.1.weight": net.time_embed[1].weight,
+           "time_embed.1.bias": net.time_embed[1].bias,
+           "time_embed.3.weight": net.time_embed[3].weight,
+           "time_embed.3.bias": net.time_embed[3].bias,
+           "mlp.0.weight": torch.cat([net.input_layer.weight, net.cond_layer.weight], 1),
+           "mlp.0.bias": net.input_layer.bias,
+           "mlp.2.weight": net.mlp[1].weight, "mlp.2.bias": net.mlp[1].bias,
+           "mlp.4.weight": net.mlp[3].weight, "mlp.4.bias": net.mlp[3].bias,
+           "mlp.6.weight": net.mlp[5].weight, "mlp.6.bias": net.mlp[5].bias}
+    fresh = ConditionalMLP(action_dim=3, cond_dim=20, hidden_dim=32, num_layers=3)
+    fresh.load_state_dict({k: v.detach().clone() for k, v in old.items()})
+    x, t, cond = torch.randn(5, 3), torch.randn(5), torch.randn(5, 20)
+    torch.testing.assert_close(fresh(x, t, cond), net(x, t, cond))
+
+
 def test_projected_condition_gives_the_same_outputs_and_gradients() -> None:
     torch.manual_seed(0)
     net = ConditionalMLP(action_dim=2, cond_dim=12, hidden_dim=16)

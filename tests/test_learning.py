@@ -103,3 +103,18 @@ def test_cp3er_learns_cartpole_balance_from_states(tmp_path: Path) -> None:
         evals = [float(r["episode_return"]) for r in csv.DictReader(handle)
                  if r["phase"] == "eval"]
     assert evals[-1] > 700, evals
+
+
+@pytest.mark.slow
+def test_drqv2_learns_cartpole_balance_from_states(tmp_path: Path) -> None:
+    """The same check for the DrQ-v2 baseline (noise decaying over the first 3k steps)."""
+    cfg = _cfg(tmp_path, "agent=drqv2", "task=cartpole_balance", "obs=state", "seed=1",
+               "frames=12000", "hidden_dim=256", "lr=1e-3", "agent.stddev_steps=3000",
+               "schedule.explore_frames=2000", "schedule.seed_frames=2000",
+               "schedule.eval_every_frames=4000", "schedule.eval_episodes=3",
+               "log.progress=false", "threads=1")
+    Trainer(cfg).train()
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        evals = [float(r["episode_return"]) for r in csv.DictReader(handle)
+                 if r["phase"] == "eval"]
+    assert evals[-1] > 700, evals

@@ -89,19 +89,25 @@ def test_same_seed_same_run(tmp_path: Path) -> None:
     assert runs["a"] != runs["c"]
 
 
+_CARTPOLE_STATE = ("task=cartpole_balance", "obs=state", "seed=1", "frames=12000",
+                   "hidden_dim=256", "lr=1e-3", "schedule.explore_frames=2000",
+                   "schedule.seed_frames=2000", "schedule.eval_every_frames=4000",
+                   "schedule.eval_episodes=3", "log.progress=false", "threads=1")
+
+
+def _eval_returns(run_dir: Path, *overrides: str) -> list[float]:
+    """Train on state cartpole_balance for 12k frames; the eval returns every 4k frames."""
+    Trainer(_cfg(run_dir, *_CARTPOLE_STATE, *overrides)).train()
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [float(r["episode_return"]) for r in csv.DictReader(handle)
+                if r["phase"] == "eval"]
+
+
 @pytest.mark.slow
 def test_cp3er_learns_cartpole_balance_from_states(tmp_path: Path) -> None:
     """Uniform random actions score ~350 here. Measured eval returns at 12k / 20k frames:
     seed 1: 925 / 951, seed 2: 537 / 748, seed 3: 621 / 668 (this config)."""
-    cfg = _cfg(tmp_path, "task=cartpole_balance", "obs=state", "seed=1", "frames=12000",
-               "hidden_dim=256", "lr=1e-3", "agent.init_scale=0.1",
-               "schedule.explore_frames=2000", "schedule.seed_frames=2000",
-               "schedule.eval_every_frames=4000", "schedule.eval_episodes=3",
-               "log.progress=false", "threads=1")
-    Trainer(cfg).train()
-    with open(tmp_path / "metrics.csv", newline="") as handle:
-        evals = [float(r["episode_return"]) for r in csv.DictReader(handle)
-                 if r["phase"] == "eval"]
+    evals = _eval_returns(tmp_path, "agent.init_scale=0.1")
     assert evals[-1] > 700, evals
 
 
@@ -110,13 +116,5 @@ def test_drqv2_learns_cartpole_balance_from_states(tmp_path: Path) -> None:
     """The same check for the DrQ-v2 baseline (noise decaying over the first 3k steps).
     Uniform random actions score ~180-370; measured eval returns at 4k / 8k / 12k frames,
     seed 1: 136 / 677 / 600 (CP3ER reaches 925 at 12k with its settings above)."""
-    cfg = _cfg(tmp_path, "agent=drqv2", "task=cartpole_balance", "obs=state", "seed=1",
-               "frames=12000", "hidden_dim=256", "lr=1e-3", "agent.stddev_steps=3000",
-               "schedule.explore_frames=2000", "schedule.seed_frames=2000",
-               "schedule.eval_every_frames=4000", "schedule.eval_episodes=3",
-               "log.progress=false", "threads=1")
-    Trainer(cfg).train()
-    with open(tmp_path / "metrics.csv", newline="") as handle:
-        evals = [float(r["episode_return"]) for r in csv.DictReader(handle)
-                 if r["phase"] == "eval"]
+    evals = _eval_returns(tmp_path, "agent=drqv2", "agent.stddev_steps=3000")
     assert evals[-1] > 500, evals

@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -358,6 +360,15 @@ def _machine(device: torch.device) -> dict:
     return info
 
 
+def _library_logs_to_stderr() -> None:
+    """TorchRL logs (``Initialized LazyTensorStorage ...``) to stdout; keep stdout for JSON."""
+    import torchrl  # noqa: F401  (its import installs the handler)
+
+    for handler in logging.getLogger("torchrl").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cp3er-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -373,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation", action="store_true",
                         help="update ms with the perf switches turned on one by one")
     args = parser.parse_args(argv)
+    _library_logs_to_stderr()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.threads is not None:

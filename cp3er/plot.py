@@ -2,8 +2,9 @@
 
 ``cp3er-plot <run_dir>... --out <png> [--metric episode_return|success] [--phase eval|train]
 [--json]`` reads each run folder written by ``cp3er-train`` (``config.yaml`` and
-``metrics.csv``), groups the runs by (task, agent) and treats seeds as replicates. It
-draws one PNG (matplotlib, Agg canvas):
+``metrics.csv``), groups the runs by (task, agent) and treats seeds as replicates (a
+run's ``label``, where set, stands for its agent name: variants of one agent). It draws
+one PNG (matplotlib, Agg canvas):
 
 - one panel per task: the learning curve of each agent, the mean over seeds with a 95%
   bootstrap CI band (seeds resampled with replacement at each frame). Seeds evaluated at
@@ -142,7 +143,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run folder: ``config.yaml`` (task, agent, obs, seed) and ``metrics.csv``."""
+    """Read a run folder: ``config.yaml`` (task, agent or ``label``, obs, seed) and
+    ``metrics.csv``."""
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
@@ -152,7 +154,8 @@ def load_run(run_dir: str | Path) -> Run:
         raise PlotError(f"no config.yaml in {run_dir} (needed to group runs by task and agent)")
     cfg = OmegaConf.load(config_path)
     task = OmegaConf.select(cfg, "task_name")
-    agent = OmegaConf.select(cfg, "agent.name")
+    # runs are grouped by ``label`` where set (variants of one agent), else by agent name
+    agent = OmegaConf.select(cfg, "label", default=None) or OmegaConf.select(cfg, "agent.name")
     if task is None or agent is None:
         raise PlotError(f"{config_path} lacks task_name or agent.name")
     seed = OmegaConf.select(cfg, "seed")

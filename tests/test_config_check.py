@@ -37,6 +37,8 @@ def test_default_config_is_valid() -> None:
         ("replay.storage=disk", "replay.storage='disk'.*'memmap'"),
         ("gamma=1.5", "gamma=1.5"),
         ("lr=0", "lr=0"),
+        ("label=' '", "label=.*null or a non-empty name"),
+        ("label=3", "label=3.*null or a non-empty name"),
         ("env.action_repeat=0", "env.action_repeat=0"),
         ("log.backend=mlflow", "log.backend='mlflow'.*'tensorboard'"),
         ("schedule.eval_episodes=0", "schedule.eval_episodes=0"),

@@ -31,7 +31,7 @@ SHORT_FRAMES = [0, 5_000, 20_000]
 
 
 def write_run(run_dir: Path, task: str, agent: str, seed: int,
-              evals: list[tuple[int, float, float | None]]) -> Path:
+              evals: list[tuple[int, float, float | None]], label: str | None = None) -> Path:
     """A run folder: config.yaml and metrics.csv with eval rows ``(frame, return, success)``.
 
     Train rows carry a sentinel return (12345) that would spoil any eval statistic.
@@ -39,7 +39,7 @@ def write_run(run_dir: Path, task: str, agent: str, seed: int,
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(
         f"task_name: {task}\nobs: pixels\nseed: {seed}\nframes: 30000\n"
-        f"agent:\n  name: {agent}\n  lr: 0.0001\n")
+        f"agent:\n  name: {agent}\n  lr: 0.0001\n" + (f"label: {label}\n" if label else ""))
     rows = []
     for index, (frame, ret, success) in enumerate(evals):
         if frame > 0:
@@ -225,3 +225,17 @@ def test_clear_errors(dmc_runs, tmp_path, capsys):
     assert code == 2
     assert "no eval rows" in err and "no_eval" in err
     assert not Path(out).exists()
+
+
+def test_label_groups_variants_of_one_agent(tmp_path, capsys):
+    """Runs of one agent with a ``label`` form their own group (an ablation beside it)."""
+    runs = [write_run(tmp_path / f"plain{s}", "cheetah_run", "cp3er", s, ramp(100.0, FRAMES))
+            for s in range(2)]
+    runs += [write_run(tmp_path / f"variant{s}", "cheetah_run", "cp3er", s,
+                       ramp(500.0, FRAMES), label="cp3er_st") for s in range(2)]
+    code, report, _ = run_main([*map(str, runs), "--out", str(tmp_path / "c.png"), "--json"],
+                               capsys)
+    assert code == 0
+    assert sorted(report["aggregate"]) == ["cp3er", "cp3er_st"]
+    assert report["aggregate"]["cp3er"]["mean"] == pytest.approx(0.1)
+    assert report["aggregate"]["cp3er_st"]["mean"] == pytest.approx(0.5)

@@ -27,6 +27,7 @@ import numpy as np
 from dm_env import specs
 from torchrl.envs.libs.dm_control import DMControlWrapper
 
+from envs.gl_context import bind_dm_control_context
 from envs.registry import TaskSpec
 
 _MANIPULATION_CAMERA_KEY = "front_close"
@@ -124,12 +125,18 @@ class ObservationAdapter(_DelegatingWrapper):
         self._last_observation = {k: v.copy() for k, v in observation.items()}
         return time_step._replace(observation=observation)
 
+    def _bind_gl(self) -> None:
+        if self._obs == "pixels":  # before anything renders (the camera observation too)
+            bind_dm_control_context(self._env.physics)
+
     def reset(self) -> dm_env.TimeStep:
+        self._bind_gl()
         return self._convert(self._env.reset())
 
     def step(self, action: np.ndarray) -> dm_env.TimeStep:
         from dm_control.rl.control import PhysicsError
 
+        self._bind_gl()
         try:
             return self._convert(self._env.step(action))
         except PhysicsError as error:

@@ -212,14 +212,47 @@ def test_seeding(task: str, obs: str) -> None:
     obs_c, _ = _first_steps(task, obs, seed=8)
     assert torch.equal(rew_a, rew_b)
     if obs == "pixels":
-        # The physics is bit-identical (rewards, and states in the state case); the Mesa
-        # rasteriser differed in a handful of pixels once under heavy load, so pixels are
-        # compared up to 0.1% of values. Different seeds differ in far more than that.
+        # The physics is bit-identical (rewards, and states in the state case). Pixels are
+        # compared up to 0.1% of values: a handful differed once under heavy load (before
+        # envs/gl_context.py existed, possibly the same unbound-context bug); different
+        # seeds differ in far more than that.
         assert (obs_a != obs_b).float().mean() < 1e-3
         assert (obs_a != obs_c).float().mean() > 1e-2
     else:
         assert torch.equal(obs_a, obs_b)
         assert not torch.equal(obs_a, obs_c)
+
+
+def test_dmc_frames_survive_a_foreign_egl_context() -> None:
+    """MuJoCo's own EGL context (Meta-World's renderer) unbinds dm_control's when it is
+    created or freed; the next DMC frames must still be real renders (envs/gl_context.py)."""
+    import os
+
+    if os.environ.get("MUJOCO_GL") != "egl":
+        pytest.skip("the EGL backend is not in use")
+    import mujoco.egl
+
+    reference = make_env("cheetah_run", "pixels", seed=3)
+    actions = _fixed_actions(reference, 2)
+    td = reference.reset()
+    expected = [td["pixels"]]
+    for action in actions:
+        td = reference.step(td.set("action", action))["next"]
+        expected.append(td["pixels"])
+    reference.close()
+
+    env = make_env("cheetah_run", "pixels", seed=3)
+    td = env.reset()  # dm_control now records env's context as the thread's current one
+    got = [td["pixels"]]
+    for action in actions:
+        foreign = mujoco.egl.GLContext(64, 64)  # what gymnasium's MujocoRenderer does
+        foreign.make_current()
+        foreign.free()  # eglReleaseThread: nothing is bound any more
+        td = env.step(td.set("action", action))["next"]
+        got.append(td["pixels"])
+    env.close()
+    for frame, want in zip(got, expected, strict=True):
+        assert torch.equal(frame, want)
 
 
 def test_mujoco_gl_default_is_egl_but_user_wins() -> None:

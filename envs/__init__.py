@@ -15,6 +15,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from torchrl.envs import EnvBase
 
 from envs.common import add_standard_transforms
+from envs.gl_context import release_mujoco_renderer
 from envs.registry import TaskSpec, UnknownTaskError, build_registry, lookup
 
 TASKS: dict[str, TaskSpec] = build_registry()
@@ -69,8 +70,16 @@ def make_env(task: str, obs: str = "pixels", seed: int = 0, **overrides) -> EnvB
     return env
 
 
-__all__ = ["DEFAULTS", "OBS_TYPES", "TASKS", "TaskSpec", "UnknownTaskError", "make_env",
-           "physics_errors"]
+__all__ = [
+    "DEFAULTS",
+    "OBS_TYPES",
+    "TASKS",
+    "TaskSpec",
+    "UnknownTaskError",
+    "make_env",
+    "physics_errors",
+    "release_mujoco_renderer",
+]
 
 
 def physics_errors(env: EnvBase) -> int:

@@ -25,6 +25,7 @@ import torch
 from torchrl.data import Categorical
 from torchrl.envs.libs.gym import GymWrapper, default_info_dict_reader
 
+from envs.gl_context import release_mujoco_renderer
 from envs.registry import TaskSpec
 
 _UNSTABLE_WARNINGS = (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
@@ -74,6 +75,10 @@ class MetaWorldAdapter(gym.Wrapper):
         info = {**info, "success": np.array([False])}
         self._last_observation = self._observation(state)
         return self._copy(self._last_observation), info
+
+    def close(self) -> None:
+        release_mujoco_renderer(self.env)  # before gymnasium frees the GL context
+        super().close()
 
     @staticmethod
     def _copy(observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -182,6 +182,7 @@ def test_metaworld_repeat_flip_and_success_match_hand_rollout() -> None:
         raw_rewards.append(total)
         raw_success.append(success)
         frames.append(render())
+    envs.release_mujoco_renderer(raw)  # else its MjrContext outlives its GL context
     raw.close()
     for ours_frame, frame in zip(ours, frames, strict=True):
         assert torch.equal(ours_frame, frame)
@@ -223,23 +224,28 @@ def test_seeding(task: str, obs: str) -> None:
         assert not torch.equal(obs_a, obs_c)
 
 
-def test_dmc_frames_survive_a_foreign_egl_context() -> None:
-    """MuJoCo's own EGL context (Meta-World's renderer) unbinds dm_control's when it is
-    created or freed; the next DMC frames must still be real renders (envs/gl_context.py)."""
+def _reference_cheetah_frames(steps: int = 2) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Fixed actions and the pixel frames of cheetah_run (seed 3) rendered in isolation."""
     import os
 
     if os.environ.get("MUJOCO_GL") != "egl":
         pytest.skip("the EGL backend is not in use")
-    import mujoco.egl
-
     reference = make_env("cheetah_run", "pixels", seed=3)
-    actions = _fixed_actions(reference, 2)
+    actions = _fixed_actions(reference, steps)
     td = reference.reset()
     expected = [td["pixels"]]
     for action in actions:
         td = reference.step(td.set("action", action))["next"]
         expected.append(td["pixels"])
     reference.close()
+    return actions, expected
+
+
+def test_dmc_frames_survive_a_foreign_egl_context() -> None:
+    """MuJoCo's own EGL context (Meta-World's renderer) unbinds dm_control's when it is
+    created or freed; the next DMC frames must still be real renders (envs/gl_context.py)."""
+    actions, expected = _reference_cheetah_frames()
+    import mujoco.egl
 
     env = make_env("cheetah_run", "pixels", seed=3)
     td = env.reset()  # dm_control now records env's context as the thread's current one
@@ -248,6 +254,31 @@ def test_dmc_frames_survive_a_foreign_egl_context() -> None:
         foreign = mujoco.egl.GLContext(64, 64)  # what gymnasium's MujocoRenderer does
         foreign.make_current()
         foreign.free()  # eglReleaseThread: nothing is bound any more
+        td = env.step(td.set("action", action))["next"]
+        got.append(td["pixels"])
+    env.close()
+    for frame, want in zip(got, expected, strict=True):
+        assert torch.equal(frame, want)
+
+
+def test_closed_metaworld_env_leaves_dmc_frames_intact() -> None:
+    """gymnasium's viewer outlives ``close()`` with its MjrContext; when that is destroyed
+    later (garbage collection, at an unpredictable time) it frees GL objects in whatever
+    context is bound, possibly dm_control's. Our ``close()`` frees it in its own context
+    first, so the late destruction (done here explicitly) has nothing left to delete."""
+    actions, expected = _reference_cheetah_frames()
+    metaworld_env = make_env("mw_assembly", "pixels", seed=0)
+    metaworld_env.reset()
+    gym_env = metaworld_env.base_env._env.unwrapped
+    leftover = [viewer.con for viewer in gym_env.mujoco_renderer._viewers.values()]
+    assert leftover
+    metaworld_env.close()
+    env = make_env("cheetah_run", "pixels", seed=3)
+    td = env.reset()  # dm_control's context is bound now
+    for mjr_context in leftover:
+        mjr_context.free()  # what the MjrContext destructor does when the viewer is collected
+    got = [td["pixels"]]
+    for action in actions:
         td = env.step(td.set("action", action))["next"]
         got.append(td["pixels"])
     env.close()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats
+from tensordict import TensorDictBase
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -29,6 +31,23 @@ class EpisodeResults:
     frames: list[np.ndarray] = field(default_factory=list)  # first episode, HxWx3 uint8
 
 
+def _acting_on_env_device(policy: Callable) -> Callable:
+    """``policy`` fed on its parameters' device, answering on the CPU (the environments').
+
+    TorchRL's ``rollout(auto_cast_to_device=True)`` casts back only to a declared
+    ``env.device``; these environments declare none, so a GPU policy's actions would reach
+    the CPU environment (and its reward-sum transform) on the GPU."""
+    params = next(iter(policy.parameters()), None) if hasattr(policy, "parameters") else None
+    if params is None or params.device.type == "cpu":
+        return policy
+    device = params.device
+
+    def act(tensordict: TensorDictBase) -> TensorDictBase:
+        return policy(tensordict.to(device)).to("cpu")
+
+    return act
+
+
 def run_episodes(
     env: EnvBase, policy, episodes: int, *, record_video: bool = False, max_steps: int = 100_000
 ) -> EpisodeResults:
@@ -36,7 +55,8 @@ def run_episodes(
     results = EpisodeResults()
     for episode in range(episodes):
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-            rollout = env.rollout(max_steps, policy, break_when_any_done=True)
+            rollout = env.rollout(max_steps, _acting_on_env_device(policy),
+                                  break_when_any_done=True)
         results.returns.append(float(rollout["next", "reward"].sum()))
         results.lengths.append(int(rollout.shape[0]))
         if ("next", "success") in rollout.keys(True):

@@ -21,11 +21,17 @@ class MetricsWriter:
     """Append-only ``metrics.csv`` with a fixed header; each row is flushed and fsynced.
 
     ``truncate_after(frame)`` drops rows past a checkpoint's frame when a run resumes,
-    so the file has neither duplicated nor missing rows.
+    so the file has neither duplicated nor missing rows. ``fresh=True`` (a new run): rows
+    left by an earlier run in this folder that died before its first checkpoint are moved
+    to ``metrics.stale<N>.csv`` (kept, never appended to), so the file holds this run only.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, fresh: bool = False) -> None:
         self.path = Path(path)
+        self.set_aside: Path | None = None
+        if fresh and self.path.exists() and self.rows():
+            self.set_aside = _free_name(self.path)
+            os.replace(self.path, self.set_aside)
         if not self.path.exists():
             self._write_all([])
 
@@ -55,6 +61,14 @@ class MetricsWriter:
             csv.DictWriter(handle, METRIC_COLUMNS).writerow(clean)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _free_name(path: Path) -> Path:
+    """``<stem>.stale<N><suffix>`` beside ``path``, the first N not taken."""
+    index = 1
+    while (candidate := path.with_name(f"{path.stem}.stale{index}{path.suffix}")).exists():
+        index += 1
+    return candidate
 
 
 def _fmt(value: Any) -> Any:

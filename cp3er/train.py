@@ -153,7 +153,10 @@ class Trainer:
             # left by a killed or finished process would block the new storage
             shutil.rmtree(self.run_dir / "replay", ignore_errors=True)
         self.buffer = make_buffer(cfg, self.run_dir)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.csv")
+        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", fresh=resume_state is None)
+        if self.metrics.set_aside is not None:
+            print(f"cp3er-train: {self.run_dir} held metrics of a run that never checkpointed;"
+                  f" moved to {self.metrics.set_aside.name}", file=sys.stderr)
         self.logger = make_logger(cfg.log.backend, self.run_dir, cfg.task_name)
         if resume_state is None:
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)

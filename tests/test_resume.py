@@ -217,6 +217,26 @@ def test_run_folder_errors(finished_run: Path, tmp_path: Path) -> None:
     assert trainer.train() == "done" and trainer.step == 200
 
 
+def test_new_run_sets_aside_rows_of_a_run_that_never_checkpointed(tmp_path: Path) -> None:
+    """A run killed before its first checkpoint leaves metrics rows; a new run in that folder
+    (resume=false is allowed: nothing to resume) starts its own file and keeps the old one."""
+    run = tmp_path / "run"
+    args = ("frames=2000", "checkpoint_every=0", *FAST)
+    Trainer(_cfg(run, *args)).train()
+    shutil.rmtree(run / "checkpoints")  # the folder as a run killed before its checkpoint
+    old = _rows(run)
+    # one row per 1000-frame episode, the final evaluation
+    assert [(r["phase"], r["frame"]) for r in old] == [("train", "1000"), ("train", "2000"),
+                                                        ("eval", "2000")]
+    trainer = Trainer(_cfg(run, *args, "seed=7"))
+    assert trainer.train() == "done"
+    rows = _rows(run)
+    assert [r["frame"] for r in rows] == [r["frame"] for r in old]  # not appended
+    assert _untimed(rows) != _untimed(old)  # another seed: this run's own rows
+    with open(run / "metrics.stale1.csv", newline="") as handle:
+        assert list(csv.DictReader(handle)) == old
+
+
 def test_corrupted_checkpoints_are_detected(finished_run: Path, tmp_path: Path,
                                             capsys) -> None:
     run = _copy(finished_run, tmp_path)

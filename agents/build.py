@@ -173,19 +173,25 @@ def _drqv2_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
     return loss, exploration
 
 
-def compile_networks(loss: LossModule) -> None:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_networks(loss: LossModule, mode: str = "default") -> None:
     """``torch.compile`` the modules called with their own parameters: the encoder's conv
     stack and the actor network (the critic runs under functional parameter swaps, which
     would recompile). In place (``nn.Module.compile``): parameter names, state dicts and
-    checkpoints are unchanged. Same math; the first updates pay the compilation."""
+    checkpoints are unchanged. Same math; the first updates pay the compilation.
+    ``mode="reduce-overhead"`` replays the compiled regions as CUDA graphs on a GPU."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"perf.compile_mode={mode!r}; valid: {COMPILE_MODES}")
     encoder = loss.encoder.module
     if isinstance(encoder, PixelEncoder):
-        encoder.convnet.compile()
+        encoder.convnet.compile(mode=mode)
     actor = loss.actor.module
     if hasattr(actor, "denoiser"):
-        actor.denoiser.network.mlp.compile()
+        actor.denoiser.network.mlp.compile(mode=mode)
     elif hasattr(actor, "policy"):
-        actor.policy.compile()
+        actor.policy.compile(mode=mode)
 
 
 _LOSS_BUILDERS = {"cp3er": _cp3er_loss, "drqv2": _drqv2_loss}
@@ -210,7 +216,7 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
     optimizers = _optimizers(loss, encoder, loss.actor, cfg.lr,
                              fused=perf_option(cfg, "fused_adam"))
     if perf_option(cfg, "compile"):
-        compile_networks(loss)
+        compile_networks(loss, str(cfg.get("perf", {}).get("compile_mode", "default")))
     policy = make_policy(encoder, loss.actor)
     grad_clip = cfg.get("optim", {}).get("grad_clip")
     return Agent(policy, loss, optimizers, updater, obs_key,

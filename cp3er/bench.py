@@ -21,9 +21,14 @@ one from the straightforward implementation.
 - ``act_floor_ms``: the bytes of parameters one act reads (encoder + actor), divided by the
   measured memory bandwidth (``memory_gbps``, a 512 MB copy): acting with the 42M-parameter
   reference actor is memory-bound.
+- ``update_compile`` (``--compile``): per ``torch.compile`` mode (``default``; on a GPU also
+  ``reduce-overhead``, which replays the compiled regions as CUDA graphs): update ms, the
+  first (compiling) update's seconds, and that update's losses relative to eager execution
+  from the same seeds.
 - ``train_fps`` / ``train_fps_trunk``: end-to-end training frames per second on pixel
   ``cheetah_run`` at the reference configuration (collector, rendering, replay writes and
-  sampling, one update every 2 agent steps), timed after the seed phase.
+  sampling, one update every 2 agent steps), timed after the seed phase over
+  ``--fps-updates`` updates.
 - ``sample_ms``: one batch of 256 indices from a full 1e6-capacity proximal sampler.
 - ``replay_bytes_per_transition``: storage bytes per stored pixel transition.
 - ``replay_1e6`` (``--replay-1e6``): a 1e6-capacity pixel buffer memory-mapped on disk
@@ -161,6 +166,39 @@ def bench_ablation(device: torch.device, repeats: int) -> dict[str, float]:
         out[label] = round(bench_update(False, device, repeats, *overrides,
                                         act=False)["update_ms"], 1)
     return out
+
+
+def bench_compile(device: torch.device, mode: str, repeats: int) -> dict:
+    """Update ms with ``torch.compile`` (``perf.compile_mode=mode``) at the reference sizes,
+    the first (compiling) update's seconds, and the first update's losses against eager
+    execution from the same seeds (relative difference: the same math, reordered)."""
+    from agents.build import Agent
+
+    def first_update(*overrides: str) -> tuple[Agent, torch.Tensor, dict, float]:
+        torch.manual_seed(0)
+        cfg, agent = _build(False, device, *overrides)
+        batch = _pixel_batch(cfg.batch_size, 6, device)
+        torch.manual_seed(1)
+        start = time.perf_counter()
+        metrics = agent.update(batch.clone())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return agent, batch, metrics, time.perf_counter() - start
+
+    _, _, eager, _ = first_update("perf.compile=false")
+    agent, batch, compiled, first_s = first_update("perf.compile=true",
+                                                   f"perf.compile_mode={mode}")
+
+    def update() -> None:
+        agent.update(batch.clone())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rel = {k: abs(compiled[k] - eager[k]) / max(abs(eager[k]), 1e-8)
+           for k in ("loss_critic", "loss_actor")}
+    return {"update_ms": round(_median_ms(update, repeats, warmup=3), 2),
+            "first_update_s": round(first_s, 1),
+            "first_update_rel_diff_vs_eager": {k: float(f"{v:.2e}") for k, v in rel.items()}}
 
 
 def bench_matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
@@ -383,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="fill a 1e6 memory-mapped pixel buffer (~21 GB on disk)")
     parser.add_argument("--ablation", action="store_true",
                         help="update ms with the perf switches turned on one by one")
+    parser.add_argument("--compile", action="store_true",
+                        help="update ms with torch.compile (and CUDA graphs on a GPU)")
+    parser.add_argument("--fps-updates", type=int, default=8,
+                        help="updates timed in train_fps (4 frames each)")
+    parser.add_argument("--env-tasks", default=None,
+                        help=f"comma-separated tasks for env_ms (default {','.join(ENV_TASKS)})")
     args = parser.parse_args(argv)
     _library_logs_to_stderr()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -390,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    repeats = 1 if args.quick else 5
+    repeats = 1 if args.quick else (20 if device.type == "cuda" else 5)
     result: dict = {"machine": _machine(device), "quick": args.quick}
     if args.ablation:  # before anything tunes the allocator
         result["update_ablation_ms"] = bench_ablation(device, repeats)
@@ -398,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result["allocator_tuned"] = tune_allocator()
     tasks = ENV_TASKS[:1] if args.quick else ENV_TASKS
+    if args.env_tasks is not None:
+        tasks = tuple(t for t in args.env_tasks.split(",") if t)
     result["env_ms"] = {f"{t}/{obs}": round(bench_env(t, obs, 30 if args.quick else 200), 2)
                         for t in tasks for obs in ("pixels", "state")}
     reference = bench_update(False, device, repeats)
@@ -419,11 +465,20 @@ def main(argv: list[str] | None = None) -> int:
         gbps = bench_memory_gbps(128 if args.quick else 512)
         result["memory_gbps"] = round(gbps, 1)
         result["act_floor_ms"] = round(reference["act_bytes"] / gbps / 1e6, 2)
-    result["sample_ms"] = round(bench_sampler(repeats), 3)
+    if args.compile:
+        modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
+        result["update_compile"] = {}
+        for mode in modes:
+            try:
+                result["update_compile"][mode] = bench_compile(device, mode, repeats)
+            except Exception as error:  # a mode that fails on this stack is reported
+                result["update_compile"][mode] = {"error": f"{type(error).__name__}: "
+                                                           f"{str(error)[:300]}"}
+    result["sample_ms"] = round(bench_sampler(min(repeats, 5)), 3)
     result["replay_bytes_per_transition"] = round(bench_replay_bytes(), 1)
-    result["train_fps"] = None if args.quick else round(bench_train_fps(False, device, 8), 2)
-    result["train_fps_trunk"] = (None if args.quick
-                                 else round(bench_train_fps(True, device, 8), 2))
+    for key, trunk_on in (("train_fps", False), ("train_fps_trunk", True)):
+        result[key] = (None if args.quick
+                       else round(bench_train_fps(trunk_on, device, args.fps_updates), 2))
     result["replay_rss_gb_1e6"] = None
     if args.replay_1e6:
         result["replay_1e6"] = bench_replay_1e6()

@@ -45,6 +45,7 @@ def test_default_config_is_valid() -> None:
         ("optim.grad_clip=0", "optim.grad_clip=0.*null or a number > 0"),
         ("optim.grad_clip=-1.5", "optim.grad_clip=-1.5"),
         ("resume=maybe", "resume='maybe'.*true or false"),
+        ("perf.compile_mode=fast", "perf.compile_mode='fast'.*'reduce-overhead'"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(override: str, message: str) -> None:

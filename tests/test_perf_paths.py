@@ -134,3 +134,48 @@ def test_fused_adam_takes_the_same_steps() -> None:
 def test_tune_allocator_applies_on_glibc() -> None:
     assert tune_allocator() is True
     assert tune_allocator() is True  # idempotent
+
+
+def test_compiled_networks_give_the_same_losses_gradients_and_state_dict() -> None:
+    """``perf.compile``: same critic/actor losses and gradients as eager from the same
+    seeds; parameter names (checkpoints) unchanged."""
+    from agents.build import compile_networks
+
+    def build() -> CP3ERLoss:
+        torch.manual_seed(0)
+        encoder = TensorDictModule(PixelEncoder((9, 32, 32)), ["pixels"], ["features"])
+        actor = make_consistency_actor(encoder.module.repr_dim, 2, hidden_dim=32)
+        critic = MoGCritic(encoder.module.repr_dim, 2, feature_dim=8, hidden_dim=32,
+                           init_scale=0.1)
+        return CP3ERLoss(encoder, actor, critic)
+
+    gen = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (8, 9, 32, 32), dtype=torch.uint8, generator=gen)
+    batch = TensorDict({"pixels": pixels, "action": torch.rand(8, 2, generator=gen) * 2 - 1,
+                        "next": {"pixels": pixels.roll(1, 0), "reward": torch.rand(8, 1),
+                                 "discount": torch.full((8, 1), 0.97)}}, [8])
+    eager, compiled = build(), build()
+    names = list(compiled.state_dict())
+    compile_networks(compiled)
+    assert list(compiled.state_dict()) == names
+    with pytest.raises(ValueError, match=r"perf.compile_mode='fast'.*'reduce-overhead'"):
+        compile_networks(build(), "fast")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    results = []
+    for loss in (eager, compiled):
+        torch.manual_seed(11)
+        critic_value, _ = loss.critic_loss(batch.clone())
+        actor_value, _ = loss.actor_loss(batch.clone())
+        params = list(loss.parameters())
+        grads = torch.autograd.grad(critic_value + actor_value, params, allow_unused=True)
+        results.append((critic_value, actor_value, grads))
+    assert counters["stats"]["unique_graphs"] >= 2  # the conv stack and the actor MLP ran compiled
+    (c0, a0, g0), (c1, a1, g1) = results
+    torch.testing.assert_close(c1, c0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-5)
+    for x, y in zip(g1, g0, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)

@@ -44,3 +44,13 @@ def test_quadruped_run_replay_capacity_delta_keeps_other_replay_keys() -> None:
     cfg = _compose("task=quadruped_run")
     assert cfg.replay.capacity == 100_000
     assert cfg.replay.sampler == "proximal" and cfg.replay.alpha == 2.0
+
+
+@pytest.mark.parametrize(("agent", "sampler"), [("cp3er", "proximal"), ("drqv2", "uniform")])
+def test_each_agent_samples_replay_its_own_way(agent: str, sampler: str) -> None:
+    """PPE is CP3ER's; the DrQ-v2 baseline samples uniformly, as its paper and code do,
+    also on tasks whose file changes other replay keys."""
+    for task in ("cheetah_run", "quadruped_run"):
+        cfg = _compose(f"agent={agent}", f"task={task}")
+        assert cfg.replay.sampler == sampler
+        assert cfg.replay.alpha == 2.0

@@ -108,9 +108,14 @@ def _adam(params, lr: float, fused: bool = False) -> torch.optim.Optimizer:
     return torch.optim.Adam(list(params), lr=lr, fused=fused or None)
 
 
-def perf_option(cfg: DictConfig, key: str, default: bool = False) -> bool:
+def perf_setting(cfg: DictConfig, key: str, default: object = None) -> object:
     """``cfg.perf.<key>`` (configs without a ``perf`` section get ``default``)."""
-    return bool(cfg.get("perf", {}).get(key, default))
+    return cfg.get("perf", {}).get(key, default)
+
+
+def perf_option(cfg: DictConfig, key: str, default: bool = False) -> bool:
+    """The switch ``cfg.perf.<key>`` as a bool."""
+    return bool(perf_setting(cfg, key, default))
 
 
 def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictModule,
@@ -216,7 +221,7 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
     optimizers = _optimizers(loss, encoder, loss.actor, cfg.lr,
                              fused=perf_option(cfg, "fused_adam"))
     if perf_option(cfg, "compile"):
-        compile_networks(loss, str(cfg.get("perf", {}).get("compile_mode", "default")))
+        compile_networks(loss, str(perf_setting(cfg, "compile_mode", "default")))
     policy = make_policy(encoder, loss.actor)
     grad_clip = cfg.get("optim", {}).get("grad_clip")
     return Agent(policy, loss, optimizers, updater, obs_key,

@@ -70,6 +70,23 @@ def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float
     return 1000 * statistics.median(times)
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so host timers measure it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _update_once(agent, batch, device: torch.device) -> Callable[[], None]:
+    """A callable running one update on a copy of ``batch`` (the loss writes into its
+    input), finished on the device when it returns: what the update timers time."""
+
+    def update() -> None:
+        agent.update(batch.clone())
+        _synchronize(device)
+
+    return update
+
+
 def bench_env(task: str, obs: str, steps: int) -> float:
     from envs import make_env
 
@@ -127,13 +144,7 @@ def bench_update(trunk: bool, device: torch.device, repeats: int, *overrides: st
 
     cfg, agent = _build(trunk, device, *overrides)
     batch = _pixel_batch(cfg.batch_size, 6, device)
-
-    def update() -> None:
-        agent.update(batch.clone())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    result = {"update_ms": _median_ms(update, repeats)}
+    result = {"update_ms": _median_ms(_update_once(agent, batch, device), repeats)}
     if not act:
         return result
     with FlopCounterMode(display=False) as counter:
@@ -144,8 +155,7 @@ def bench_update(trunk: bool, device: torch.device, repeats: int, *overrides: st
     def act_once() -> None:
         with torch.no_grad():
             agent.policy(obs.clone())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
 
     result["act_ms"] = _median_ms(act_once, 20 * repeats, warmup=5)
     result["act_bytes"] = sum(p.numel() * p.element_size() for p in agent.policy.parameters())
@@ -172,30 +182,26 @@ def bench_compile(device: torch.device, mode: str, repeats: int) -> dict:
     """Update ms with ``torch.compile`` (``perf.compile_mode=mode``) at the reference sizes,
     the first (compiling) update's seconds, and the first update's losses against eager
     execution from the same seeds (relative difference: the same math, reordered)."""
+    from tensordict import TensorDict
+
     from agents.build import Agent
 
-    def first_update(*overrides: str) -> tuple[Agent, torch.Tensor, dict, float]:
+    def first_update(*overrides: str) -> tuple[Agent, TensorDict, dict, float]:
         torch.manual_seed(0)
         cfg, agent = _build(False, device, *overrides)
         batch = _pixel_batch(cfg.batch_size, 6, device)
         torch.manual_seed(1)
         start = time.perf_counter()
         metrics = agent.update(batch.clone())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         return agent, batch, metrics, time.perf_counter() - start
 
     _, _, eager, _ = first_update("perf.compile=false")
     agent, batch, compiled, first_s = first_update("perf.compile=true",
                                                    f"perf.compile_mode={mode}")
-
-    def update() -> None:
-        agent.update(batch.clone())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     rel = {k: abs(compiled[k] - eager[k]) / max(abs(eager[k]), 1e-8)
            for k in ("loss_critic", "loss_actor")}
+    update = _update_once(agent, batch, device)
     return {"update_ms": round(_median_ms(update, repeats, warmup=3), 2),
             "first_update_s": round(first_s, 1),
             "first_update_rel_diff_vs_eager": {k: float(f"{v:.2e}") for k, v in rel.items()}}
@@ -207,8 +213,7 @@ def bench_matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5
 
     def matmul() -> None:
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
 
     return 2 * size**3 / _median_ms(matmul, repeats, warmup=2) / 1e6
 

@@ -34,7 +34,7 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (or ``UnknownTaskError``) for the first invalid value."""
-    from agents.build import AGENTS, COMPILE_MODES, DIFFICULTIES
+    from agents.build import AGENTS, COMPILE_MODES, DIFFICULTIES, perf_setting
     from envs import OBS_TYPES, TASKS
     from envs.registry import lookup
 
@@ -74,6 +74,6 @@ def validate_config(cfg: DictConfig) -> None:
              cfg.replay.alpha, "a number > 0")
     _require(cfg.log.backend in LOGGER_BACKENDS, "log.backend", cfg.log.backend,
              f"one of {LOGGER_BACKENDS}")
-    compile_mode = cfg.get("perf", {}).get("compile_mode", "default")
+    compile_mode = perf_setting(cfg, "compile_mode", "default")
     _require(compile_mode in COMPILE_MODES, "perf.compile_mode", compile_mode,
              f"one of {COMPILE_MODES}")

@@ -53,10 +53,10 @@ def run_episodes(
 ) -> EpisodeResults:
     """Roll out ``episodes`` full episodes (until done) with ``policy`` under ``no_grad``."""
     results = EpisodeResults()
+    act = _acting_on_env_device(policy)
     for episode in range(episodes):
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-            rollout = env.rollout(max_steps, _acting_on_env_device(policy),
-                                  break_when_any_done=True)
+            rollout = env.rollout(max_steps, act, break_when_any_done=True)
         results.returns.append(float(rollout["next", "reward"].sum()))
         results.lengths.append(int(rollout.shape[0]))
         if ("next", "success") in rollout.keys(True):

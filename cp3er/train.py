@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchrl.collectors import Collector
 from tqdm import tqdm
 
-from agents.build import Agent, build_agent
+from agents.build import Agent, build_agent, perf_option
 from cp3er.checkpoint import (
     CheckpointError,
     has_checkpoint,
@@ -141,7 +141,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        if cfg.get("perf", {}).get("tune_allocator", False):
+        if perf_option(cfg, "tune_allocator"):
             tune_allocator()
         seed_everything(cfg.seed)
         self.repeat = cfg.env.action_repeat
@@ -154,9 +154,6 @@ class Trainer:
             shutil.rmtree(self.run_dir / "replay", ignore_errors=True)
         self.buffer = make_buffer(cfg, self.run_dir)
         self.metrics = MetricsWriter(self.run_dir / "metrics.csv", fresh=resume_state is None)
-        if self.metrics.set_aside is not None:
-            print(f"cp3er-train: {self.run_dir} held metrics of a run that never checkpointed;"
-                  f" moved to {self.metrics.set_aside.name}", file=sys.stderr)
         self.logger = make_logger(cfg.log.backend, self.run_dir, cfg.task_name)
         if resume_state is None:
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
@@ -390,6 +387,9 @@ def main(cfg: DictConfig) -> None:
     if trainer.resumed_from is not None:
         print(f"cp3er-train: resumed {trainer.run_dir} from frame {trainer.resumed_from}",
               file=sys.stderr, flush=True)
+    if trainer.metrics.set_aside is not None:
+        print(f"cp3er-train: {trainer.run_dir} held metrics of a run that never checkpointed;"
+              f" moved to {trainer.metrics.set_aside.name}", file=sys.stderr, flush=True)
     try:
         result = trainer.train()
     except NumericalError as error:

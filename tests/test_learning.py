@@ -115,6 +115,7 @@ def test_cp3er_learns_cartpole_balance_from_states(tmp_path: Path) -> None:
     assert len(evals) == 5
     assert evals[-1] > 600, evals
 
+
 @pytest.mark.slow
 def test_drqv2_learns_cartpole_balance_from_states(tmp_path: Path) -> None:
     """The same check for the DrQ-v2 baseline (noise decaying over the first 3k steps,

@@ -10,7 +10,9 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torch import nn
+from torch._dynamo.utils import counters
 
+from agents.build import compile_networks
 from agents.cp3er import CP3ERLoss, make_consistency_actor
 from agents.critic import MoGCritic
 from agents.encoder import PixelEncoder
@@ -139,7 +141,6 @@ def test_tune_allocator_applies_on_glibc() -> None:
 def test_compiled_networks_give_the_same_losses_gradients_and_state_dict() -> None:
     """``perf.compile``: same critic/actor losses and gradients as eager from the same
     seeds; parameter names (checkpoints) unchanged."""
-    from agents.build import compile_networks
 
     def build() -> CP3ERLoss:
         torch.manual_seed(0)
@@ -160,8 +161,6 @@ def test_compiled_networks_give_the_same_losses_gradients_and_state_dict() -> No
     assert list(compiled.state_dict()) == names
     with pytest.raises(ValueError, match=r"perf.compile_mode='fast'.*'reduce-overhead'"):
         compile_networks(build(), "fast")
-    from torch._dynamo.utils import counters
-
     counters.clear()
     results = []
     for loss in (eager, compiled):

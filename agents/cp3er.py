@@ -16,6 +16,7 @@ from torch import nn
 
 from agents.actor_critic_loss import EncoderActorCriticLoss
 from agents.critic import MoGCritic, mog_log_prob, mog_mean
+from agents.policy_stats import action_spread, bound_fraction
 from cp3er.consistency import (
     ConditionalMLP,
     ConsistencyTrainingLoss,
@@ -24,6 +25,9 @@ from cp3er.consistency import (
     ProjectedCondition,
     sample_one_step,
 )
+
+#: States of a batch (its first ones) and draws per state of the ``action_spread`` metric.
+SPREAD_STATES, SPREAD_SAMPLES = 16, 4
 
 
 class ConsistencyPolicy(nn.Module):
@@ -47,6 +51,23 @@ class ConsistencyPolicy(nn.Module):
         it (:class:`ConditionalMLP`), for several calls on the same states."""
         project = getattr(self.denoiser.network, "project", None)
         return features if project is None else project(features)
+
+    @torch.no_grad()
+    def samples_at(self, cond: torch.Tensor | ProjectedCondition, num_states: int,
+                   num_samples: int) -> torch.Tensor:
+        """``num_samples`` one-step actions at each of the first ``num_states`` states of
+        ``cond``: ``[num_samples, num_states, action_dim]`` (no gradient). The states'
+        projection is computed once and broadcast over the draws."""
+        if isinstance(cond, ProjectedCondition):
+            hidden, raw, owner = cond.hidden[:num_states], cond.cond[:num_states], cond.owner
+        else:
+            projected = self.condition(cond[:num_states])
+            if not isinstance(projected, ProjectedCondition):  # a network without project()
+                return self(projected.expand(num_samples, *projected.shape))
+            hidden, raw, owner = projected.hidden, projected.cond, projected.owner
+        cond = ProjectedCondition(hidden.expand(num_samples, *hidden.shape),
+                                  raw.expand(num_samples, *raw.shape), owner)
+        return self(cond)
 
 
 def make_consistency_actor(
@@ -180,12 +201,12 @@ class CP3ERLoss(EncoderActorCriticLoss):
             self.policy.denoiser, tensordict[keys.action], cond
         )
         loss = -q.mean() + self.lambda_consistency * consistency.mean()
-        with torch.no_grad():  # spread of the policy at fixed s: std from two samples
-            action_std = (action.detach() - self.policy(cond)).abs() / 2**0.5
+        samples = self.policy.samples_at(cond, SPREAD_STATES, SPREAD_SAMPLES)
         metadata = {
             "actor_q": q.mean().detach(),
             "consistency_loss": consistency.mean().detach(),
-            "action_std": action_std.mean(),
+            "action_spread": action_spread(samples),
+            "action_bound_frac": bound_fraction(action.detach()),
             **{k: v.detach() for k, v in ct_metrics.items()},
         }
         return loss, metadata

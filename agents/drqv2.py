@@ -34,6 +34,7 @@ from torchrl.modules import MLP, AdditiveGaussianModule
 
 from agents.actor_critic_loss import EncoderActorCriticLoss
 from agents.encoder import weight_init
+from agents.policy_stats import bound_fraction
 
 __all__ = [
     "DoubleQCritic",
@@ -189,8 +190,10 @@ class DrQV2Loss(EncoderActorCriticLoss):
 
     def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
         features = self.actor_features(tensordict)
-        action = self._smoothed(features)
+        mean_action = self.mean_actor(features)
+        action = smoothed_action(mean_action, self.exploration.sigma, self.stddev_clip)
         with self.critic_params.detach().to_module(self.critic):
             q1, q2 = self.critic(features, action)
         q = torch.minimum(q1, q2)
-        return -q.mean(), {"actor_q": q.mean().detach()}
+        return -q.mean(), {"actor_q": q.mean().detach(),
+                           "action_bound_frac": bound_fraction(mean_action.detach())}

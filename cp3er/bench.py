@@ -36,6 +36,12 @@ one from the straightforward implementation.
   process's resident memory (``VmRSS``, anonymous and file-backed) after filling and
   sampling, and ms per sampled batch of 256 (frame stacks and n-step returns included);
   ``replay_rss_gb_1e6`` is that resident memory in GB.
+- ``profile_sizes`` (``--profile-sizes``, printed alone with the machine): what the CPU
+  pixel profile (``configs/profile/cpu_pixels.yaml``) was sized by: ms per update of each
+  agent at candidate sizes (batch, ``hidden_dim``, CP3ER's actor trunk; the profile's
+  ``threads``, 1 unless ``--threads``), ms per pixel agent step of its tasks, and
+  ``run_minutes``: the estimated wall time of a profile run at each size (agent steps x
+  env ms + updates x update ms + evaluation episodes x env ms).
 - ``checkpoint``: a training checkpoint's replay buffer of ``--checkpoint-transitions``
   pixel transitions (100,000; 10,000 with ``--quick``): bytes on disk, seconds to write
   it (``save_run_checkpoint``: temporary folder, rename, atomic ``latest.pt``) and to load
@@ -107,10 +113,10 @@ def _reference_cfg(trunk: bool, *overrides: str):
 
     from cp3er.train import CONFIG_DIR
 
+    trunk_key = [] if "agent=drqv2" in overrides else [f"agent.actor_trunk={str(trunk).lower()}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return compose(config_name="config", overrides=[
-            "task=cheetah_run", "obs=pixels", f"agent.actor_trunk={str(trunk).lower()}",
-            *overrides])
+            "task=cheetah_run", "obs=pixels", *trunk_key, *overrides])
 
 
 def _pixel_batch(batch: int, action_dim: int, device: torch.device):
@@ -205,6 +211,45 @@ def bench_compile(device: torch.device, mode: str, repeats: int) -> dict:
     return {"update_ms": round(_median_ms(update, repeats, warmup=3), 2),
             "first_update_s": round(first_s, 1),
             "first_update_rel_diff_vs_eager": {k: float(f"{v:.2e}") for k, v in rel.items()}}
+
+
+#: (batch_size, hidden_dim, CP3ER actor trunk) candidates of the CPU pixel profile.
+PROFILE_SIZES = ((32, 256, True), (32, 1024, True), (64, 256, True), (64, 1024, True),
+                 (32, 1024, False), (256, 1024, True))
+PROFILE_TASKS = ("cartpole_swingup", "reacher_easy")
+
+
+def bench_profile_sizes(repeats: int) -> dict:
+    """Update ms per agent and candidate size, env ms per profile task, and the estimated
+    minutes of one run of the profile (its frames, schedule and evaluations) at each size."""
+    from hydra import compose, initialize_config_dir
+
+    from cp3er.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        profile = compose(config_name="config", overrides=["+profile=cpu_pixels"])
+    threads = torch.get_num_threads()
+    env_ms = {task: round(bench_env(task, "pixels", 100), 2) for task in PROFILE_TASKS}
+    steps = profile.frames // profile.env.action_repeat
+    updates = (profile.frames - profile.schedule.seed_frames) // (
+        profile.env.action_repeat * profile.schedule.update_every_steps)
+    eval_steps = (profile.frames // profile.schedule.eval_every_frames
+                  * profile.schedule.eval_episodes * 500)  # 500 agent steps a DMC episode
+    mean_env_ms = statistics.mean(env_ms.values())
+    update_ms, minutes = {}, {}
+    for agent in ("cp3er", "drqv2"):
+        for batch, hidden, trunk in PROFILE_SIZES:
+            if agent == "drqv2" and not trunk:
+                continue  # DrQ-v2's actor always reads the trunk
+            name = f"{agent}/batch{batch}/hidden{hidden}" + ("" if trunk else "/no_trunk")
+            ms = bench_update(trunk, torch.device("cpu"), repeats, f"agent={agent}",
+                              f"batch_size={batch}", f"hidden_dim={hidden}",
+                              act=False)["update_ms"]
+            update_ms[name] = round(ms, 1)
+            total_ms = (steps + eval_steps) * mean_env_ms + updates * ms
+            minutes[name] = round(total_ms / 60_000, 1)
+    return {"threads": threads, "frames": int(profile.frames), "env_ms": env_ms,
+            "update_ms": update_ms, "run_minutes": minutes}
 
 
 def bench_matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
@@ -430,17 +475,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="update ms with torch.compile (and CUDA graphs on a GPU)")
     parser.add_argument("--fps-updates", type=int, default=8,
                         help="updates timed in train_fps (4 frames each)")
+    parser.add_argument("--profile-sizes", action="store_true",
+                        help="only the CPU pixel profile's sizing figures (update ms per "
+                             "agent and size, env ms, estimated run minutes; threads 1)")
     parser.add_argument("--env-tasks", default=None,
                         help=f"comma-separated tasks for env_ms (default {','.join(ENV_TASKS)})")
     args = parser.parse_args(argv)
     _library_logs_to_stderr()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None or args.profile_sizes:
+        torch.set_num_threads(args.threads or 1)
     device = torch.device(args.device)
     repeats = 1 if args.quick else (20 if device.type == "cuda" else 5)
     result: dict = {"machine": _machine(device), "quick": args.quick}
+    if args.profile_sizes:
+        from cp3er.perf import tune_allocator
+
+        tune_allocator()
+        result["profile_sizes"] = bench_profile_sizes(min(repeats, 3))
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
     if args.ablation:  # before anything tunes the allocator
         result["update_ablation_ms"] = bench_ablation(device, repeats)
     from cp3er.perf import tune_allocator

@@ -3,7 +3,8 @@
 ``cp3er-eval <run_dir or checkpoint> --episodes N [--video]`` prints one JSON object:
 ``task``, ``episodes``, ``return_mean``, ``return_iqm``, ``return_ci`` (bootstrap 95% CI
 of the mean), and ``success_rate`` for Meta-World (success at any step of an episode,
-the reference convention).
+the reference convention). ``cp3er-eval --random-policy <task> --episodes N`` prints the
+same object for the uniform random policy (the floor a learning curve is read against).
 """
 
 from __future__ import annotations
@@ -67,6 +68,21 @@ def run_episodes(
     return results
 
 
+def random_policy_summary(task: str, episodes: int, *, obs: str = "state",
+                          seed: int = 12345) -> dict:
+    """:func:`summarize` of ``episodes`` episodes of uniform random actions on ``task``.
+
+    Random actions ignore the observation, so ``obs="state"`` (the default: no rendering)
+    measures the same return distribution as pixels, faster."""
+    from envs import make_env
+
+    env = make_env(task, obs, seed=seed)
+    torch.manual_seed(seed)  # the action spec's uniform draws use torch's global RNG
+    results = run_episodes(env, None, episodes)
+    env.close()
+    return summarize(task, results, seed=seed)
+
+
 def interquartile_mean(values: np.ndarray) -> float:
     """IQM: the mean of the middle 50% (rliable's aggregate; Agarwal et al. 2021)."""
     return float(stats.trim_mean(values, 0.25))
@@ -110,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="cp3er-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", help="a run folder or a checkpoint file")
+    parser.add_argument("target", nargs="?", help="a run folder or a checkpoint file")
+    parser.add_argument("--random-policy", metavar="TASK", default=None,
+                        help="evaluate uniform random actions on TASK instead of a run")
+    parser.add_argument("--obs", default="state", choices=("state", "pixels"),
+                        help="observation type of --random-policy's env (same returns)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", nargs="?", const="", default=None,
                         help="write a GIF of the first episode (optional path)")
@@ -118,6 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
+    if (args.target is None) == (args.random_policy is None):
+        parser.error("give a run folder or checkpoint, or --random-policy TASK (not both)")
+    if args.random_policy is not None:
+        from envs.registry import UnknownTaskError
+
+        try:
+            summary = random_policy_summary(args.random_policy, args.episodes, obs=args.obs,
+                                            seed=args.seed)
+        except UnknownTaskError as error:
+            print(f"cp3er-eval: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary))
+        return 0
     try:
         cfg, env, agent = load_agent_for_eval(args.target, seed=args.seed)
     except (CheckpointError, ValueError) as error:

@@ -12,7 +12,8 @@ from typing import Any
 METRIC_COLUMNS = [
     "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
     "seconds", "fps", "loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
-    "actor_q", "consistency_loss", "action_std", "physics_errors", "stddev",
+    "actor_q", "consistency_loss", "action_spread", "action_bound_frac", "physics_errors",
+    "stddev",
 ]
 LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
 
@@ -29,16 +30,25 @@ class MetricsWriter:
     def __init__(self, path: str | Path, fresh: bool = False) -> None:
         self.path = Path(path)
         self.set_aside: Path | None = None
+        self.columns = list(METRIC_COLUMNS)
         if fresh and self.path.exists() and self.rows():
             self.set_aside = _free_name(self.path)
             os.replace(self.path, self.set_aside)
         if not self.path.exists():
             self._write_all([])
+            return
+        # A run written by an older version keeps its columns (a resume never drops
+        # recorded values); columns added since are appended to its header.
+        with open(self.path, newline="") as handle:
+            header = next(csv.reader(handle), [])
+        self.columns = header + [c for c in METRIC_COLUMNS if c not in header]
+        if self.columns != header:
+            self._write_all(self.rows())
 
     def _write_all(self, rows: list[dict[str, Any]]) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, METRIC_COLUMNS)
+            writer = csv.DictWriter(handle, self.columns)
             writer.writeheader()
             writer.writerows(rows)
             handle.flush()
@@ -53,12 +63,12 @@ class MetricsWriter:
         self._write_all([r for r in self.rows() if int(r["frame"]) <= frame])
 
     def write(self, row: dict[str, Any]) -> None:
-        unknown = set(row) - set(METRIC_COLUMNS)
+        unknown = set(row) - set(self.columns)
         if unknown:
             raise KeyError(f"metrics {sorted(unknown)} are not columns of metrics.csv")
         clean = {k: _fmt(v) for k, v in row.items()}
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, METRIC_COLUMNS).writerow(clean)
+            csv.DictWriter(handle, self.columns).writerow(clean)
             handle.flush()
             os.fsync(handle.fileno())
 

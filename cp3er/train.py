@@ -53,7 +53,8 @@ from envs import physics_errors
 from envs.registry import UnknownTaskError
 
 UPDATE_METRICS = ("loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
-                  "actor_q", "consistency_loss", "action_std", "stddev")
+                  "actor_q", "consistency_loss", "action_spread", "action_bound_frac",
+                  "stddev")
 LOSSES = ("loss_critic", "loss_actor")
 # Config entries a resumed run must share with the run it continues (they fix the task,
 # the observation and the shapes of every saved tensor).

@@ -24,3 +24,19 @@ def test_quick_bench_prints_every_figure(capsys) -> None:
     assert result["replay_bytes_per_transition"] < 21.5 * 1024
     assert result["update_ms"] > 0 and result["flops_floor_ms"] > 0
     assert result["machine"]["torch"].startswith("2.13")
+
+
+def test_profile_sizes_times_each_agent_and_size(capsys, monkeypatch) -> None:
+    import cp3er.bench as bench
+
+    monkeypatch.setattr(bench, "PROFILE_SIZES", ((8, 32, True), (8, 32, False)))
+    monkeypatch.setattr(bench, "PROFILE_TASKS", ("cartpole_swingup",))
+    assert main(["--profile-sizes", "--quick", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["profile_sizes"]
+    assert result["threads"] == 1 and result["frames"] > 0
+    # DrQ-v2 has no trunk-free variant
+    assert set(result["update_ms"]) == {"cp3er/batch8/hidden32", "cp3er/batch8/hidden32/no_trunk",
+                                        "drqv2/batch8/hidden32"}
+    assert set(result["run_minutes"]) == set(result["update_ms"])
+    assert all(v > 0 for v in result["update_ms"].values())
+    assert result["env_ms"]["cartpole_swingup"] > 0

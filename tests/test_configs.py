@@ -54,3 +54,21 @@ def test_each_agent_samples_replay_its_own_way(agent: str, sampler: str) -> None
         cfg = _compose(f"agent={agent}", f"task={task}")
         assert cfg.replay.sampler == sampler
         assert cfg.replay.alpha == 2.0
+
+
+@pytest.mark.parametrize("agent", ["cp3er", "drqv2"])
+@pytest.mark.parametrize("task", ["cartpole_swingup", "walker_run"])
+def test_cpu_pixel_profile_overrides_task_sizes_for_every_agent(agent: str, task: str) -> None:
+    from cp3er.config_check import validate_config
+
+    cfg = _compose(f"task={task}", f"agent={agent}", "+profile=cpu_pixels")
+    validate_config(cfg)
+    assert cfg.agent.name == agent and cfg.obs == "pixels"
+    # the profile's departures win over the task file (walker_run: batch 512, n_step 1)
+    assert (cfg.frames, cfg.batch_size, cfg.threads) == (60_000, 32, 1)
+    assert cfg.replay.capacity >= cfg.frames // cfg.env.action_repeat  # never overwrites
+    assert cfg.schedule.eval_episodes == 5
+    # the rest stays the paper's / the task's
+    assert (cfg.hidden_dim, cfg.lr, cfg.env.image_size) == (1024, 1e-4, 84)
+    assert cfg.n_step == (1 if task == "walker_run" else 3)
+    assert cfg.replay.sampler == ("proximal" if agent == "cp3er" else "uniform")

@@ -55,10 +55,11 @@ def test_forward_keys_and_finite_scalars() -> None:
     loss, _ = _state_loss()
     out = loss(_state_batch())
     for key in ("loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std", "actor_q",
-                "consistency_loss", "action_std"):
+                "consistency_loss", "action_spread", "action_bound_frac"):
         assert key in out.keys(), key
         assert out[key].shape == () and torch.isfinite(out[key])
-    assert out["action_std"] > 0  # a stochastic policy
+    assert out["action_spread"] > 0  # a stochastic policy
+    assert 0 <= out["action_bound_frac"] <= 1
     assert not out["q_mean"].requires_grad
 
 

@@ -97,7 +97,7 @@ def test_shared_condition_actor_loss_equals_the_plain_one() -> None:
     (v0, m0, g0), (v1, m1, g1) = results
     torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m1["consistency_loss"], m0["consistency_loss"])
-    torch.testing.assert_close(m1["action_std"], m0["action_std"])
+    torch.testing.assert_close(m1["action_spread"], m0["action_spread"])
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

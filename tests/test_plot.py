@@ -16,7 +16,7 @@ from cp3er.plot import PlotError, aggregate_metrics, main, plot_learning_curve
 COLUMNS = [
     "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
     "seconds", "fps", "loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
-    "actor_q", "consistency_loss", "action_std",
+    "actor_q", "consistency_loss", "action_spread", "action_bound_frac",
 ]
 # Final evaluation returns per (task, agent), one per seed 0, 1, 2.
 FINAL = {

@@ -75,3 +75,21 @@ def test_metaworld_state_run_logs_success(tmp_path: Path, obs: str) -> None:
     assert {r["phase"] for r in rows} == {"train", "eval"}
     assert all(r["success"] in ("0", "1", "0.0", "1.0") for r in rows if r["phase"] == "train")
     assert rows[-1]["success"] != ""
+
+
+def test_random_policy_evaluation_and_its_errors() -> None:
+    from cp3er.evaluate import main as evaluate_main
+
+    cmd = [sys.executable, "-m", "cp3er.evaluate", "--random-policy", "cartpole_swingup",
+           "--episodes", "3", "--seed", "4"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["task"] == "cartpole_swingup" and summary["episodes"] == 3
+    assert summary["episode_length_mean"] == 500  # full episodes of random actions
+    assert 0 < summary["return_mean"] < 300  # uniform actions never swing the pole up
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary  # seeded
+    assert evaluate_main(["--random-policy", "cartpole_swingp"]) == 2  # names the closest
+    with pytest.raises(SystemExit):
+        evaluate_main([])  # neither a run nor --random-policy

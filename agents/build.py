@@ -134,7 +134,7 @@ def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictMo
 def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_dim: int,
                 action_dim: int, augmentation: nn.Module | None) -> tuple[LossModule, None]:
     acfg = cfg.agent
-    ccfg = acfg.consistency
+    ccfg = acfg.consistency  # clip_outputs: absent from run configs saved before it existed
     schedule = KarrasSchedule(ccfg.sigma_min, ccfg.sigma_max, ccfg.rho, ccfg.num_steps,
                               ccfg.sigma_data)
     actor = make_consistency_actor(
@@ -149,7 +149,8 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
         encoder, actor, critic,
         lambda_consistency=acfg.lambda_consistency,
         target_samples=acfg.target_samples,
-        consistency_loss=ConsistencyTrainingLoss(schedule, coupling=ccfg.coupling, mu=ccfg.mu),
+        consistency_loss=ConsistencyTrainingLoss(schedule, coupling=ccfg.coupling, mu=ccfg.mu,
+                                                 clip_outputs=ccfg.get("clip_outputs", True)),
         augmentation=augmentation,
         share_condition=perf_option(cfg, "share_condition", True),
     )

@@ -5,7 +5,9 @@
 and writes:
 
 * ``<prefix>.csv``: one row per run: task, agent, obs, seed, frames reached, final eval
-  return (mean over the final evaluation's episodes), best eval return, wall seconds;
+  return (mean over the final evaluation's episodes), best eval return, wall seconds, and
+  the exact ``cp3er-train`` command line (Hydra's ``.hydra/overrides.yaml`` of the run;
+  ``resume`` and ``log.progress`` left out: a resumed run is the same run);
 * ``<prefix>_table.md``: per task and agent, the mean final return over seeds with a 95%
   bootstrap CI (seeds resampled), the seeds, frames and mean wall time;
 * ``<prefix>.png`` and ``<prefix>_aggregate.json``: ``cp3er-plot``'s learning curves and
@@ -27,7 +29,21 @@ import numpy as np
 from cp3er.plot import PlotError, bootstrap_mean_ci, load_run, summarize
 
 COLUMNS = ["task", "agent", "obs", "seed", "frames", "final_return", "best_return",
-           "wall_seconds", "run_dir"]
+           "wall_seconds", "run_dir", "command"]
+# Overrides that say how a run was launched, not what it computes.
+LAUNCH_ONLY = ("resume", "log.progress")
+
+
+def run_command(path: Path) -> str:
+    """``cp3er-train <overrides>`` of the run, from Hydra's saved ``overrides.yaml``."""
+    from omegaconf import OmegaConf
+
+    overrides_path = path / ".hydra" / "overrides.yaml"
+    if not overrides_path.is_file():
+        return ""
+    overrides = [str(o) for o in OmegaConf.load(overrides_path)
+                 if str(o).split("=", 1)[0] not in LAUNCH_ONLY]
+    return " ".join(["cp3er-train", *overrides])
 
 
 def run_dirs(grid_dir: Path) -> list[Path]:
@@ -47,8 +63,8 @@ def run_row(path: Path) -> dict:
     returns = [float(r["episode_return"]) for r in evals]
     return {"task": run.task, "agent": run.agent, "obs": run.obs, "seed": run.seed,
             "frames": int(evals[-1]["frame"]), "final_return": returns[-1],
-            "best_return": max(returns), "wall_seconds": float(evals[-1]["seconds"]),
-            "run_dir": os.path.relpath(path)}
+            "best_return": max(returns), "wall_seconds": float(evals[-1].get("seconds") or "nan"),
+            "run_dir": os.path.relpath(path), "command": run_command(path)}
 
 
 def write_atomic(path: Path, text: str) -> None:

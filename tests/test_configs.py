@@ -72,3 +72,16 @@ def test_cpu_pixel_profile_overrides_task_sizes_for_every_agent(agent: str, task
     assert (cfg.hidden_dim, cfg.lr, cfg.env.image_size) == (1024, 1e-4, 84)
     assert cfg.n_step == (1 if task == "walker_run" else 3)
     assert cfg.replay.sampler == ("proximal" if agent == "cp3er" else "uniform")
+
+
+@pytest.mark.parametrize("clip_outputs", [True, False])
+def test_consistency_clip_outputs_reaches_the_loss(clip_outputs: bool) -> None:
+    from agents.build import build_agent
+    from envs import make_env
+
+    cfg = _compose("task=cartpole_swingup", "obs=state", "hidden_dim=32",
+                   f"agent.consistency.clip_outputs={str(clip_outputs).lower()}")
+    env = make_env("cartpole_swingup", "state")
+    agent = build_agent(cfg, env)
+    env.close()
+    assert agent.loss.consistency_loss.clip_outputs is clip_outputs

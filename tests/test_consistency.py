@@ -326,6 +326,32 @@ def test_ct_loss_matches_manual_computation():
         torch.testing.assert_close(per_sample.detach(), expected)
 
 
+def test_unclipped_ct_loss_pulls_saturated_outputs_back():
+    """With the hard clamp, an output pushed past the bound gets no gradient from the
+    reference (clipped) loss; ``clip_outputs=False`` compares the outputs before the clip,
+    so the loss still reaches the network, and equals the clip-free denoiser's loss."""
+    denoiser = small_denoiser(clip="clamp")
+    with torch.no_grad():  # every output far past +1: the head's bias dominates
+        denoiser.network.mlp[-1].bias.fill_(1e5)
+    actions, cond = torch.rand(64, 2) * 2 - 1, torch.randn(64, 3)
+    bias = denoiser.network.mlp[-1].bias
+    for clip_outputs, reaches in ((True, False), (False, True)):
+        bias.grad = None
+        loss = ConsistencyTrainingLoss(clip_outputs=clip_outputs)
+        per_sample, _ = loss(denoiser, actions, cond, generator=gen(3))
+        per_sample.mean().backward()
+        assert (bias.grad.abs().sum() > 0) == reaches, clip_outputs
+    free = copy.deepcopy(denoiser)
+    free.clip = "none"
+    unclipped_loss, _ = ConsistencyTrainingLoss(clip_outputs=False)(
+        denoiser, actions, cond, generator=gen(3))
+    free_loss, _ = ConsistencyTrainingLoss()(free, actions, cond, generator=gen(3))
+    torch.testing.assert_close(unclipped_loss, free_loss)
+    with pytest.raises(TypeError, match="not a Denoiser"):
+        ConsistencyTrainingLoss(SCHEDULE, clip_outputs=False)(ConstantDenoiser(torch.zeros(2)),
+                                                    actions, cond)
+
+
 def test_generator_coupling_mixing():
     denoiser = small_denoiser()
     actions, cond = torch.rand(4000, 2) * 2 - 1, torch.randn(4000, 3)

@@ -239,3 +239,30 @@ def test_label_groups_variants_of_one_agent(tmp_path, capsys):
     assert sorted(report["aggregate"]) == ["cp3er", "cp3er_st"]
     assert report["aggregate"]["cp3er"]["mean"] == pytest.approx(0.1)
     assert report["aggregate"]["cp3er_st"]["mean"] == pytest.approx(0.5)
+
+
+def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
+                                                         tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "collect.py"
+    spec = importlib.util.spec_from_file_location("collect", path)
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    launched = dmc_runs[0]
+    (launched / ".hydra").mkdir()
+    (launched / ".hydra" / "overrides.yaml").write_text(
+        "- +profile=cpu_pixels\n- task=cheetah_run\n- seed=0\n- resume=true\n"
+        "- log.progress=false\n")
+    out = tmp_path / "out" / "grid"
+    assert collect.main([str(tmp_path), "--out", str(out)]) == 0
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        rows = {r["run_dir"].rsplit("/", 1)[-1]: r for r in csv.DictReader(handle)}
+    assert len(rows) == len(dmc_runs)
+    first = rows[launched.name]
+    # the run's command without the launch-only overrides; runs without Hydra files: empty
+    assert first["command"] == "cp3er-train +profile=cpu_pixels task=cheetah_run seed=0"
+    assert rows[dmc_runs[1].name]["command"] == ""
+    assert float(first["final_return"]) == FINAL[("cheetah_run", "cp3er")][0]
+    table = Path(f"{out}_table.md").read_text()
+    assert "| cheetah_run | cp3er |" in table and Path(f"{out}_aggregate.json").is_file()

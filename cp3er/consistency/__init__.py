@@ -52,6 +52,7 @@ from cp3er.consistency.denoiser import (
     ema_target,
     phased_map,
     schedule_of,
+    unclipped,
     unwrap,
 )
 from cp3er.consistency.losses import (
@@ -84,5 +85,6 @@ __all__ = [
     "sample_one_step",
     "sample_phased",
     "schedule_of",
+    "unclipped",
     "unwrap",
 ]

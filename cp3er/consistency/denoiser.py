@@ -19,6 +19,7 @@ __all__ = [
     "ema_target",
     "phased_map",
     "schedule_of",
+    "unclipped",
     "unwrap",
 ]
 
@@ -72,11 +73,15 @@ class Denoiser(nn.Module):
             return x + (x.clamp(-1.0, 1.0) - x).detach()
         return x
 
-    def forward(self, x: Tensor, sigma: Tensor | float, cond: Tensor) -> Tensor:
+    def unclipped(self, x: Tensor, sigma: Tensor | float, cond: Tensor) -> Tensor:
+        """``c_skip x + c_out F(c_in x, 250 ln sigma, cond)`` before the action clip."""
         sigma = _batch_sigma(sigma, x)
         c_skip, c_out, c_in = (c.unsqueeze(-1) for c in self.schedule.scalings(sigma))
         out = self.network(c_in * x, TIME_INPUT_SCALE * sigma.log(), cond)
-        return self.apply_clip(c_skip * x + c_out * out)
+        return c_skip * x + c_out * out
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Tensor) -> Tensor:
+        return self.apply_clip(self.unclipped(x, sigma, cond))
 
 
 def _batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
@@ -105,6 +110,14 @@ def phased_map(
 def unwrap(denoiser: DenoiserFn) -> DenoiserFn:
     """The module inside an :func:`ema_target` copy, else ``denoiser`` itself."""
     return denoiser.module if isinstance(denoiser, AveragedModel) else denoiser
+
+
+def unclipped(denoiser: DenoiserFn) -> DenoiserFn:
+    """``denoiser`` (or its EMA copy) without its action clip: :meth:`Denoiser.unclipped`."""
+    module = unwrap(denoiser)
+    if not isinstance(module, Denoiser):
+        raise TypeError(f"{type(denoiser).__name__} has no unclipped output (not a Denoiser)")
+    return module.unclipped
 
 
 def schedule_of(denoiser: DenoiserFn) -> KarrasSchedule:

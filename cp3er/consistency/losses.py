@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cp3er.consistency.denoiser import DenoiserFn, phased_map, schedule_of
+from cp3er.consistency.denoiser import DenoiserFn, phased_map, schedule_of, unclipped
 from cp3er.consistency.schedule import KarrasSchedule, phase_edges
 
 __all__ = [
@@ -81,6 +81,12 @@ class ConsistencyTrainingLoss(_GridLoss):
       this pair with probability ``mu`` and the independent pair otherwise (the paper's
       50% mix). Costs one extra no-grad forward pass.
 
+    ``clip_outputs=False`` compares the denoisers' outputs *before* their action clip
+    (:meth:`Denoiser.unclipped`; a departure, docs/implementation.md). With the reference's
+    hard clamp an output pushed past +-1 gets no gradient from a clipped loss, so nothing
+    pulls a policy that the Q-term drove onto the bound back into the box; the unclipped
+    loss keeps pulling it towards consistency with the (in-box) replayed actions.
+
     Metrics: ``ct_weighted`` (mean weighted loss), ``ct_mse`` (mean unweighted squared
     difference), ``ct_sigma`` (mean ``t``), and ``ct_gc_fraction`` (share of samples that
     used the generator-induced pair) with ``coupling="generator"``.
@@ -93,6 +99,7 @@ class ConsistencyTrainingLoss(_GridLoss):
         schedule: KarrasSchedule | None = None,
         coupling: Literal["independent", "generator"] = "independent",
         mu: float = 0.5,
+        clip_outputs: bool = True,
     ) -> None:
         super().__init__(schedule)
         if coupling not in COUPLINGS:
@@ -100,9 +107,11 @@ class ConsistencyTrainingLoss(_GridLoss):
         if not 0.0 <= mu <= 1.0:
             raise ValueError(f"mu must be in [0, 1], got {mu}")
         self.coupling, self.mu = coupling, mu
+        self.clip_outputs = clip_outputs
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, coupling={self.coupling!r}, mu={self.mu}"
+        return (f"{super().extra_repr()}, coupling={self.coupling!r}, mu={self.mu}, "
+                f"clip_outputs={self.clip_outputs}")
 
     def forward(
         self,
@@ -116,6 +125,8 @@ class ConsistencyTrainingLoss(_GridLoss):
         schedule, sigmas, index, z = self._draw(denoiser, actions, generator)
         t, t2 = sigmas[index], sigmas[index + 1]
         target_fn = denoiser if target is None else target
+        if not self.clip_outputs:
+            denoiser, target_fn = unclipped(denoiser), unclipped(target_fn)
         anchor, extra = actions, {}
         if self.coupling == "generator":
             use_gc = torch.rand(index.shape, generator=generator, device=actions.device)

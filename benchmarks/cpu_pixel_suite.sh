@@ -11,7 +11,11 @@
 #
 # A job is one line "task agent seed [label [override ...]]"; the run folder is
 # $OUT/<task>_<label>_s<seed> (label defaults to the agent) and the label names the run in
-# plots and tables. Lines are dealt to the two lanes alternately, in file order.
+# plots and tables. Each of the LANES lanes walks the job list in order and takes the
+# first job that is neither finished (its learning_curve.png, written when a run
+# completes) nor held by another lane (an flock on $OUT/.locks/<run>.lock, released when
+# its holder exits or dies): more lanes can be started at any time with another
+# invocation, and lanes of a stopped suite never block a later one.
 set -euo pipefail
 if ! command -v cp3er-train > /dev/null; then
   echo "cpu_pixel_suite: cp3er-train is not on PATH (activate .venv)" >&2
@@ -20,31 +24,49 @@ fi
 OUT=${OUT:-runs/cpu_pixels/main}
 JOBS=${JOBS:-benchmarks/cpu_pixel_main.txt}
 LANES=${LANES:-2}
-mkdir -p "$OUT"
+mkdir -p "$OUT/.locks"
 mapfile -t LINES < <(grep -v '^\s*\(#\|$\)' "$JOBS")
 
-run_job() {  # run_job task agent seed [label [override ...]]
+run_job() {  # run_job task agent seed [label [override ...]]: 0 if run here, 1 if skipped
   local task=$1 agent=$2 seed=$3 label=${4:-$2}
-  local overrides=("${@:5}") run_dir="$OUT/${task}_${label}_s${seed}"
+  local overrides=("${@:5}") name="${task}_${label}_s${seed}"
+  local run_dir="$OUT/$name"
+  [ -f "$run_dir/learning_curve.png" ] && return 1
+  [ -f "$OUT/.locks/$name.failed" ] && return 1  # a run that cannot start: see its log
+  exec {lock}> "$OUT/.locks/$name.lock"
+  if ! flock -n "$lock"; then exec {lock}>&-; return 1; fi
   local resume=false
   [ -f "$run_dir/checkpoints/latest.pt" ] && resume=true
   echo "$(date -u +%FT%TZ) start $run_dir (resume=$resume)"
   cp3er-train +profile=cpu_pixels "task=$task" "agent=$agent" "seed=$seed" "label=$label" \
     "run_dir=$run_dir" "resume=$resume" log.progress=false "${overrides[@]}" \
-    > "$run_dir.log" 2>&1 || echo "$(date -u +%FT%TZ) FAILED $run_dir (see $run_dir.log)"
+    >> "$run_dir.log" 2>&1 || {
+    local code=$?
+    echo "$(date -u +%FT%TZ) FAILED ($code) $run_dir (see $run_dir.log)"
+    # 1/2: refused config or stopped on a numerical error; a kill (130, 137, 143) is not
+    # marked, so the next invocation resumes the run
+    if [ "$code" -le 2 ]; then touch "$OUT/.locks/$name.failed"; fi
+  }
   echo "$(date -u +%FT%TZ) end $run_dir"
+  exec {lock}>&-
+  return 0
 }
 
-lane() {  # lane <index>: every LANES-th job line from <index>
-  local i
-  for ((i = $1; i < ${#LINES[@]}; i += LANES)); do
-    read -r -a job <<< "${LINES[$i]}"
-    run_job "${job[@]}"
+lane() {  # a lane: run the first available job, until none is left
+  local line
+  while true; do
+    local ran=false
+    for line in "${LINES[@]}"; do
+      read -r -a job <<< "$line"
+      if run_job "${job[@]}"; then ran=true; break; fi
+    done
+    $ran || return 0
   done
 }
 
 export OMP_NUM_THREADS=1
 for ((k = 0; k < LANES; k++)); do
-  lane "$k" >> "$OUT/lane$k.log" 2>&1 &
+  lane >> "$OUT/lane.log" 2>&1 &
+  sleep 1
 done
 wait

@@ -3,7 +3,7 @@
 CP3ER (Li et al., NeurIPS 2024, arXiv 2410.00051): a consistency-model policy
 sampled in one step, a mixture-of-Gaussians critic, and the actor objective
 ``-Q(s, pi(s)) + lambda * L_c(a ~ replay, s)`` where the consistency-training loss
-on replayed actions is the sample-based entropy regulariser (REFERENCE section 2).
+on replayed actions is the sample-based entropy regulariser (docs/implementation.md, item 5).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ConsistencyPolicy(nn.Module):
 
     The noise is drawn inside ``forward``, so the module is a stochastic actor that
     TorchRL objectives (``TD3Loss``, ``DDPGLoss``) can call like any deterministic one;
-    gradients flow through the denoiser (REFERENCE section 1, one-step sampling).
+    gradients flow through the denoiser (one-step sampling, docs/implementation.md, item 4).
     """
 
     def __init__(self, denoiser: Denoiser, action_dim: int) -> None:
@@ -108,11 +108,11 @@ class CP3ERLoss(EncoderActorCriticLoss):
     (``gamma^n'`` times non-termination: terminations cut bootstrapping, time-limit
     truncations do not).
 
-    * Critic (REFERENCE section 4): ``y = r_n + discount * q``, ``q`` = ``target_samples``
+    * Critic (docs/implementation.md, item 6): ``y = r_n + discount * q``, ``q`` = ``target_samples``
       draws from the *target* mixture at ``(s', a')``, ``a'`` = one-step sample of the
       current actor at ``s'``; loss ``-mean log p_online(y | s, a)``. Trains the critic and
       the encoder.
-    * Actor (REFERENCE section 2): features detached, critic parameters detached;
+    * Actor (docs/implementation.md, item 5): features detached, critic parameters detached;
       ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``. Trains the actor only.
       With ``share_condition`` (default) the states' term of the actor's first layer is
       computed once for all actor calls on ``s`` (:class:`ProjectedCondition`; same
@@ -215,7 +215,7 @@ class CP3ERLoss(EncoderActorCriticLoss):
 class ConsistencyRegularizer(nn.Module):
     """CP3ER's sample-based entropy regulariser as a term for *any* actor loss.
 
-    ``weight * mean L_c(a_replay, s)`` (REFERENCE section 2): the consistency-training loss
+    ``weight * mean L_c(a_replay, s)`` (docs/implementation.md, item 5): the consistency-training loss
     of the actor's denoiser on replayed actions, conditioned on the actor's input. Add it to
     another objective's actor loss, e.g. TorchRL's ``TD3Loss``::
 

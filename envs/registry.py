@@ -16,7 +16,7 @@ Suite = Literal["dmc", "manipulation", "metaworld"]
 
 # DrQ-v2: quadruped is filmed from camera 2, everything else from camera 0.
 _DMC_CAMERA = {"quadruped": 2}
-# Meta-World's fixed corner camera; REFERENCE/TORCHRL_NOTES: "corner4" is the view the
+# Meta-World's fixed corner camera; the CP3ER reference code: "corner4" is the view the
 # reference code built by moving "corner2" in Meta-World v2 (override `camera=corner4`).
 METAWORLD_CAMERA = "corner2"
 

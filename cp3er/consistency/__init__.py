@@ -6,7 +6,7 @@ the Design Space of Diffusion-Based Generative Models", NeurIPS), conditioned on
 feature ``cond``:
 
 - :class:`KarrasSchedule`: the noise grid, the boundary-condition scalings and the loss
-  weighting (REFERENCE section 1).
+  weighting (docs/implementation.md, item 4).
 - :class:`ConditionalMLP`: the network ``F`` of CP3ER / CPQL, an MLP on
   ``[x, time embedding, cond]``.
 - :class:`Denoiser`: ``D(x, sigma | cond) = c_skip x + c_out F(c_in x, 250 ln sigma, cond)``,

@@ -73,7 +73,7 @@ class ConditionalMLP(nn.Module):
     An MLP on ``[x, t_emb, cond]`` with ``num_layers`` hidden layers of ``hidden_dim``
     units and Mish activations, then a linear head to ``action_dim``. ``t_emb`` is the
     16-dim sinusoidal embedding of the noise input followed by
-    ``Linear(16, 32)-Mish-Linear(32, 16)`` (REFERENCE section 1).
+    ``Linear(16, 32)-Mish-Linear(32, 16)`` (docs/implementation.md, item 4).
 
     ``trunk_dim`` (optional, off in the reference) first maps ``cond`` through
     ``Linear(cond_dim, trunk_dim)-LayerNorm-Tanh``, the reference code's disabled trunk;

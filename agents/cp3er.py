@@ -109,8 +109,8 @@ class CP3ERLoss(EncoderActorCriticLoss):
     truncations do not).
 
     * Critic (docs/implementation.md, item 6): ``y = r_n + discount * q``, ``q`` =
-      ``target_samples`` draws from the *target* mixture at ``(s', a')``, ``a'`` = one-step sample of the
-      current actor at ``s'``; loss ``-mean log p_online(y | s, a)``. Trains the critic and
+      ``target_samples`` draws from the *target* mixture at ``(s', a')``, ``a'`` = one-step
+      sample of the current actor at ``s'``; loss ``-mean log p_online(y | s, a)``. Trains the critic and
       the encoder.
     * Actor (docs/implementation.md, item 5): features detached, critic parameters detached;
       ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``. Trains the actor only.
@@ -216,8 +216,8 @@ class ConsistencyRegularizer(nn.Module):
     """CP3ER's sample-based entropy regulariser as a term for *any* actor loss.
 
     ``weight * mean L_c(a_replay, s)`` (docs/implementation.md, item 5): the
-    consistency-training loss of the actor's denoiser on replayed actions, conditioned on the actor's input. Add it to
-    another objective's actor loss, e.g. TorchRL's ``TD3Loss``::
+    consistency-training loss of the actor's denoiser on replayed actions, conditioned on
+    the actor's input. Add it to another objective's actor loss, e.g. TorchRL's ``TD3Loss``::
 
         td3 = TD3Loss(actor, qvalue, action_spec=spec)
         regularizer = ConsistencyRegularizer(actor, weight=0.05)

@@ -1,8 +1,9 @@
 """``cp3er-train``: env -> TorchRL collector -> replay -> updates -> logs and checkpoints.
 
 DrQ-v2's schedule (Yarats et al. 2021; the CP3ER reference keeps it): uniform random
-actions for the first ``schedule.explore_frames`` frames, no updates before ``schedule.seed_frames``, one
-update every ``schedule.update_every_steps`` agent steps, evaluation every
+actions for the first ``schedule.explore_frames`` frames, no updates before
+``schedule.seed_frames``, one update every ``schedule.update_every_steps`` agent steps,
+evaluation every
 ``schedule.eval_every_frames`` frames on a separate environment whose transitions never
 enter the replay buffer. "Frames" are environment frames (agent steps x action repeat).
 

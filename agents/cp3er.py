@@ -110,8 +110,8 @@ class CP3ERLoss(EncoderActorCriticLoss):
 
     * Critic (docs/implementation.md, item 6): ``y = r_n + discount * q``, ``q`` =
       ``target_samples`` draws from the *target* mixture at ``(s', a')``, ``a'`` = one-step
-      sample of the current actor at ``s'``; loss ``-mean log p_online(y | s, a)``. Trains the critic and
-      the encoder.
+      sample of the current actor at ``s'``; loss ``-mean log p_online(y | s, a)``. Trains
+      the critic and the encoder.
     * Actor (docs/implementation.md, item 5): features detached, critic parameters detached;
       ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``. Trains the actor only.
       With ``share_condition`` (default) the states' term of the actor's first layer is

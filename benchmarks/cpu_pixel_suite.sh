@@ -15,7 +15,9 @@
 # first job that is neither finished (its learning_curve.png, written when a run
 # completes) nor held by another lane (an flock on $OUT/.locks/<run>.lock, released when
 # its holder exits or dies): more lanes can be started at any time with another
-# invocation, and lanes of a stopped suite never block a later one.
+# invocation, and lanes of a stopped suite never block a later one. A run stopped by
+# SIGTERM/SIGINT (checkpoint written, see README) stops its lane too: send the signal to
+# the cp3er-train processes to stop a suite; the next invocation resumes them.
 set -euo pipefail
 if ! command -v cp3er-train > /dev/null; then
   echo "cpu_pixel_suite: cp3er-train is not on PATH (activate .venv)" >&2
@@ -27,7 +29,7 @@ LANES=${LANES:-2}
 mkdir -p "$OUT/.locks"
 mapfile -t LINES < <(grep -v '^\s*\(#\|$\)' "$JOBS")
 
-run_job() {  # run_job task agent seed [label [override ...]]: 0 if run here, 1 if skipped
+run_job() {  # run_job task agent seed [label [override ...]]: 0 ran, 1 skipped, 2 stopped
   local task=$1 agent=$2 seed=$3 label=${4:-$2}
   local overrides=("${@:5}") name="${task}_${label}_s${seed}"
   local run_dir="$OUT/$name"
@@ -47,18 +49,25 @@ run_job() {  # run_job task agent seed [label [override ...]]: 0 if run here, 1 
     # marked, so the next invocation resumes the run
     if [ "$code" -le 2 ]; then touch "$OUT/.locks/$name.failed"; fi
   }
-  echo "$(date -u +%FT%TZ) end $run_dir"
   exec {lock}>&-
+  if [ ! -f "$run_dir/learning_curve.png" ] && [ ! -f "$OUT/.locks/$name.failed" ]; then
+    echo "$(date -u +%FT%TZ) stopped $run_dir (preempted: checkpoint written); lane stops"
+    return 2
+  fi
+  echo "$(date -u +%FT%TZ) end $run_dir"
   return 0
 }
 
 lane() {  # a lane: run the first available job, until none is left
-  local line
+  local line code
   while true; do
     local ran=false
     for line in "${LINES[@]}"; do
       read -r -a job <<< "$line"
-      if run_job "${job[@]}"; then ran=true; break; fi
+      code=0
+      run_job "${job[@]}" || code=$?
+      [ "$code" -eq 2 ] && return 0  # its run was stopped by a signal: so is the lane
+      if [ "$code" -eq 0 ]; then ran=true; break; fi
     done
     $ran || return 0
   done

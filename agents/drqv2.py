@@ -166,16 +166,15 @@ class DrQV2Loss(EncoderActorCriticLoss):
     def mean_actor(self) -> nn.Module:
         return self.actor.module
 
-    def _smoothed(self, features: torch.Tensor) -> torch.Tensor:
-        return smoothed_action(self.mean_actor(features), self.exploration.sigma,
-                               self.stddev_clip)
+    def _smoothed(self, mean_action: torch.Tensor) -> torch.Tensor:
+        return smoothed_action(mean_action, self.exploration.sigma, self.stddev_clip)
 
     def critic_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
         keys = self.tensor_keys
         action = tensordict[keys.action]
         features, next_features = self.encode_transition(tensordict)
         with torch.no_grad():
-            next_action = self._smoothed(next_features)
+            next_action = self._smoothed(self.mean_actor(next_features))
             with self.target_critic_params.to_module(self.critic):
                 target_q1, target_q2 = self.critic(next_features, next_action)
             reward, discount = self.td_target_inputs(tensordict)
@@ -191,7 +190,7 @@ class DrQV2Loss(EncoderActorCriticLoss):
     def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
         features = self.actor_features(tensordict)
         mean_action = self.mean_actor(features)
-        action = smoothed_action(mean_action, self.exploration.sigma, self.stddev_clip)
+        action = self._smoothed(mean_action)
         with self.critic_params.detach().to_module(self.critic):
             q1, q2 = self.critic(features, action)
         q = torch.minimum(q1, q2)

@@ -489,17 +489,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     repeats = 1 if args.quick else (20 if device.type == "cuda" else 5)
     result: dict = {"machine": _machine(device), "quick": args.quick}
-    if args.profile_sizes:
-        from cp3er.perf import tune_allocator
-
-        tune_allocator()
-        result["profile_sizes"] = bench_profile_sizes(min(repeats, 3))
-        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
-        return 0
-    if args.ablation:  # before anything tunes the allocator
-        result["update_ablation_ms"] = bench_ablation(device, repeats)
     from cp3er.perf import tune_allocator
 
+    if args.profile_sizes:
+        result["allocator_tuned"] = tune_allocator()
+        result["profile_sizes"] = bench_profile_sizes(min(repeats, 3))
+        return _print_result(result, args.json)
+    if args.ablation:  # before anything tunes the allocator
+        result["update_ablation_ms"] = bench_ablation(device, repeats)
     result["allocator_tuned"] = tune_allocator()
     tasks = ENV_TASKS[:1] if args.quick else ENV_TASKS
     if args.env_tasks is not None:
@@ -548,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         transitions = 10_000 if args.quick else 100_000
     if transitions > 0:
         result["checkpoint"] = bench_checkpoint(transitions)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return _print_result(result, args.json)
+
+
+def _print_result(result: dict, as_json: bool) -> int:
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
     return 0
 
 

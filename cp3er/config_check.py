@@ -63,6 +63,8 @@ def validate_config(cfg: DictConfig) -> None:
     _require(clip is None or (isinstance(clip, Real) and not isinstance(clip, bool) and clip > 0),
              "optim.grad_clip", clip, "null or a number > 0")
     _require(isinstance(cfg.resume, bool), "resume", cfg.resume, "true or false")
+    trust = cfg.get("trust_checkpoint", False)
+    _require(isinstance(trust, bool), "trust_checkpoint", trust, "true or false")
     label = cfg.get("label")
     _require(label is None or (isinstance(label, str) and label.strip() != ""), "label", label,
              "null or a non-empty name")

@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", nargs="?", const="", default=None,
                         help="write a GIF of the first episode (optional path)")
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that needs unpickling (written before "
+                             "checkpoint format 2); unpickling can run code: trusted files only")
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
         return 0
     try:
-        cfg, env, agent = load_agent_for_eval(args.target, seed=args.seed)
+        cfg, env, agent = load_agent_for_eval(args.target, seed=args.seed,
+                                              trust=args.trust_checkpoint)
     except (CheckpointError, ValueError) as error:
         print(f"cp3er-eval: {error}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ more is written, so the last checkpoint stays the last good one.
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import signal
@@ -38,7 +39,10 @@ from tqdm import tqdm
 
 from agents.build import Agent, build_agent, perf_option
 from cp3er.checkpoint import (
+    TRUST_HINT,
     CheckpointError,
+    UntrustedCheckpointError,
+    first_line,
     has_checkpoint,
     load_run_checkpoint,
     save_run_checkpoint,
@@ -48,6 +52,8 @@ from cp3er.evaluate import run_episodes, summarize, write_video
 from cp3er.faults import NumericalError, Preemption, check_finite_losses, check_finite_parameters
 from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
+from cp3er.replay import UnsafeBufferError
+from cp3er.runlock import RunLock, RunLockedError
 from cp3er.runlog import MetricsWriter, make_logger
 from cp3er.session import EVAL_SEED_OFFSET, make_buffer, make_eval_env, make_train_env
 from envs import physics_errors
@@ -62,8 +68,12 @@ LOSSES = ("loss_critic", "loss_actor")
 RESUME_KEYS = ("task_name", "obs", "agent", "env", "hidden_dim", "feature_dim", "n_step",
                "replay.capacity")
 # Entries a resumed run takes from its command line, not from the run (machine-specific).
-MACHINE_KEYS = ("run_dir", "device", "threads", "log.progress")
+MACHINE_KEYS = ("run_dir", "device", "threads", "log.progress", "trust_checkpoint")
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}  # after a preemption checkpoint
+# Refusals that are not the run's fault (benchmarks/cpu_pixel_suite.sh tells them apart
+# from errors, exit code 1): the run folder is held by a live process (EX_TEMPFAIL), the
+# checkpoint needs trust_checkpoint=true.
+EXIT_LOCKED, EXIT_UNTRUSTED = 75, 3
 
 
 class ResumeError(ValueError):
@@ -77,14 +87,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002
+    """torch, numpy and ``random`` states as tensors and plain containers (a checkpoint
+    loads with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
             "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` (or the pickled numpy tuple of checkpoint format 1)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                       numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
+    np.random.set_state(numpy_state)  # noqa: NPY002
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
 
 def resolve_run_config(cfg: DictConfig) -> tuple[DictConfig, dict | None, Path | None]:
@@ -123,11 +143,27 @@ def resolve_run_config(cfg: DictConfig) -> tuple[DictConfig, dict | None, Path |
         raise ResumeError(f"cannot resume {run_dir}: the command line differs from the run's "
                           f"config.yaml ({detail}); resume with the run's settings or start "
                           "a new run_dir")
-    state, replay = load_run_checkpoint(run_dir)
+    state, replay = load_run_checkpoint(run_dir, trust=bool(given.get("trust_checkpoint")))
     for key in MACHINE_KEYS:
         OmegaConf.update(saved, key, OmegaConf.select(given, key), merge=False)
     saved.resume = True
     return saved, state, replay
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    """Create ``run_dir`` (and parents); a one-line :class:`ResumeError` if it is a file
+    or cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ResumeError(f"run_dir={run_dir} is not a folder (a file is in the way); "
+                          "give a folder path") from None
+    except OSError as error:
+        raise ResumeError(f"run_dir={run_dir} cannot be created: {error.strerror}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ResumeError(f"run_dir={run_dir} is not writable by this user; give a writable "
+                          "folder")
+    return run_dir
 
 
 class Trainer:
@@ -135,11 +171,19 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)
+        self.run_dir = Path(cfg.run_dir)
+        # one process per run folder, from before the folder is read until the run ends
+        self.lock = RunLock(prepare_run_dir(self.run_dir)).acquire()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: DictConfig) -> None:
         cfg, resume_state, replay_dir = resolve_run_config(cfg)
         validate_config(cfg)
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -279,7 +323,7 @@ class Trainer:
         :func:`~cp3er.checkpoint.save_run_checkpoint` for the write order)."""
         check_finite_parameters(self.agent.loss, update=self.updates, frame=self.frame)
         config = OmegaConf.to_container(self.cfg, resolve=True)
-        config["resume"] = False
+        config["resume"] = config["trust_checkpoint"] = False
         state = {
             "agent": self.agent.state_dict(),
             "config": config,
@@ -304,10 +348,12 @@ class Trainer:
             raise CheckpointError(f"the checkpoint does not match this run's agent: "
                                   f"{str(error).splitlines()[0]}") from error
         try:
-            self.buffer.loads(replay_dir)
+            self.buffer.loads(replay_dir, trusted=bool(self.cfg.get("trust_checkpoint")))
+        except UnsafeBufferError as error:
+            raise UntrustedCheckpointError(f"{error}; refused: {TRUST_HINT}") from None
         except Exception as error:  # torchrl/tensordict raise several types for bad folders
             raise CheckpointError(f"replay buffer checkpoint {replay_dir} is unreadable: "
-                                  f"{error}") from error
+                                  f"{first_line(error)}") from error
         self.buffer.cut_episode()
         counters = state["counters"]
         self.step, self.updates = counters["step"], counters["updates"]
@@ -328,22 +374,26 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------
     def train(self) -> str | signal.Signals:
         """Run to ``cfg.frames``; returns ``"done"``, or the signal that preempted the run
-        (after its checkpoint is written)."""
-        with Preemption() as preemption:  # a signal after the last batch just finishes
-            if self.step < self._steps(self.cfg.frames):
-                self._collect(preemption)
-            if preemption.received is not None:
+        (after its checkpoint is written). The run folder's lock is released at the end,
+        whatever the outcome."""
+        try:
+            with Preemption() as preemption:  # a signal after the last batch just finishes
+                if self.step < self._steps(self.cfg.frames):
+                    self._collect(preemption)
+                if preemption.received is not None:
+                    self.save_checkpoint()
+                    self.env.close()
+                    self.eval_env.close()
+                    return preemption.received
+                if self.last_eval_frame != self.frame:
+                    self.evaluate()
                 self.save_checkpoint()
-                self.env.close()
-                self.eval_env.close()
-                return preemption.received
-            if self.last_eval_frame != self.frame:
-                self.evaluate()
-            self.save_checkpoint()
-        plot_learning_curve(self.run_dir)
-        self.env.close()
-        self.eval_env.close()
-        return "done"
+            plot_learning_curve(self.run_dir)
+            self.env.close()
+            self.eval_env.close()
+            return "done"
+        finally:
+            self.lock.release()
 
     def _collect(self, preemption: Preemption) -> None:
         cfg = self.cfg
@@ -384,6 +434,10 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 def main(cfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg)
+    except (RunLockedError, UntrustedCheckpointError) as error:
+        print(f"cp3er-train: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_LOCKED if isinstance(error, RunLockedError)
+                         else EXIT_UNTRUSTED) from None
     except (ConfigError, UnknownTaskError, ResumeError, CheckpointError) as error:
         raise SystemExit(f"cp3er-train: {error}") from None
     if trainer.resumed_from is not None:

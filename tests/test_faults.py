@@ -10,24 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from tiny_run import tiny_cfg as _cfg
 
 from cp3er.checkpoint import load_run_checkpoint
 from cp3er.faults import NumericalError
-from cp3er.train import CONFIG_DIR, Trainer
+from cp3er.train import Trainer
 from envs import make_env, physics_errors
-
-TINY_STATE = [
-    "task=cartpole_balance", "obs=state", "hidden_dim=32", "feature_dim=16", "batch_size=16",
-    "replay.capacity=5000", "schedule.seed_frames=200", "schedule.explore_frames=200",
-    "schedule.eval_every_frames=0", "schedule.eval_episodes=1", "log.progress=false",
-]
-
-
-def _cfg(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="config",
-                       overrides=[f"run_dir={run_dir}", *TINY_STATE, *overrides])
 
 
 def _diverge_at(call: int, step_fn, corrupt):

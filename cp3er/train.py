@@ -34,7 +34,9 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDict
 from torchrl.collectors import Collector
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 from agents.build import Agent, build_agent, perf_option
@@ -49,7 +51,13 @@ from cp3er.checkpoint import (
 )
 from cp3er.config_check import ConfigError, validate_config
 from cp3er.evaluate import run_episodes, summarize, write_video
-from cp3er.faults import NumericalError, Preemption, check_finite_losses, check_finite_parameters
+from cp3er.faults import (
+    NumericalError,
+    Preemption,
+    check_finite_actions,
+    check_finite_losses,
+    check_finite_parameters,
+)
 from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
 from cp3er.replay import UnsafeBufferError
@@ -216,6 +224,7 @@ class Trainer:
         self.physics_errors_before = 0  # physics errors of the run before this process
         self.last_return = float("nan")
         self.resumed_from: int | None = None  # frame of the checkpoint resumed from
+        self._last_obs: torch.Tensor | None = None  # newest collected observation
         if resume_state is not None:
             self._restore(resume_state, replay_dir)
 
@@ -322,6 +331,7 @@ class Trainer:
         """Agent, replay buffer, RNG states, counters and loop state (see
         :func:`~cp3er.checkpoint.save_run_checkpoint` for the write order)."""
         check_finite_parameters(self.agent.loss, update=self.updates, frame=self.frame)
+        self._check_policy_acts()
         config = OmegaConf.to_container(self.cfg, resolve=True)
         config["resume"] = config["trust_checkpoint"] = False
         state = {
@@ -338,6 +348,16 @@ class Trainer:
             "rng": rng_state(),
         }
         save_run_checkpoint(state, self.run_dir, self.buffer, self.frame)
+
+    def _check_policy_acts(self) -> None:
+        """The policy about to be checkpointed acts finitely at the newest observation
+        (finite but exploding weights pass :func:`check_finite_parameters`)."""
+        if self._last_obs is None:  # nothing collected by this process
+            return
+        td = TensorDict({self.agent.obs_key: self._last_obs}, [1]).to(self.device)
+        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+            action = self.agent.policy(td)["action"]
+        check_finite_actions(action, f"at the checkpoint, frame {self.frame}")
 
     def _restore(self, state: dict, replay_dir: Path) -> None:
         """Continue from a checkpoint: everything :meth:`save_checkpoint` wrote, the
@@ -404,6 +424,9 @@ class Trainer:
         try:
             for batch in collector:
                 batch = batch.reshape(-1)
+                check_finite_actions(batch["action"], f"collection, frame "
+                                     f"{self.frame + batch.shape[0] * self.repeat}")
+                self._last_obs = batch[self.agent.obs_key][-1:].clone()
                 self.buffer.extend(batch)
                 self.step += batch.shape[0]
                 self.agent.advance(batch.shape[0])

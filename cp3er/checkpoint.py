@@ -218,7 +218,9 @@ def save_run_checkpoint(state: dict[str, Any], run_dir: str | Path, buffer, fram
     ckpt_dir = Path(run_dir) / "checkpoints"
     replay_root = ckpt_dir / REPLAY_DIR
     replay_root.mkdir(parents=True, exist_ok=True)
-    check_room(ckpt_dir, buffer.dump_nbytes() + 2 * _nbytes(state), buffer.dump_largest())
+    state_bytes = _nbytes(state)
+    check_room(ckpt_dir, buffer.dump_nbytes() + 2 * state_bytes,
+               max(buffer.dump_largest(), state_bytes))
     for entry in replay_root.iterdir():  # temporaries of a killed write: never named
         if entry.name.startswith("."):
             shutil.rmtree(entry, ignore_errors=True)

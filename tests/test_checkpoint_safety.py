@@ -30,9 +30,11 @@ from cp3er.checkpoint import (
     load_run_checkpoint,
     save_run_checkpoint,
 )
+from cp3er.config_check import ConfigError
 from cp3er.replay import make_replay_buffer
 from cp3er.runlock import RunLockedError
-from cp3er.train import Trainer
+from cp3er.runlog import MetricsFileError
+from cp3er.train import ResumeError, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +318,118 @@ def test_train_cli_refusal_is_one_line_naming_the_opt_in(finished_run: Path,
     assert result.returncode == 3  # not an error of the run: benchmark suites tell it apart
     line = _one_line_error(result.stderr)
     assert line.startswith("cp3er-train: checkpoint ") and "trust_checkpoint=true" in line
+
+
+# -- 6. what a resume may change ---------------------------------------------------------
+@pytest.mark.parametrize(("override", "key"), [("seed=7", "seed"), ("lr=0.001", "lr"),
+                                               ("batch_size=32", "batch_size"),
+                                               ("schedule.seed_frames=100",
+                                                "schedule.seed_frames")])
+def test_resume_refuses_a_changed_experiment_setting(finished_run: Path, override: str,
+                                                     key: str) -> None:
+    with pytest.raises(ResumeError, match=rf"cannot resume .*\({re.escape(key)}: run has "
+                                          rf".*, command line .*\); resume with the run's "
+                                          r"settings \(only frames, log, perf may change\)"):
+        Trainer(_cfg(finished_run, "frames=400", "resume=true", override))
+
+
+def test_resume_with_more_frames_extends_a_finished_run(finished_run: Path,
+                                                        tmp_path: Path) -> None:
+    run = _copy(finished_run, tmp_path)
+    with pytest.raises(ResumeError, match="with frames=200: its checkpoint is at frame 400"):
+        Trainer(_cfg(run, "frames=200", "resume=true"))
+    trainer = Trainer(_cfg(run, "frames=600", "resume=true", "log.video=false"))
+    assert trainer.resume_changes == ["frames=600 (the run had 400)",
+                                      "log.video=False (the run had True)"]
+    assert trainer.train() == "done"
+    state, _ = load_run_checkpoint(run)
+    assert state["counters"]["step"] == 300 and state["config"]["frames"] == 600
+    # the run's config.yaml records the new length: a resume of the run needs no frames=600
+    assert "frames: 600" in (run / "config.yaml").read_text()
+    assert Trainer(_cfg(run, "frames=600", "resume=true", "log.video=false")).resume_changes == []
+
+
+# -- 7. one line, not a traceback --------------------------------------------------------
+def test_an_agent_setting_its_modules_refuse_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config is invalid for the cp3er agent: "
+                                          "init_scale must be > 0, got 0"):
+        Trainer(_cfg(tmp_path, "agent.init_scale=0"))
+
+
+def test_an_unwritable_run_dir_is_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)  # tests run as root
+    with pytest.raises(ResumeError, match=r"run_dir=.* is not writable by this user"):
+        Trainer(_cfg(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("limit", ["disk", "file size"])
+def test_a_checkpoint_that_would_not_fit_stops_the_run_cleanly(tmp_path: Path, monkeypatch,
+                                                               limit: str) -> None:
+    """No room for the checkpoint at frame 800 (a full disk; ``ulimit -f``): memory-mapped
+    writes would die with SIGBUS, so the room is checked before anything is written."""
+    import cp3er.checkpoint as checkpoint
+
+    trainer = Trainer(_cfg(tmp_path, "frames=1000", "checkpoint_every=400"))
+    if limit == "disk":
+        usage = checkpoint.shutil.disk_usage
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(path)._replace(
+            free=1000 if trainer.frame > 400 else usage(path).free))
+        message = r"not enough free disk space for a checkpoint in .*: it needs 0\.0\d GB, " \
+                  r"0\.00 GB are free"
+    else:
+        getrlimit = checkpoint.resource.getrlimit
+        monkeypatch.setattr(checkpoint.resource, "getrlimit", lambda which: (
+            (1000, 1000) if which == checkpoint.resource.RLIMIT_FSIZE and trainer.frame > 400
+            else getrlimit(which)))
+        message = r"the file-size limit \(ulimit -f\) is 1000 bytes; a checkpoint in .* " \
+                  r"writes a file of \d+ bytes"
+    with pytest.raises(CheckpointError, match=message):
+        trainer.train()
+    state, replay = load_run_checkpoint(tmp_path)
+    assert state["counters"]["step"] == 200  # the checkpoint at frame 400 is intact
+    assert [p.name for p in replay.parent.iterdir()] == [replay.name]  # nothing half-written
+
+
+def test_damaged_run_files_on_resume_are_named(finished_run: Path, tmp_path: Path) -> None:
+    run = _copy(finished_run, tmp_path)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text("task_name: [cartpole\n")
+    with pytest.raises(ResumeError, match=r"config\.yaml is unreadable"):
+        Trainer(_cfg(run, "frames=400", "resume=true"))
+    (run / "config.yaml").write_text(config)
+
+    metrics = (run / "metrics.csv").read_text()
+    (run / "metrics.csv").write_text(metrics + "garbage,1,2\n")
+    with pytest.raises(MetricsFileError, match=r"metrics\.csv is damaged \(line \d+: "
+                                               r"frame='garbage'\); move it aside"):
+        Trainer(_cfg(run, "frames=400", "resume=true"))
+    (run / "metrics.csv").write_text("\x00\x01 binary")
+    with pytest.raises(MetricsFileError, match=r"metrics\.csv is damaged"):
+        Trainer(_cfg(run, "frames=400", "resume=true"))
+    (run / "metrics.csv").write_text(metrics)
+
+    _, replay = load_run_checkpoint(run)
+    (replay / "nstep_buffer.json").write_text("")
+    with pytest.raises(CheckpointError, match=r"missing or truncated files "
+                                              r"\['nstep_buffer\.json'\]"):
+        Trainer(_cfg(run, "frames=400", "resume=true"))
+
+
+def test_cli_failures_are_one_line(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for run_dir in (afile, afile / "sub"):
+        result = subprocess.run(_command(run_dir), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1
+        assert _one_line_error(result.stderr) == (f"cp3er-train: run_dir={run_dir} is not a "
+                                                  "folder (a file is in the way); give a "
+                                                  "folder path")
+    # a run that stops before its first checkpoint does not claim to keep one
+    result = subprocess.run(_command(tmp_path / "run", "lr=inf", "frames=1000",
+                                     "checkpoint_every=0"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    line = _one_line_error("\n".join(x for x in result.stderr.splitlines()
+                                     if x.startswith("cp3er-train")))
+    assert line.startswith("cp3er-train: run stopped: non-finite")
+    assert line.endswith("; no checkpoint was written")

@@ -166,8 +166,8 @@ def test_sigterm_checkpoints_and_resumes(tmp_path: Path) -> None:
 def test_resume_continues_exactly(tmp_path: Path, storage: str) -> None:
     """In one process: the updates right after a checkpoint equal those of a trainer
     restored from it (agent, target critic, optimisers, replay buffer, RNG states)."""
-    args = ("frames=1000", f"replay.storage={storage}")
-    original = Trainer(_cfg(tmp_path, *args, "checkpoint_every=0"))
+    args = ("frames=1000", f"replay.storage={storage}", "checkpoint_every=0")
+    original = Trainer(_cfg(tmp_path, *args))
     original.train()  # ends with a checkpoint
     expected = [original.update() for _ in range(3)]
     restored = Trainer(_cfg(tmp_path, *args, "resume=true"))

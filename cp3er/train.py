@@ -14,8 +14,9 @@ states, counters and loop state are written to ``<run_dir>/checkpoints``;
 resumed run starts its collector on a fresh reset, the interrupted episode is cut (the
 replay buffer treats the cut like a truncation: no n-step target crosses it) and gets no
 metrics row. SIGTERM/SIGINT checkpoint at the next batch boundary and exit (code 0 for
-SIGTERM, 130 for SIGINT). A non-finite loss or parameter stops the run before anything
-more is written, so the last checkpoint stays the last good one.
+SIGTERM, 130 for SIGINT). A non-finite loss, parameter or action stops the run before
+anything more is written, so the last checkpoint stays the last good one. One process
+at a time trains a run folder (an ``flock`` on ``<run_dir>/.lock``).
 """
 
 from __future__ import annotations
@@ -398,7 +399,10 @@ class Trainer:
         if self._last_obs is None:  # nothing collected by this process
             return
         td = TensorDict({self.agent.obs_key: self._last_obs}, [1]).to(self.device)
-        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        devices = [self.device] if self.device.type == "cuda" else []
+        # forked RNG: the probe draws no number of the run's streams
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                set_exploration_type(ExplorationType.DETERMINISTIC):
             action = self.agent.policy(td)["action"]
         check_finite_actions(action, f"at the checkpoint, frame {self.frame}")
 

@@ -433,3 +433,14 @@ def test_cli_failures_are_one_line(tmp_path: Path) -> None:
                                      if x.startswith("cp3er-train")))
     assert line.startswith("cp3er-train: run stopped: non-finite")
     assert line.endswith("; no checkpoint was written")
+
+
+def test_the_checkpoint_action_check_draws_no_random_numbers(finished_run: Path,
+                                                             tmp_path: Path) -> None:
+    """The policy acts (CP3ER: from noise) at the checkpoint's action check; the run's
+    random streams are untouched by it, so a resumed run continues the same streams."""
+    trainer = Trainer(_cfg(_copy(finished_run, tmp_path), "frames=400", "resume=true"))
+    trainer._last_obs = trainer.buffer.storage._storage["frame"][:1].clone()
+    before = torch.get_rng_state()
+    trainer.save_checkpoint()
+    assert torch.equal(torch.get_rng_state(), before)

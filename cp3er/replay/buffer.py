@@ -46,7 +46,8 @@ _PREFETCH_FILE = "prefetch.pkl"
 # transform.t, and tensordict unpickle other.pickle / non-tensor leaves.
 _DUMP_FILES = ("manifest.json", _COUNTERS_FILE, "buffer_metadata.json", "writer/metadata.json",
                "sampler/proximal_sampler.pt", "storage/meta.json",
-               "storage/storage_metadata.json")
+               "storage/storage_metadata.json", "rng_state/meta.json",
+               "rng_state/rng_state.memmap")  # rng_state/: with a sampling generator
 _TENSORDICT_TYPE = str(TensorDict)
 
 
@@ -511,13 +512,14 @@ def _check_dump_files(path: Path) -> None:
         raise UnsafeBufferError(
             f"replay buffer folder {path} holds files a cp3er buffer does not write "
             f"({', '.join(unknown)}); a pickle there could run code when loaded")
-    if not (path / "storage" / "meta.json").is_file():
-        return
-    with open(path / "storage" / "meta.json") as file:
-        meta = json.load(file)
-    if meta.get("_type") != _TENSORDICT_TYPE or "_tensorclass_type" in meta:
-        raise UnsafeBufferError(f"replay buffer folder {path}: storage/meta.json names type "
-                                f"{meta.get('_type')!r}, not {_TENSORDICT_TYPE!r}")
+    for name in ("storage/meta.json", "rng_state/meta.json"):
+        if not (path / name).is_file():
+            continue
+        with open(path / name) as file:
+            meta = json.load(file)
+        if meta.get("_type") != _TENSORDICT_TYPE or "_tensorclass_type" in meta:
+            raise UnsafeBufferError(f"replay buffer folder {path}: {name} names type "
+                                    f"{meta.get('_type')!r}, not {_TENSORDICT_TYPE!r}")
 
 
 def _take(column: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

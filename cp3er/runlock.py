@@ -48,6 +48,9 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    def __del__(self) -> None:  # an abandoned holder (in-process use) lets the folder go
+        self.release()
+
     @property
     def held(self) -> bool:
         return self._fd is not None

@@ -37,16 +37,17 @@ def _q_values(loss, features: torch.Tensor, action: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def probe(run_dir: str, states: int = 20, samples: int = 64, seed: int = 7) -> dict:
+def probe(run_dir: str, states: int = 20, samples: int = 64, seed: int = 7,
+          trust: bool = False) -> dict:
     torch.manual_seed(seed)
-    cfg, env, agent = load_agent_for_eval(run_dir, seed=seed)
+    cfg, env, agent = load_agent_for_eval(run_dir, seed=seed, trust=trust)
     rollout = env.rollout(10 * states, agent.policy, break_when_any_done=False)
     env.close()
     loss = agent.loss
     obs = rollout[agent.obs_key][::10][:states]
     features = loss.encoder.module(obs)
     action_dim = rollout["action"].shape[-1]
-    frame = load_checkpoint(run_dir)["counters"]["step"] * cfg.env.action_repeat
+    frame = load_checkpoint(run_dir, trust=trust)["counters"]["step"] * cfg.env.action_repeat
     result = {"run_dir": run_dir, "agent": cfg.get("label") or cfg.agent.name, "frame": frame,
               "states": len(obs)}
     if cfg.agent.name == "cp3er":
@@ -75,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--states", type=int, default=20)
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="as cp3er-eval's: a checkpoint written before format 2")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(json.dumps(probe(args.run_dir, args.states, args.samples)))
+    print(json.dumps(probe(args.run_dir, args.states, args.samples,
+                           trust=args.trust_checkpoint)))
     return 0
 
 

@@ -44,8 +44,12 @@ one from the straightforward implementation.
   env ms + updates x update ms + evaluation episodes x env ms).
 - ``checkpoint``: a training checkpoint's replay buffer of ``--checkpoint-transitions``
   pixel transitions (100,000; 10,000 with ``--quick``): bytes on disk, seconds to write
-  it (``save_run_checkpoint``: temporary folder, rename, atomic ``latest.pt``) and to load
-  it back (``NStepReplayBuffer.loads``, what a resume does).
+  it (``save_run_checkpoint``: temporary folder, SHA-256 and fsync of every file, rename,
+  atomic ``latest.pt``) and to load it back (``load_run_checkpoint``, which verifies the
+  hashes, and ``NStepReplayBuffer.loads``: what a resume does); ``hash_s``: the SHA-256 of
+  every file of the buffer once (page cache warm), the part of ``write_s`` and of
+  ``load_s`` the content hashes cost (``hash_frac_write``, ``hash_frac_load``).
+  ``--checkpoint-only`` prints this figure alone.
 """
 
 from __future__ import annotations
@@ -389,7 +393,7 @@ def bench_checkpoint(transitions: int) -> dict:
 
     from tensordict import TensorDict
 
-    from cp3er.checkpoint import load_run_checkpoint, save_run_checkpoint
+    from cp3er.checkpoint import check_manifest, load_run_checkpoint, save_run_checkpoint
     from cp3er.replay import make_replay_buffer
 
     episode = 500  # DMC: 500 agent steps an episode; chunks shaped like collector batches
@@ -421,10 +425,15 @@ def bench_checkpoint(transitions: int) -> dict:
         fresh.loads(replay)
         load_s = time.perf_counter() - start
         assert fresh.write_count == buffer.write_count
+        start = time.perf_counter()
+        check_manifest(replay)  # SHA-256 of every file once: what a write and a load add
+        hash_s = time.perf_counter() - start
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     return {"transitions": transitions, "bytes": size, "write_s": round(write_s, 2),
-            "load_s": round(load_s, 2)}
+            "load_s": round(load_s, 2), "hash_s": round(hash_s, 2),
+            "hash_frac_write": round(hash_s / write_s, 3),
+            "hash_frac_load": round(hash_s / load_s, 3)}
 
 
 def _machine(device: torch.device) -> dict:
@@ -467,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--checkpoint-transitions", type=int, default=None,
                         help="pixel transitions in the checkpoint figure (0: skip it)")
+    parser.add_argument("--checkpoint-only", action="store_true",
+                        help="only the checkpoint figure (write, load, hashing seconds)")
     parser.add_argument("--replay-1e6", action="store_true",
                         help="fill a 1e6 memory-mapped pixel buffer (~21 GB on disk)")
     parser.add_argument("--ablation", action="store_true",
@@ -491,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": _machine(device), "quick": args.quick}
     from cp3er.perf import tune_allocator
 
+    transitions = args.checkpoint_transitions
+    if transitions is None:
+        transitions = 10_000 if args.quick else 100_000
+    if args.checkpoint_only:
+        result["checkpoint"] = bench_checkpoint(max(transitions, 1))
+        return _print_result(result, args.json)
     if args.profile_sizes:
         result["allocator_tuned"] = tune_allocator()
         result["profile_sizes"] = bench_profile_sizes(min(repeats, 3))
@@ -540,9 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay_1e6:
         result["replay_1e6"] = bench_replay_1e6()
         result["replay_rss_gb_1e6"] = result["replay_1e6"]["rss_gb_after_sampling"]["VmRSS"]
-    transitions = args.checkpoint_transitions
-    if transitions is None:
-        transitions = 10_000 if args.quick else 100_000
     if transitions > 0:
         result["checkpoint"] = bench_checkpoint(transitions)
     return _print_result(result, args.json)

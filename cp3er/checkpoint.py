@@ -1,35 +1,94 @@
-"""Atomic checkpoints: a checkpoint file is either complete or absent, never half-written."""
+"""Checkpoints that are complete or absent, verified on load, and never run code.
+
+``checkpoints/latest.pt`` (format 2) is an envelope ``{"cp3er_format": 2, "sha256": ...,
+"payload": uint8 tensor}`` around a ``torch.save`` of the state; both levels load with
+``torch.load(weights_only=True)`` (tensors and plain containers only, no pickled objects),
+and the payload's SHA-256 is checked before it is read. The replay buffer of a checkpoint
+lives in ``checkpoints/replay/<name>/`` with a ``manifest.json`` holding the size and
+SHA-256 of every file. Checkpoints written before format 2 (pickled numpy RNG state,
+TorchRL's ``prefetch.pkl``, size-only manifests) load only when the caller trusts them
+(``trust=True``: ``trust_checkpoint=true`` / ``--trust-checkpoint``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import resource
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 CHECKPOINT_NAME = "latest.pt"
-REPLAY_DIR = "replay"  # checkpoints/replay/frame_<frame>/: the buffer of a checkpoint
-MANIFEST = "manifest.json"  # sizes of every file of a buffer folder, checked on load
+REPLAY_DIR = "replay"  # checkpoints/replay/<name>/: the buffer of a checkpoint
+MANIFEST = "manifest.json"  # size and SHA-256 of every file of a buffer folder
+FORMAT = 2  # 1 (no field): pickled torch.save, size-only manifest
+TRUST_HINT = ("pass trust_checkpoint=true (cp3er-eval: --trust-checkpoint) only if you "
+              "trust its source (e.g. your own run checkpointed by cp3er before format 2)")
+_CHUNK = 1 << 24
+_MARGIN = 16 << 20  # bytes of free disk kept beyond a checkpoint's estimated size
 
 
 class CheckpointError(RuntimeError):
-    """A missing, unreadable or mismatched checkpoint."""
+    """A missing, unreadable, corrupted or mismatched checkpoint, or one that cannot be
+    written."""
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``:
-    the previous file stays valid until the new one is complete."""
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint that only loads by unpickling (or without a content hash)."""
+
+
+# -- files -------------------------------------------------------------------------------
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (creations, renames, deletions) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(handle)`` to a temporary file in the same folder, fsync, ``os.replace``,
+    fsync the folder: the previous file stays valid until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
+        write(handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: Path, fsync: bool = False) -> str:
+    """SHA-256 of a file's content (``fsync``: also flush it to disk)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb") as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
+        if fsync:
+            os.fsync(handle.fileno())
+    return digest.hexdigest()
+
+
+# -- latest.pt ---------------------------------------------------------------------------
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` (tensors and plain containers) as a format-2 checkpoint file."""
+    payload = io.BytesIO()
+    torch.save(obj, payload)
+    data = payload.getbuffer()
+    envelope = {"cp3er_format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
+                "payload": torch.frombuffer(data, dtype=torch.uint8)}
+    atomic_write(path, lambda handle: torch.save(envelope, handle))
 
 
 def checkpoint_path(target: str | Path) -> Path:
@@ -44,13 +103,62 @@ def checkpoint_path(target: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(target: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`atomic_torch_save`, with a clear error if broken."""
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python objects a file's pickle would import ([] if none, or unreadable)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a damaged file: reported as corrupted by the caller
+        return []
+
+
+def _unwrap(outer: Any, path: Path, trust: bool) -> Any:
+    if not (isinstance(outer, dict) and "cp3er_format" in outer):
+        if trust:
+            return outer
+        raise UntrustedCheckpointError(f"checkpoint {path} has no content hash (not written "
+                                       f"as cp3er checkpoint format {FORMAT}); {TRUST_HINT}")
+    if outer["cp3er_format"] != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {outer['cp3er_format']!r}; this "
+                              f"cp3er reads format {FORMAT}")
+    payload = outer.get("payload")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+        raise CheckpointError(f"checkpoint {path} is corrupted: no payload")
+    data = payload.numpy()
+    if hashlib.sha256(data).hexdigest() != outer.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupted: its content does not match "
+                              "the SHA-256 written with it")
+    return torch.load(io.BytesIO(data.tobytes()), map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(target: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`atomic_torch_save`: weights-only, hash verified.
+
+    ``trust=True`` also accepts an older checkpoint (pickled objects, no content hash):
+    unpickling can run code, so only for files of a trusted source.
+    """
     path = checkpoint_path(target)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: {error}") from error
+        unsafe = _unsafe_globals(path)
+        if not unsafe:
+            raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
+                                  f"{first_line(error)}") from error
+        if not trust:
+            raise UntrustedCheckpointError(
+                f"checkpoint {path} holds pickled Python objects ({', '.join(unsafe[:4])}) "
+                f"and loading it could run code; refused: {TRUST_HINT}") from None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
+                                  f"{first_line(error)}") from error
+    else:
+        state = _unwrap(outer, path, trust)
     if not isinstance(state, dict) or "agent" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a cp3er checkpoint (no agent/config entries)")
     return state
@@ -60,37 +168,78 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "checkpoints" / CHECKPOINT_NAME).is_file()
 
 
+# -- a run's checkpoint: replay buffer folder + latest.pt --------------------------------
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def check_room(folder: Path, needed: int, largest_file: int) -> None:
+    """Refuse a write that would fill the disk or pass the file-size limit (``ulimit
+    -f``): a memory-mapped write past either dies with SIGBUS, without a message."""
+    free = shutil.disk_usage(folder).free
+    if free < needed + _MARGIN:
+        raise CheckpointError(
+            f"not enough free disk space for a checkpoint in {folder}: it needs "
+            f"{(needed + _MARGIN) / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+        )
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and largest_file > limit:
+        raise CheckpointError(
+            f"the file-size limit (ulimit -f) is {limit} bytes; a checkpoint in {folder} "
+            f"writes a file of {largest_file} bytes"
+        )
+
+
+def _fresh_name(replay_root: Path, frame: int) -> str:
+    """``frame_<frame>``, or ``frame_<frame>_<k>`` if taken: never an existing folder."""
+    base = name = f"frame_{frame:010d}"
+    k = 0
+    while (replay_root / name).exists():
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
 def save_run_checkpoint(state: dict[str, Any], run_dir: str | Path, buffer, frame: int) -> None:
     """Write a resumable checkpoint: the replay buffer, then ``latest.pt`` pointing at it.
 
-    The buffer goes to a temporary folder renamed to ``checkpoints/replay/frame_<frame>``
-    once complete; ``latest.pt`` (written atomically, naming that folder) is replaced
-    only then, and older buffer folders are deleted last. A kill at any point leaves
-    ``latest.pt`` naming a complete buffer folder.
+    The buffer goes to a temporary folder (files hashed into its manifest and fsynced),
+    renamed to a name no existing folder has; ``latest.pt`` (written atomically, naming
+    that folder) is replaced only then, and older buffer folders are deleted last. At
+    every moment ``latest.pt`` names a complete buffer folder (tested by a fault at each
+    filesystem operation, ``tests/test_checkpoint_safety.py``).
     """
     ckpt_dir = Path(run_dir) / "checkpoints"
     replay_root = ckpt_dir / REPLAY_DIR
     replay_root.mkdir(parents=True, exist_ok=True)
-    name = f"frame_{frame:010d}"
+    state_bytes = _nbytes(state)
+    check_room(ckpt_dir, buffer.dump_nbytes() + 2 * state_bytes,
+               max(buffer.dump_largest(), state_bytes))
+    for entry in replay_root.iterdir():  # temporaries of a killed write: never named
+        if entry.name.startswith("."):
+            shutil.rmtree(entry, ignore_errors=True)
+    name = _fresh_name(replay_root, frame)
     tmp = replay_root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     buffer.dumps(tmp)
     _write_manifest(tmp)
-    final = replay_root / name
-    if final.exists():  # a checkpoint at the same frame (the end of a run): replace it
-        stale = replay_root / f".{name}.old"
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-    os.replace(tmp, final)
+    os.replace(tmp, replay_root / name)
+    fsync_dir(replay_root)
     atomic_torch_save({**state, "replay": f"{REPLAY_DIR}/{name}"}, ckpt_dir / CHECKPOINT_NAME)
     for entry in replay_root.iterdir():
         if entry.name != name:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def load_run_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
-    """The latest resumable checkpoint of ``run_dir`` and its replay-buffer folder."""
-    state = load_checkpoint(Path(run_dir))
+def load_run_checkpoint(run_dir: str | Path, *,
+                        trust: bool = False) -> tuple[dict[str, Any], Path]:
+    """The latest resumable checkpoint of ``run_dir`` and its verified buffer folder."""
+    state = load_checkpoint(Path(run_dir), trust=trust)
     path = checkpoint_path(Path(run_dir))
     for key in ("counters", "rng", "replay"):
         if key not in state:
@@ -98,33 +247,58 @@ def load_run_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
     replay = path.parent / state["replay"]
     if not replay.is_dir():
         raise CheckpointError(f"{path} names replay buffer folder {replay}, which is missing")
-    _check_manifest(replay)
+    check_manifest(replay, trust=trust)
     return state, replay
 
 
-def _files(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MANIFEST}
+def _files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
 
 
 def _write_manifest(folder: Path) -> None:
+    """Hash and fsync every file, fsync every folder, then write the manifest."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size,
+                                          "sha256": sha256_file(p, fsync=True)}
+             for p in _files(folder)}
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        fsync_dir(sub)
     with open(folder / MANIFEST, "w") as handle:
-        json.dump(_files(folder), handle)
+        json.dump({"format": FORMAT, "files": files}, handle)
         handle.flush()
         os.fsync(handle.fileno())
+    fsync_dir(folder)
 
 
-def _check_manifest(folder: Path) -> None:
-    """Every file of a buffer folder present with its written size (memmaps of a
-    truncated file would otherwise load as zeros: torch extends short files)."""
+def check_manifest(folder: Path, *, trust: bool = False) -> None:
+    """Every file of a buffer folder present, with its written size and SHA-256, and no
+    other file (memmaps of a truncated file would otherwise load as zeros: torch extends
+    short files). A size-only manifest (before format 2) needs ``trust``."""
     try:
         with open(folder / MANIFEST) as handle:
-            expected = json.load(handle)
+            manifest = json.load(handle)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"replay buffer checkpoint {folder} is unreadable: "
                               f"{MANIFEST} missing or damaged ({error})") from error
-    found = _files(folder)
-    bad = sorted(k for k in expected if found.get(k) != expected[k])
+    found = {str(p.relative_to(folder)): p for p in _files(folder)}
+    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
+        if not trust:
+            raise UntrustedCheckpointError(f"replay buffer checkpoint {folder} has no content "
+                                           f"hashes (written before format {FORMAT}); "
+                                           f"{TRUST_HINT}")
+        expected = {k: {"size": v} for k, v in manifest.items()}
+    else:
+        expected = manifest.get("files", {})
+    bad = sorted(k for k in expected
+                 if k not in found or found[k].stat().st_size != expected[k].get("size"))
     if bad:
         raise CheckpointError(f"replay buffer checkpoint {folder} is unreadable: missing or "
                               f"truncated files {bad}")
+    extra = sorted(set(found) - set(expected))
+    if extra and not trust:
+        raise CheckpointError(f"replay buffer checkpoint {folder} holds files its manifest "
+                              f"does not list: {extra}")
+    damaged = sorted(k for k, v in expected.items()
+                     if "sha256" in v and sha256_file(found[k]) != v["sha256"])
+    if damaged:
+        raise CheckpointError(f"replay buffer checkpoint {folder} is corrupted: the content "
+                              f"of {damaged} does not match its SHA-256 in {MANIFEST}")

@@ -63,6 +63,12 @@ def validate_config(cfg: DictConfig) -> None:
     _require(clip is None or (isinstance(clip, Real) and not isinstance(clip, bool) and clip > 0),
              "optim.grad_clip", clip, "null or a number > 0")
     _require(isinstance(cfg.resume, bool), "resume", cfg.resume, "true or false")
+    threads = cfg.get("threads")
+    _require(threads is None or (isinstance(threads, Integral) and not isinstance(threads, bool)
+                                 and threads >= 1), "threads", threads,
+             "null or an integer >= 1")
+    trust = cfg.get("trust_checkpoint", False)
+    _require(isinstance(trust, bool), "trust_checkpoint", trust, "true or false")
     label = cfg.get("label")
     _require(label is None or (isinstance(label, str) and label.strip() != ""), "label", label,
              "null or a non-empty name")

@@ -23,6 +23,8 @@ from tensordict import TensorDictBase
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from cp3er.faults import NumericalError, check_finite_actions
+
 
 @dataclass
 class EpisodeResults:
@@ -52,12 +54,14 @@ def _acting_on_env_device(policy: Callable) -> Callable:
 def run_episodes(
     env: EnvBase, policy, episodes: int, *, record_video: bool = False, max_steps: int = 100_000
 ) -> EpisodeResults:
-    """Roll out ``episodes`` full episodes (until done) with ``policy`` under ``no_grad``."""
+    """Roll out ``episodes`` full episodes (until done) with ``policy`` under ``no_grad``;
+    :class:`~cp3er.faults.NumericalError` if the policy emits a non-finite action."""
     results = EpisodeResults()
     act = _acting_on_env_device(policy)
     for episode in range(episodes):
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
             rollout = env.rollout(max_steps, act, break_when_any_done=True)
+        check_finite_actions(rollout["action"], f"evaluation episode {episode + 1}")
         results.returns.append(float(rollout["next", "reward"].sum()))
         results.lengths.append(int(rollout.shape[0]))
         if ("next", "success") in rollout.keys(True):
@@ -135,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", nargs="?", const="", default=None,
                         help="write a GIF of the first episode (optional path)")
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that needs unpickling (written before "
+                             "checkpoint format 2); unpickling can run code: trusted files only")
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
@@ -152,13 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
         return 0
     try:
-        cfg, env, agent = load_agent_for_eval(args.target, seed=args.seed)
+        cfg, env, agent = load_agent_for_eval(args.target, seed=args.seed,
+                                              trust=args.trust_checkpoint)
     except (CheckpointError, ValueError) as error:
         print(f"cp3er-eval: {error}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    results = run_episodes(env, agent.policy, args.episodes, record_video=args.video is not None)
-    env.close()
+    try:
+        results = run_episodes(env, agent.policy, args.episodes,
+                               record_video=args.video is not None)
+    except NumericalError as error:
+        print(f"cp3er-eval: {error}: the checkpoint's policy is broken", file=sys.stderr)
+        return 2
+    finally:
+        env.close()
     summary = summarize(cfg.task_name, results, seed=args.seed)
     if args.video is not None and results.frames:
         target = Path(args.target)

@@ -1,4 +1,5 @@
-"""Run-level fault handling: numerical guards and preemption signals."""
+"""Run-level fault handling: numerical guards (losses, parameters, actions) and
+preemption signals."""
 
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def check_finite_parameters(module: torch.nn.Module, *, update: int, frame: int)
             raise NumericalError(
                 f"non-finite values in parameter {name!r} at update {update} (frame {frame})"
             )
+
+
+def check_finite_actions(actions: torch.Tensor, context: str) -> None:
+    """Raise :class:`NumericalError` if the policy emitted a NaN/inf action: finite but
+    exploding weights (e.g. ``lr=1e6``) pass the parameter check yet act with NaN."""
+    if not bool(torch.isfinite(actions).all()):
+        raise NumericalError(f"the policy emitted non-finite actions ({context})")
 
 
 class Preemption:

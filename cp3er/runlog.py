@@ -18,6 +18,10 @@ METRIC_COLUMNS = [
 LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
 
 
+class MetricsFileError(ValueError):
+    """A ``metrics.csv`` that cannot be parsed (the message names the file and row)."""
+
+
 class MetricsWriter:
     """Append-only ``metrics.csv`` with a fixed header; each row is flushed and fsynced.
 
@@ -31,7 +35,7 @@ class MetricsWriter:
         self.path = Path(path)
         self.set_aside: Path | None = None
         self.columns = list(METRIC_COLUMNS)
-        if fresh and self.path.exists() and self.rows():
+        if fresh and self.path.exists() and self._has_rows():
             self.set_aside = _free_name(self.path)
             os.replace(self.path, self.set_aside)
         if not self.path.exists():
@@ -39,8 +43,7 @@ class MetricsWriter:
             return
         # A run written by an older version keeps its columns (a resume never drops
         # recorded values); columns added since are appended to its header.
-        with open(self.path, newline="") as handle:
-            header = next(csv.reader(handle), [])
+        header = self._header()
         self.columns = header + [c for c in METRIC_COLUMNS if c not in header]
         if self.columns != header:
             self._write_all(self.rows())
@@ -55,12 +58,44 @@ class MetricsWriter:
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
 
+    def _damaged(self, detail: str) -> MetricsFileError:
+        return MetricsFileError(f"{self.path} is damaged ({detail}); move it aside to go on "
+                                "(the run's checkpoint does not depend on it)")
+
+    def _header(self) -> list[str]:
+        try:
+            with open(self.path, newline="") as handle:
+                header = next(csv.reader(handle), [])
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise self._damaged(str(error)) from None
+        if "frame" not in header:
+            raise self._damaged(f"its header has no 'frame' column: {header[:5]}")
+        return header
+
+    def _has_rows(self) -> bool:
+        try:
+            return bool(self.rows())
+        except MetricsFileError:  # a damaged file of an earlier run is set aside too
+            return True
+
     def rows(self) -> list[dict[str, str]]:
-        with open(self.path, newline="") as handle:
-            return list(csv.DictReader(handle))
+        try:
+            with open(self.path, newline="") as handle:
+                return list(csv.DictReader(handle))
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise self._damaged(str(error)) from None
 
     def truncate_after(self, frame: int) -> None:
-        self._write_all([r for r in self.rows() if int(r["frame"]) <= frame])
+        rows = self.rows()
+        for number, row in enumerate(rows, start=2):
+            if None in row:
+                raise self._damaged(f"line {number} has more fields than the header")
+            try:
+                row["_frame"] = int(row["frame"])
+            except (TypeError, ValueError):
+                raise self._damaged(f"line {number}: frame={row['frame']!r}") from None
+        self._write_all([{k: v for k, v in r.items() if k != "_frame"} for r in rows
+                         if r["_frame"] <= frame])
 
     def write(self, row: dict[str, Any]) -> None:
         unknown = set(row) - set(self.columns)

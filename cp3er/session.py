@@ -45,9 +45,11 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
     )
 
 
-def load_agent_for_eval(target: str | Path, seed: int) -> tuple[DictConfig, object, Agent]:
-    """Config, a fresh evaluation env and the agent restored from ``target``."""
-    state = load_checkpoint(target)
+def load_agent_for_eval(target: str | Path, seed: int,
+                        trust: bool = False) -> tuple[DictConfig, object, Agent]:
+    """Config, a fresh evaluation env and the agent restored from ``target`` (``trust``:
+    see :func:`~cp3er.checkpoint.load_checkpoint`)."""
+    state = load_checkpoint(target, trust=trust)
     cfg = OmegaConf.create(state["config"])
     env = make_eval_env(cfg, seed=seed)
     agent = build_agent(cfg, env)

@@ -14,13 +14,15 @@ states, counters and loop state are written to ``<run_dir>/checkpoints``;
 resumed run starts its collector on a fresh reset, the interrupted episode is cut (the
 replay buffer treats the cut like a truncation: no n-step target crosses it) and gets no
 metrics row. SIGTERM/SIGINT checkpoint at the next batch boundary and exit (code 0 for
-SIGTERM, 130 for SIGINT). A non-finite loss or parameter stops the run before anything
-more is written, so the last checkpoint stays the last good one.
+SIGTERM, 130 for SIGINT). A non-finite loss, parameter or action stops the run before
+anything more is written, so the last checkpoint stays the last good one. One process
+at a time trains a run folder (an ``flock`` on ``<run_dir>/.lock``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import signal
@@ -28,27 +30,42 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDict
 from torchrl.collectors import Collector
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 from agents.build import Agent, build_agent, perf_option
 from cp3er.checkpoint import (
+    TRUST_HINT,
     CheckpointError,
+    UntrustedCheckpointError,
+    atomic_write,
+    first_line,
     has_checkpoint,
     load_run_checkpoint,
     save_run_checkpoint,
 )
 from cp3er.config_check import ConfigError, validate_config
 from cp3er.evaluate import run_episodes, summarize, write_video
-from cp3er.faults import NumericalError, Preemption, check_finite_losses, check_finite_parameters
+from cp3er.faults import (
+    NumericalError,
+    Preemption,
+    check_finite_actions,
+    check_finite_losses,
+    check_finite_parameters,
+)
 from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
-from cp3er.runlog import MetricsWriter, make_logger
+from cp3er.replay import UnsafeBufferError
+from cp3er.runlock import RunLock, RunLockedError
+from cp3er.runlog import MetricsFileError, MetricsWriter, make_logger
 from cp3er.session import EVAL_SEED_OFFSET, make_buffer, make_eval_env, make_train_env
 from envs import physics_errors
 from envs.registry import UnknownTaskError
@@ -57,13 +74,18 @@ UPDATE_METRICS = ("loss_critic", "loss_actor", "q_mean", "target_mean", "critic_
                   "actor_q", "consistency_loss", "action_spread", "action_bound_frac",
                   "stddev")
 LOSSES = ("loss_critic", "loss_actor")
-# Config entries a resumed run must share with the run it continues (they fix the task,
-# the observation and the shapes of every saved tensor).
-RESUME_KEYS = ("task_name", "obs", "agent", "env", "hidden_dim", "feature_dim", "n_step",
-               "replay.capacity")
-# Entries a resumed run takes from its command line, not from the run (machine-specific).
-MACHINE_KEYS = ("run_dir", "device", "threads", "log.progress")
+# What a resumed run may take from its command line (README "Checkpoints, resume and
+# faults"): MACHINE_KEYS silently (machine-specific); RESUME_MAY_CHANGE with a printed
+# line (``frames``: a larger value extends the run, a finished one too; logging and speed
+# switches, which keep the math). Every other entry that differs from the run's
+# config.yaml (task, agent, seed, lr, batch_size, ...: the experiment itself) is refused.
+MACHINE_KEYS = ("run_dir", "device", "threads", "log.progress", "trust_checkpoint", "resume")
+RESUME_MAY_CHANGE = ("frames", "log", "perf")
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}  # after a preemption checkpoint
+# Refusals that are not the run's fault (benchmarks/cpu_pixel_suite.sh tells them apart
+# from errors, exit code 1): the run folder is held by a live process (EX_TEMPFAIL), the
+# checkpoint needs trust_checkpoint=true.
+EXIT_LOCKED, EXIT_UNTRUSTED = 75, 3
 
 
 class ResumeError(ValueError):
@@ -77,23 +99,64 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002
+    """torch, numpy and ``random`` states as tensors and plain containers (a checkpoint
+    loads with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
             "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` (or the pickled numpy tuple of checkpoint format 1)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                       numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
+    np.random.set_state(numpy_state)  # noqa: NPY002
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
 
-def resolve_run_config(cfg: DictConfig) -> tuple[DictConfig, dict | None, Path | None]:
-    """The config a run uses, and the checkpoint it resumes from (if ``cfg.resume``).
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b": value}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
-    ``resume=true``: the run folder's saved ``config.yaml`` (with ``resume: true`` and the
-    command line's :data:`MACHINE_KEYS`); the command line must agree with it on
-    :data:`RESUME_KEYS`. ``resume=false``: refuses a
-    run folder that already holds a checkpoint (never overwrites a run silently).
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def _load_saved_config(path: Path) -> DictConfig:
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as error:  # yaml and omegaconf raise several types
+        raise ResumeError(f"cannot resume: {path} is unreadable ({first_line(error)}); "
+                          "restore it from .hydra/config.yaml of the run or start a new "
+                          "run_dir") from None
+    if not isinstance(saved, DictConfig) or "task_name" not in saved:
+        raise ResumeError(f"cannot resume: {path} is not a run's config (no task_name)")
+    return saved
+
+
+def resolve_run_config(
+    cfg: DictConfig,
+) -> tuple[DictConfig, dict | None, Path | None, list[str]]:
+    """The config a run uses, the checkpoint it resumes from (if ``cfg.resume``) and the
+    changes a resume takes from the command line (lines to print).
+
+    ``resume=true``: the run folder's saved ``config.yaml``, with the command line's
+    :data:`MACHINE_KEYS` and :data:`RESUME_MAY_CHANGE` entries (``frames`` no lower than
+    the checkpoint's frame) and the entries the saved file predates; any other difference
+    is refused. ``resume=false``: refuses a run folder that already holds a checkpoint
+    (never overwrites a run silently).
     """
     run_dir = Path(cfg.run_dir)
     if not cfg.resume:
@@ -102,32 +165,50 @@ def resolve_run_config(cfg: DictConfig) -> tuple[DictConfig, dict | None, Path |
                 f"run_dir={run_dir} already holds a run with checkpoints; pass resume=true to "
                 "continue it, or another run_dir to start a new run"
             )
-        return cfg, None, None
+        return cfg, None, None, []
     if not has_checkpoint(run_dir):
         raise ResumeError(f"resume=true but run_dir={run_dir} has no checkpoint "
                           "(checkpoints/latest.pt) to resume from")
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ResumeError(f"resume=true but {saved_path} is missing")
-    saved = OmegaConf.load(saved_path)
-    given = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-
-    def value(config: DictConfig, key: str):
-        found = OmegaConf.select(config, key)
-        return OmegaConf.to_container(found) if isinstance(found, DictConfig) else found
-
-    differ = [key for key in RESUME_KEYS if value(saved, key) != value(given, key)]
-    if differ:
-        detail = "; ".join(f"{k}: run has {value(saved, k)!r}, command line "
-                           f"{value(given, k)!r}" for k in differ)
+    saved = _load_saved_config(saved_path)
+    old = _flat(OmegaConf.to_container(saved, resolve=True))
+    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    differ = sorted(k for k in new if k in old and new[k] != old[k]
+                    and not _under(k, MACHINE_KEYS))
+    refused = [k for k in differ if not _under(k, RESUME_MAY_CHANGE)]
+    if refused:
+        detail = "; ".join(f"{k}: run has {old[k]!r}, command line {new[k]!r}"
+                           for k in refused)
         raise ResumeError(f"cannot resume {run_dir}: the command line differs from the run's "
-                          f"config.yaml ({detail}); resume with the run's settings or start "
-                          "a new run_dir")
-    state, replay = load_run_checkpoint(run_dir)
-    for key in MACHINE_KEYS:
-        OmegaConf.update(saved, key, OmegaConf.select(given, key), merge=False)
-    saved.resume = True
-    return saved, state, replay
+                          f"config.yaml ({detail}); resume with the run's settings (only "
+                          f"{', '.join(RESUME_MAY_CHANGE)} may change) or start a new run_dir")
+    state, replay = load_run_checkpoint(run_dir, trust=bool(new.get("trust_checkpoint")))
+    frame = state["counters"]["step"] * old["env.action_repeat"]
+    if new["frames"] < frame:
+        raise ResumeError(f"cannot resume {run_dir} with frames={new['frames']}: its "
+                          f"checkpoint is at frame {frame}")
+    for key in (*differ, *(k for k in new if k not in old or _under(k, MACHINE_KEYS))):
+        OmegaConf.update(saved, key, new[key], merge=False)
+    changes = [f"{k}={new[k]!r} (the run had {old[k]!r})" for k in differ]
+    return saved, state, replay, changes
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    """Create ``run_dir`` (and parents); a one-line :class:`ResumeError` if it is a file
+    or cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ResumeError(f"run_dir={run_dir} is not a folder (a file is in the way); "
+                          "give a folder path") from None
+    except OSError as error:
+        raise ResumeError(f"run_dir={run_dir} cannot be created: {error.strerror}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ResumeError(f"run_dir={run_dir} is not writable by this user; give a writable "
+                          "folder")
+    return run_dir
 
 
 class Trainer:
@@ -135,11 +216,19 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)
-        cfg, resume_state, replay_dir = resolve_run_config(cfg)
+        self.run_dir = Path(cfg.run_dir)
+        # one process per run folder, from before the folder is read until the run ends
+        self.lock = RunLock(prepare_run_dir(self.run_dir)).acquire()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: DictConfig) -> None:
+        cfg, resume_state, replay_dir, self.resume_changes = resolve_run_config(cfg)
         validate_config(cfg)
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -149,7 +238,11 @@ class Trainer:
         self.repeat = cfg.env.action_repeat
         self.env = make_train_env(cfg)
         self.eval_env = make_eval_env(cfg)
-        self.agent: Agent = build_agent(cfg, self.env, self.device)
+        try:
+            self.agent: Agent = build_agent(cfg, self.env, self.device)
+        except ValueError as error:  # an agent hyper-parameter its modules refuse
+            raise ConfigError(f"config is invalid for the {cfg.agent.name} agent: "
+                              f"{first_line(error)}") from None
         if cfg.replay.storage == "memmap":
             # the memmap storage is scratch space (checkpoints hold their own copy): files
             # left by a killed or finished process would block the new storage
@@ -157,8 +250,11 @@ class Trainer:
         self.buffer = make_buffer(cfg, self.run_dir)
         self.metrics = MetricsWriter(self.run_dir / "metrics.csv", fresh=resume_state is None)
         self.logger = make_logger(cfg.log.backend, self.run_dir, cfg.task_name)
-        if resume_state is None:
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+        if resume_state is None or self.resume_changes:  # the run's record of its settings
+            record = OmegaConf.to_container(cfg, resolve=True)
+            record["resume"] = record["trust_checkpoint"] = False
+            atomic_write(self.run_dir / "config.yaml",
+                         lambda handle: handle.write(OmegaConf.to_yaml(record).encode()))
         self.step = 0  # agent steps taken in the training env
         self.updates = 0
         self.episode = 0
@@ -172,6 +268,7 @@ class Trainer:
         self.physics_errors_before = 0  # physics errors of the run before this process
         self.last_return = float("nan")
         self.resumed_from: int | None = None  # frame of the checkpoint resumed from
+        self._last_obs: torch.Tensor | None = None  # newest collected observation
         if resume_state is not None:
             self._restore(resume_state, replay_dir)
 
@@ -278,8 +375,9 @@ class Trainer:
         """Agent, replay buffer, RNG states, counters and loop state (see
         :func:`~cp3er.checkpoint.save_run_checkpoint` for the write order)."""
         check_finite_parameters(self.agent.loss, update=self.updates, frame=self.frame)
+        self._check_policy_acts()
         config = OmegaConf.to_container(self.cfg, resolve=True)
-        config["resume"] = False
+        config["resume"] = config["trust_checkpoint"] = False
         state = {
             "agent": self.agent.state_dict(),
             "config": config,
@@ -295,6 +393,19 @@ class Trainer:
         }
         save_run_checkpoint(state, self.run_dir, self.buffer, self.frame)
 
+    def _check_policy_acts(self) -> None:
+        """The policy about to be checkpointed acts finitely at the newest observation
+        (finite but exploding weights pass :func:`check_finite_parameters`)."""
+        if self._last_obs is None:  # nothing collected by this process
+            return
+        td = TensorDict({self.agent.obs_key: self._last_obs}, [1]).to(self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        # forked RNG: the probe draws no number of the run's streams
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                set_exploration_type(ExplorationType.DETERMINISTIC):
+            action = self.agent.policy(td)["action"]
+        check_finite_actions(action, f"at the checkpoint, frame {self.frame}")
+
     def _restore(self, state: dict, replay_dir: Path) -> None:
         """Continue from a checkpoint: everything :meth:`save_checkpoint` wrote, the
         metrics rows after it dropped, the interrupted episode cut."""
@@ -304,10 +415,12 @@ class Trainer:
             raise CheckpointError(f"the checkpoint does not match this run's agent: "
                                   f"{str(error).splitlines()[0]}") from error
         try:
-            self.buffer.loads(replay_dir)
+            self.buffer.loads(replay_dir, trusted=bool(self.cfg.get("trust_checkpoint")))
+        except UnsafeBufferError as error:
+            raise UntrustedCheckpointError(f"{error}; refused: {TRUST_HINT}") from None
         except Exception as error:  # torchrl/tensordict raise several types for bad folders
             raise CheckpointError(f"replay buffer checkpoint {replay_dir} is unreadable: "
-                                  f"{error}") from error
+                                  f"{first_line(error)}") from error
         self.buffer.cut_episode()
         counters = state["counters"]
         self.step, self.updates = counters["step"], counters["updates"]
@@ -328,22 +441,26 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------
     def train(self) -> str | signal.Signals:
         """Run to ``cfg.frames``; returns ``"done"``, or the signal that preempted the run
-        (after its checkpoint is written)."""
-        with Preemption() as preemption:  # a signal after the last batch just finishes
-            if self.step < self._steps(self.cfg.frames):
-                self._collect(preemption)
-            if preemption.received is not None:
+        (after its checkpoint is written). The run folder's lock is released at the end,
+        whatever the outcome."""
+        try:
+            with Preemption() as preemption:  # a signal after the last batch just finishes
+                if self.step < self._steps(self.cfg.frames):
+                    self._collect(preemption)
+                if preemption.received is not None:
+                    self.save_checkpoint()
+                    self.env.close()
+                    self.eval_env.close()
+                    return preemption.received
+                if self.last_eval_frame != self.frame:
+                    self.evaluate()
                 self.save_checkpoint()
-                self.env.close()
-                self.eval_env.close()
-                return preemption.received
-            if self.last_eval_frame != self.frame:
-                self.evaluate()
-            self.save_checkpoint()
-        plot_learning_curve(self.run_dir)
-        self.env.close()
-        self.eval_env.close()
-        return "done"
+            plot_learning_curve(self.run_dir)
+            self.env.close()
+            self.eval_env.close()
+            return "done"
+        finally:
+            self.lock.release()
 
     def _collect(self, preemption: Preemption) -> None:
         cfg = self.cfg
@@ -354,6 +471,9 @@ class Trainer:
         try:
             for batch in collector:
                 batch = batch.reshape(-1)
+                check_finite_actions(batch["action"], f"collection, frame "
+                                     f"{self.frame + batch.shape[0] * self.repeat}")
+                self._last_obs = batch[self.agent.obs_key][-1:].clone()
                 self.buffer.extend(batch)
                 self.step += batch.shape[0]
                 self.agent.advance(batch.shape[0])
@@ -384,24 +504,48 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 def main(cfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, UnknownTaskError, ResumeError, CheckpointError) as error:
+    except (RunLockedError, UntrustedCheckpointError) as error:
+        print(f"cp3er-train: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_LOCKED if isinstance(error, RunLockedError)
+                         else EXIT_UNTRUSTED) from None
+    except (ConfigError, UnknownTaskError, ResumeError, CheckpointError,
+            MetricsFileError) as error:
         raise SystemExit(f"cp3er-train: {error}") from None
     if trainer.resumed_from is not None:
         print(f"cp3er-train: resumed {trainer.run_dir} from frame {trainer.resumed_from}",
               file=sys.stderr, flush=True)
+    for change in trainer.resume_changes:
+        print(f"cp3er-train: resume takes {change} from the command line", file=sys.stderr,
+              flush=True)
     if trainer.metrics.set_aside is not None:
         print(f"cp3er-train: {trainer.run_dir} held metrics of a run that never checkpointed;"
               f" moved to {trainer.metrics.set_aside.name}", file=sys.stderr, flush=True)
     try:
         result = trainer.train()
-    except NumericalError as error:
-        raise SystemExit(f"cp3er-train: run stopped: {error}; the last good checkpoint is "
-                         f"left untouched in {trainer.run_dir / 'checkpoints'}") from None
+    except (NumericalError, CheckpointError, OSError) as error:
+        kept = (f"the last good checkpoint is left untouched in {trainer.run_dir / 'checkpoints'}"
+                if has_checkpoint(trainer.run_dir) else "no checkpoint was written")
+        raise SystemExit(f"cp3er-train: run stopped: {first_line(error)}; {kept}") from None
     if result != "done":
         print(f"cp3er-train: {result.name} received: checkpoint written at frame "
               f"{trainer.frame}; continue with resume=true", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CODES[result])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``cp3er-train``: :func:`main`, after checking a ``run_dir=`` of the command line
+    (Hydra writes ``<run_dir>/.hydra`` first and reports a bad folder with a traceback)."""
+    for arg in reversed(sys.argv[1:]):
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "run_dir":
+            if value and "${" not in value and value[0] not in "'\"":
+                try:
+                    prepare_run_dir(Path(value))
+                except ResumeError as error:
+                    raise SystemExit(f"cp3er-train: {error}") from None
+            break
     main()
+
+
+if __name__ == "__main__":
+    cli()

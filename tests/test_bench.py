@@ -40,3 +40,10 @@ def test_profile_sizes_times_each_agent_and_size(capsys, monkeypatch) -> None:
     assert set(result["run_minutes"]) == set(result["update_ms"])
     assert all(v > 0 for v in result["update_ms"].values())
     assert result["env_ms"]["cartpole_swingup"] > 0
+
+
+def test_checkpoint_figure_reports_the_hashing_share(capsys) -> None:
+    assert main(["--checkpoint-only", "--checkpoint-transitions", "300", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert result["transitions"] == 300 and result["bytes"] > 300 * 21_000
+    assert 0 < result["hash_s"] and 0 < result["hash_frac_write"] and 0 < result["hash_frac_load"]

@@ -10,24 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from tiny_run import tiny_cfg as _cfg
 
-from cp3er.checkpoint import load_run_checkpoint
+from cp3er import evaluate
+from cp3er.checkpoint import atomic_torch_save, load_checkpoint, load_run_checkpoint
 from cp3er.faults import NumericalError
-from cp3er.train import CONFIG_DIR, Trainer
+from cp3er.train import Trainer
 from envs import make_env, physics_errors
-
-TINY_STATE = [
-    "task=cartpole_balance", "obs=state", "hidden_dim=32", "feature_dim=16", "batch_size=16",
-    "replay.capacity=5000", "schedule.seed_frames=200", "schedule.explore_frames=200",
-    "schedule.eval_every_frames=0", "schedule.eval_episodes=1", "log.progress=false",
-]
-
-
-def _cfg(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="config",
-                       overrides=[f"run_dir={run_dir}", *TINY_STATE, *overrides])
 
 
 def _diverge_at(call: int, step_fn, corrupt):
@@ -179,3 +168,51 @@ def test_preemption_signals_become_a_flag() -> None:
         with pytest.raises(KeyboardInterrupt):  # a second SIGINT interrupts at once
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def _explode(module: torch.nn.Module) -> None:
+    """Finite but exploding weights (what ``lr=1e6`` does): the parameter check passes,
+    the actions overflow to NaN."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.mul_(1e30)
+
+
+@pytest.mark.parametrize(("at", "caught"), [(700, "collection, frame 704"),
+                                            (1200, "at the checkpoint, frame 1200")])
+def test_a_policy_emitting_non_finite_actions_stops_the_run(tmp_path: Path, at: int,
+                                                            caught: str) -> None:
+    """Weights explode in the update at frame ``at``: the next collected batch (frame 704)
+    or the checkpoint right after that update (frame 1200) stops the run; the checkpoint
+    kept (frame 600) holds a policy that acts."""
+    trainer = Trainer(_cfg(tmp_path, "frames=2000", "checkpoint_every=600"))
+    update = trainer.update
+
+    def exploding_update():
+        metrics = update()
+        if trainer.frame == at:
+            _explode(trainer.agent.policy)
+        return metrics
+
+    trainer.update = exploding_update
+    with pytest.raises(NumericalError, match=re.escape(f"non-finite actions ({caught})")):
+        trainer.train()
+    state, _ = load_run_checkpoint(tmp_path)
+    assert state["counters"]["step"] == 300  # the checkpoint at frame 600, untouched
+    written = trainer.buffer.storage._storage["action"][:trainer.buffer.write_count]
+    assert torch.isfinite(written).all()  # no NaN-action batch entered the buffer
+
+
+def test_eval_refuses_a_policy_emitting_non_finite_actions(tmp_path: Path, capsys) -> None:
+    Trainer(_cfg(tmp_path / "run", "frames=400")).train()
+    state = load_checkpoint(tmp_path / "run")
+    weights = state["agent"]["loss"]
+    for name, tensor in weights.items():
+        if tensor.is_floating_point():
+            weights[name] = tensor * 1e30
+    path = tmp_path / "exploded.pt"
+    atomic_torch_save(state, path)
+    assert evaluate.main([str(path), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("cp3er-eval: the policy emitted non-finite actions (evaluation episode 1): "
+                   "the checkpoint's policy is broken")

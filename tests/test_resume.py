@@ -5,37 +5,28 @@ run folders give clear errors."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from tiny_run import tiny_cfg as _cfg
+from tiny_run import tiny_command as _command
 
 from cp3er import evaluate
-from cp3er.checkpoint import CheckpointError, load_run_checkpoint
-from cp3er.train import CONFIG_DIR, ResumeError, Trainer
+from cp3er.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    load_checkpoint,
+    load_run_checkpoint,
+)
+from cp3er.train import ResumeError, Trainer
 
-TINY_STATE = [
-    "task=cartpole_balance", "obs=state", "hidden_dim=32", "feature_dim=16", "batch_size=16",
-    "replay.capacity=5000", "schedule.seed_frames=200", "schedule.explore_frames=200",
-    "schedule.eval_every_frames=0", "schedule.eval_episodes=1", "log.progress=false",
-]
 TIMING_COLUMNS = ("seconds", "fps")
-
-
-def _cfg(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="config",
-                       overrides=[f"run_dir={run_dir}", *TINY_STATE, *overrides])
-
-
-def _command(run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "cp3er.train", f"run_dir={run_dir}", *TINY_STATE, *overrides]
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
@@ -141,8 +132,10 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     final = [load_run_checkpoint(d)[0]["agent"]["loss"] for d in (run, tmp_path / "twin")]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
-    # only the newest replay-buffer checkpoint is kept
-    assert [p.name for p in (run / "checkpoints" / "replay").iterdir()] == ["frame_0000002000"]
+    # only the newest replay-buffer checkpoint is kept (the final checkpoint at the frame of
+    # the periodic one writes a folder of a new name: frame_<frame>_<k>)
+    kept = [p.name for p in (run / "checkpoints" / "replay").iterdir()]
+    assert len(kept) == 1 and re.fullmatch(r"frame_0000002000(_\d+)?", kept[0]), kept
 
 
 def test_sigterm_checkpoints_and_resumes(tmp_path: Path) -> None:
@@ -173,8 +166,8 @@ def test_sigterm_checkpoints_and_resumes(tmp_path: Path) -> None:
 def test_resume_continues_exactly(tmp_path: Path, storage: str) -> None:
     """In one process: the updates right after a checkpoint equal those of a trainer
     restored from it (agent, target critic, optimisers, replay buffer, RNG states)."""
-    args = ("frames=1000", f"replay.storage={storage}")
-    original = Trainer(_cfg(tmp_path, *args, "checkpoint_every=0"))
+    args = ("frames=1000", f"replay.storage={storage}", "checkpoint_every=0")
+    original = Trainer(_cfg(tmp_path, *args))
     original.train()  # ends with a checkpoint
     expected = [original.update() for _ in range(3)]
     restored = Trainer(_cfg(tmp_path, *args, "resume=true"))
@@ -261,14 +254,14 @@ def test_corrupted_checkpoints_are_detected(finished_run: Path, tmp_path: Path,
 
 
 def test_eval_of_mismatched_checkpoint(finished_run: Path, tmp_path: Path, capsys) -> None:
-    state = torch.load(finished_run / "checkpoints" / "latest.pt", weights_only=False)
+    state = load_checkpoint(finished_run)
     state["config"]["task_name"] = "cheetah_run"  # 17-d states instead of cartpole's 5
     path = tmp_path / "other.pt"
-    torch.save(state, path)
+    atomic_torch_save(state, path)
     assert evaluate.main([str(path), "--episodes", "1"]) == 2
     err = capsys.readouterr().err
     assert "does not match the cp3er agent for task cheetah_run" in err
-    torch.save({"weights": 1}, path)
+    atomic_torch_save({"weights": 1}, path)
     assert evaluate.main([str(path), "--episodes", "1"]) == 2
     assert "not a cp3er checkpoint" in capsys.readouterr().err
 

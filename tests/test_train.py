@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from cp3er.checkpoint import load_checkpoint
 
 TINY = [
     "hidden_dim=32", "feature_dim=16", "agent.actor_trunk=true", "batch_size=16",
@@ -43,7 +44,7 @@ def test_pixel_run_writes_the_run_folder_and_evaluates(tmp_path: Path) -> None:
     assert len(train) == 1 and train[0]["frame"] == "1000"  # one 500-step episode
     assert len(evals) == 1 and evals[0]["frame"] == "1000"
     assert float(train[0]["loss_critic"]) == float(train[0]["loss_critic"])  # updates ran
-    state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    state = load_checkpoint(run_dir)
     # updates every 2 agent steps from step 100 (200 seed frames) to step 500 inclusive
     assert state["counters"]["step"] == 500 and state["counters"]["updates"] == 201
 

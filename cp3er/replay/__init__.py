@@ -5,13 +5,14 @@
   each frame once, with frame stacks and n-step targets rebuilt at sampling time.
 """
 
-from cp3er.replay.buffer import NStepReplayBuffer, make_replay_buffer
+from cp3er.replay.buffer import NStepReplayBuffer, UnsafeBufferError, make_replay_buffer
 from cp3er.replay.sampler import SAMPLER_MODES, ProximalSampler, proximal_weight
 
 __all__ = [
     "SAMPLER_MODES",
     "NStepReplayBuffer",
     "ProximalSampler",
+    "UnsafeBufferError",
     "make_replay_buffer",
     "proximal_weight",
 ]

@@ -25,6 +25,7 @@ samplers cannot skip rows that are not valid transition starts.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,24 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer, Rou
 
 from cp3er.replay.sampler import ProximalSampler, _storage_column
 
-__all__ = ["NStepReplayBuffer", "make_replay_buffer"]
+__all__ = ["NStepReplayBuffer", "UnsafeBufferError", "make_replay_buffer"]
 
 _SAMPLER_MODES = {"proximal": "paper", "reference": "reference", "uniform": "uniform"}
 _STORAGES = ("memory", "memmap")
 _COUNTERS_FILE = "nstep_buffer.json"
+_PREFETCH_FILE = "prefetch.pkl"
+# Every file dumps() writes (relative paths; storage columns are <key>.memmap). Nothing
+# else is loaded from a checkpoint folder: TorchRL would unpickle prefetch.pkl, torch.load
+# transform.t, and tensordict unpickle other.pickle / non-tensor leaves.
+_DUMP_FILES = ("manifest.json", _COUNTERS_FILE, "buffer_metadata.json", "writer/metadata.json",
+               "sampler/proximal_sampler.pt", "storage/meta.json",
+               "storage/storage_metadata.json", "rng_state/meta.json",
+               "rng_state/rng_state.memmap")  # rng_state/: with a sampling generator
+_TENSORDICT_TYPE = str(TensorDict)
+
+
+class UnsafeBufferError(ValueError):
+    """A buffer folder holding files that loading could execute (pickles)."""
 
 
 class NStepReplayBuffer:
@@ -434,16 +448,42 @@ class NStepReplayBuffer:
 
         Uses TorchRL's ``ReplayBuffer.dumps`` (storage, sampler, writer, RNG); with a
         memmap storage whose ``scratch_dir`` is ``path/storage`` the copy is skipped.
+        Writes no pickle: TorchRL 0.14 always pickles its prefetch queue to
+        ``prefetch.pkl`` (and unpickles it on load when present); this buffer never
+        prefetches, so the file, an empty queue, is removed.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self._rb.dumps(path)
+        (path / _PREFETCH_FILE).unlink(missing_ok=True)
         with open(path / _COUNTERS_FILE, "w") as file:
             json.dump(self._counters(), file)
 
-    def loads(self, path: str | Path) -> None:
-        """Restores a buffer written by :meth:`dumps`; sampling then continues exactly."""
+    def _tensor_nbytes(self) -> list[int]:
+        storage = self._rb.storage
+        if not storage.initialized:
+            return [0]
+        return [t.numel() * t.element_size() for t in storage._storage.values(True, True)]
+
+    def dump_nbytes(self) -> int:
+        """Bytes :meth:`dumps` writes (its memmaps; the metadata files are small)."""
+        return sum(self._tensor_nbytes()) + (1 << 20)
+
+    def dump_largest(self) -> int:
+        """Bytes of the largest file :meth:`dumps` writes."""
+        return max(self._tensor_nbytes())
+
+    def loads(self, path: str | Path, *, trusted: bool = False) -> None:
+        """Restores a buffer written by :meth:`dumps`; sampling then continues exactly.
+
+        A folder holding any file :meth:`dumps` does not write (a pickle such as TorchRL's
+        ``prefetch.pkl``, a ``transform.t``) is refused unless ``trusted``: TorchRL and
+        tensordict unpickle such files. Metadata naming a tensorclass (tensordict imports
+        the module it names) is refused too.
+        """
         path = Path(path)
+        if not trusted:
+            _check_dump_files(path)
         with open(path / _COUNTERS_FILE) as file:
             self._load_counters(json.load(file))
         self._rb.loads(path)
@@ -460,6 +500,26 @@ class NStepReplayBuffer:
         """Drops all data and counters."""
         self._rb.empty()
         self._reset_counters()
+
+
+def _check_dump_files(path: Path) -> None:
+    """Raise ``ValueError`` naming any file of a buffer folder :meth:`~NStepReplayBuffer.dumps`
+    does not write, or storage metadata that would make tensordict import a module."""
+    names = [str(p.relative_to(path)) for p in sorted(path.rglob("*")) if p.is_file()]
+    unknown = [n for n in names if n not in _DUMP_FILES
+               and not re.fullmatch(r"storage/\w+\.memmap", n)]
+    if unknown:
+        raise UnsafeBufferError(
+            f"replay buffer folder {path} holds files a cp3er buffer does not write "
+            f"({', '.join(unknown)}); a pickle there could run code when loaded")
+    for name in ("storage/meta.json", "rng_state/meta.json"):
+        if not (path / name).is_file():
+            continue
+        with open(path / name) as file:
+            meta = json.load(file)
+        if meta.get("_type") != _TENSORDICT_TYPE or "_tensorclass_type" in meta:
+            raise UnsafeBufferError(f"replay buffer folder {path}: {name} names type "
+                                    f"{meta.get('_type')!r}, not {_TENSORDICT_TYPE!r}")
 
 
 def _take(column: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

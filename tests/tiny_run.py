@@ -1,0 +1,28 @@
+"""A tiny state run for tests of the training loop: a Hydra config and a command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from cp3er.train import CONFIG_DIR
+
+TINY_STATE = [
+    "task=cartpole_balance", "obs=state", "hidden_dim=32", "feature_dim=16", "batch_size=16",
+    "replay.capacity=5000", "schedule.seed_frames=200", "schedule.explore_frames=200",
+    "schedule.eval_every_frames=0", "schedule.eval_episodes=1", "log.progress=false",
+]
+
+
+def tiny_cfg(run_dir: Path, *overrides: str):
+    """The composed config of a tiny state run in ``run_dir``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="config",
+                       overrides=[f"run_dir={run_dir}", *TINY_STATE, *overrides])
+
+
+def tiny_command(run_dir: Path, *overrides: str) -> list[str]:
+    """``cp3er-train`` of a tiny state run, as a subprocess command."""
+    return [sys.executable, "-m", "cp3er.train", f"run_dir={run_dir}", *TINY_STATE, *overrides]

@@ -17,7 +17,7 @@ observations are rebuilt from the following rows. Rows go through a TorchRL
 of 63.5 KB for stored 9-channel stacks.
 
 What TorchRL does not cover, and is written here: ``CatFrames``'s replay-buffer
-stacking costs ~2 s a batch (pytorch/rl#2406), ``MultiStepTransform`` computes n-step
+stacking is slow (pytorch/rl#2406; docs/performance.md), ``MultiStepTransform`` computes n-step
 targets at write time and cannot see episode ends written later, and TorchRL's
 samplers cannot skip rows that are not valid transition starts.
 """
@@ -491,7 +491,8 @@ class NStepReplayBuffer:
 
 def _take(column: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``column[index]`` along dim 0 via ``index_select`` (several times faster than
-    advanced indexing for large rows: ~8 ms instead of ~50 ms for 1536 pixel frames)."""
+    advanced indexing for large rows: docs/performance.md, "Measurements behind code
+    choices")."""
     out = column.index_select(0, index.reshape(-1))
     return out.reshape(*index.shape, *column.shape[1:])
 

@@ -468,9 +468,10 @@ def _inverse_cdf(cdf: torch.Tensor, count: int, gen: torch.Generator | None) -> 
 def _searchsorted(sorted_seq: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``torch.searchsorted(sorted_seq, values, right=True)`` computed by NumPy.
 
-    ``torch.searchsorted`` splits even 256 queries across intra-op threads; on a busy
-    machine waiting for the second thread costs 4-12 ms instead of ~0.15 ms. NumPy's
-    single-threaded search gives identical indices at a steady cost.
+    ``torch.searchsorted`` splits even small queries across intra-op threads, which costs
+    far more than the search on a busy machine; NumPy's single-threaded search gives
+    identical indices at a steady cost (docs/performance.md, "Measurements behind code
+    choices").
     """
     found = np.searchsorted(sorted_seq.numpy(), values.numpy(), side="right")
     return torch.from_numpy(found.astype(np.int64, copy=False))

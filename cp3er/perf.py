@@ -7,7 +7,8 @@ update. Keeping freed memory in the heap (``M_TOP_PAD`` 1 GiB, ``M_TRIM_THRESHOL
 2 GiB, set with ``mallopt``) saves about a third of a pixel update on CPU
 (docs/performance.md, "Measurements behind code choices"). The same effect as the
 environment variables ``MALLOC_TOP_PAD_`` / ``MALLOC_TRIM_THRESHOLD_`` or a caching
-allocator (jemalloc, tcmalloc) via ``LD_PRELOAD``, without either. The price: the process keeps its peak heap instead of returning it.
+allocator (jemalloc, tcmalloc) via ``LD_PRELOAD``, without either. The price: the
+process keeps its peak heap instead of returning it.
 No-op (returns False) where the C library has no ``mallopt`` (macOS, musl, Windows).
 """
 

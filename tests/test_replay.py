@@ -575,3 +575,22 @@ def test_unwritten_rows_never_leak_into_targets() -> None:
     # row 2's target uses the one step written after it: r_2 + 0.9 r_3... only r_2 (n'=1)
     assert batch["next", "n_steps"].reshape(-1).tolist() == [3, 2, 1]
     assert batch["next", "reward"][2].item() == pytest.approx(fake.reward(0, 2))
+
+
+@pytest.mark.parametrize(("task", "assumed"), [("cheetah_run", 1000), ("mw_assembly", 500)])
+def test_reference_sampler_assumes_the_tasks_episode_env_steps(task: str, assumed: int,
+                                                               tmp_path) -> None:
+    """``replay.sampler=reference`` assumes an episode's environment steps as its length,
+    as the reference code does (1000 on DMC, 500 on Meta-World)."""
+    from hydra import compose, initialize_config_dir
+
+    from cp3er.session import make_buffer
+    from cp3er.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=[f"task={task}", "obs=state",
+                                                       "replay.sampler=reference",
+                                                       "replay.capacity=100"])
+    sampler = make_buffer(cfg, tmp_path).sampler
+    assert sampler.mode == "reference"
+    assert sampler.weighting.transitions_per_episode == assumed

@@ -7,7 +7,7 @@
   each frame once, with frame stacks and n-step targets rebuilt at sampling time.
 """
 
-from cp3er.replay.buffer import NStepReplayBuffer, make_replay_buffer
+from cp3er.replay.buffer import STORAGES, NStepReplayBuffer, make_replay_buffer
 from cp3er.replay.sampler import (
     SAMPLER_MODES,
     ProximalSampler,
@@ -18,6 +18,7 @@ from cp3er.replay.sampler import (
 
 __all__ = [
     "SAMPLER_MODES",
+    "STORAGES",
     "NStepReplayBuffer",
     "ProximalSampler",
     "RingSampler",

@@ -35,9 +35,10 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer, Rou
 
 from cp3er.replay.sampler import SAMPLER_MODES, _storage_column, make_sampler
 
-__all__ = ["NStepReplayBuffer", "make_replay_buffer"]
+__all__ = ["STORAGES", "NStepReplayBuffer", "make_replay_buffer"]
 
-_STORAGES = ("memory", "memmap")
+#: ``replay.storage``: RAM (``LazyTensorStorage``) or disk (``LazyMemmapStorage``).
+STORAGES = ("memory", "memmap")
 _COUNTERS_FILE = "nstep_buffer.json"
 
 
@@ -127,8 +128,8 @@ class NStepReplayBuffer:
     ) -> None:
         if sampler not in SAMPLER_MODES:
             raise ValueError(f"sampler must be one of {SAMPLER_MODES}, got {sampler!r}")
-        if storage not in _STORAGES:
-            raise ValueError(f"storage must be one of {_STORAGES}, got {storage!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if frame_stack < 1 or n_step < 1:
             raise ValueError(f"frame_stack and n_step must be >= 1, got {frame_stack}, {n_step}")
         if capacity < 2:

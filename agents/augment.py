@@ -3,14 +3,13 @@
 DrQ-v2 (Yarats et al. 2021, arXiv 2107.09645) pads each image by ``pad`` pixels with
 replicate padding and crops it back at a random integer offset. Its code does the
 crop with a bilinear ``F.grid_sample`` whose sampling points fall on pixel centres,
-so the result is an exact integer shift of the padded image. Two implementations:
+so the result is an exact integer shift of the padded image. :func:`random_shift` /
+:class:`RandomShift` do the same shift by integer indexing, no interpolation, on uint8 or
+float, without materialising the padded image (replicate padding + crop == clamping the
+source indices to the image); tests/test_augment.py checks them against DrQ-v2's
+``grid_sample`` formulation.
 
-- :func:`random_shift_grid_sample`: DrQ-v2's formulation (float, reference);
-- :func:`random_shift` / :class:`RandomShift`: the same shift by integer indexing,
-  no interpolation, on uint8 or float, without materialising the padded image
-  (replicate padding + crop == clamping the source indices to the image).
-
-Shift convention, shared by both: ``shifts`` is an integer tensor ``[N, 2]`` of
+Shift convention: ``shifts`` is an integer tensor ``[N, 2]`` of
 ``(dy, dx)`` in ``[-pad, pad]``, and output pixel ``(i, j)`` reads input pixel
 ``(clamp(i + dy, 0, H - 1), clamp(j + dx, 0, W - 1))``. DrQ-v2 draws the crop
 offset uniformly in ``{0, ..., 2 pad}`` per axis; that offset is ``shift + pad``.
@@ -19,10 +18,9 @@ offset uniformly in ``{0, ..., 2 pad}`` per axis; that offset is ``shift + pad``
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RandomShift", "random_shift", "random_shift_grid_sample", "sample_shifts"]
+__all__ = ["RandomShift", "random_shift", "sample_shifts"]
 
 
 def sample_shifts(
@@ -102,46 +100,6 @@ def random_shift(
     else:
         planes = images.reshape(n, c, h * w)
         out = planes.gather(2, source[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
-    return out.reshape(*batch, c, h, w)
-
-
-def random_shift_grid_sample(
-    x: torch.Tensor,
-    pad: int = 4,
-    generator: torch.Generator | None = None,
-    shifts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """DrQ-v2's random shift: replicate pad, then bilinear ``grid_sample`` at integer offsets.
-
-    The reference formulation (DrQ-v2 ``RandomShiftsAug``), generalised to
-    non-square images. Kept to check :func:`random_shift` against; slower, float only
-    (integer input is converted to float32).
-
-    Args:
-        x: images ``[*batch, C, H, W]``.
-        pad: replicate padding / maximum shift in pixels.
-        generator: random generator for the shifts (ignored when ``shifts`` is given).
-        shifts: optional ``(dy, dx)`` integer shifts ``[*batch, 2]`` (or ``[N, 2]``).
-
-    Returns:
-        the shifted images as floats, same shape as ``x``.
-    """
-    images, batch = _flatten_batch(x)
-    if not images.is_floating_point():
-        images = images.float()
-    n, c, h, w = images.shape
-    shifts = _resolve_shifts(shifts, n, pad, generator, images.device)
-    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
-    hp, wp = h + 2 * pad, w + 2 * pad
-    # Normalised centres of the first h (w) padded pixels (align_corners=False).
-    ys = torch.linspace(-1.0 + 1.0 / hp, 1.0 - 1.0 / hp, hp, device=x.device, dtype=images.dtype)
-    xs = torch.linspace(-1.0 + 1.0 / wp, 1.0 - 1.0 / wp, wp, device=x.device, dtype=images.dtype)
-    grid_y, grid_x = torch.meshgrid(ys[:h], xs[:w], indexing="ij")
-    base_grid = torch.stack([grid_x, grid_y], dim=-1)  # [H, W, 2], (x, y) order
-    offset = (shifts.flip(-1) + pad).to(images.dtype)  # crop offset in {0..2 pad}, (x, y)
-    offset = offset * torch.tensor([2.0 / wp, 2.0 / hp], device=x.device, dtype=images.dtype)
-    grid = base_grid.unsqueeze(0) + offset[:, None, None, :]
-    out = F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(*batch, c, h, w)
 
 

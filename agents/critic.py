@@ -16,10 +16,9 @@ heads for the means, the scales and the mixture logits, with
 ``scale = init_scale * softplus(x) / softplus(0) + 1e-4`` (Acme's
 ``GaussianMixture`` head parameterisation).
 
-The trunk follows the CP3ER reference (Linear + LayerNorm, **no Tanh**); DrQ-v2's
-critic trunk ends with a Tanh, available with ``trunk_tanh=True``. Layers keep
-PyTorch's default initialisation like the CP3ER reference (its ``MoGCritic`` does
-not apply DrQ-v2's ``weight_init``); ``orthogonal_init=True`` applies it instead.
+The trunk follows the CP3ER reference (Linear + LayerNorm, **no Tanh**, unlike DrQ-v2's
+critic trunk). Layers keep PyTorch's default initialisation like the CP3ER reference
+(its ``MoGCritic`` does not apply DrQ-v2's orthogonal ``weight_init``).
 
 The functional helpers (:func:`mog_mean`, :func:`mog_log_prob`, :func:`mog_sample`,
 :func:`mog_distribution`) work on ``(loc, scale, logits)`` so a loss can run the
@@ -34,8 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import distributions as D
 from torch import nn
-
-from agents.encoder import weight_init
 
 __all__ = [
     "MIN_SCALE",
@@ -112,8 +109,6 @@ class MoGCritic(nn.Module):
         num_components: number of Gaussians K (3).
         init_scale: component standard deviation when the scale head outputs 0
             (``scale = init_scale * softplus(x) / softplus(0) + 1e-4``).
-        trunk_tanh: append DrQ-v2's Tanh to the trunk (the CP3ER reference has none).
-        orthogonal_init: apply DrQ-v2's ``weight_init`` instead of PyTorch's default.
 
     Shapes:
         ``features [*batch, repr_dim]``, ``action [*batch, action_dim]`` ->
@@ -135,8 +130,6 @@ class MoGCritic(nn.Module):
         hidden_dim: int = 1024,
         num_components: int = 3,
         init_scale: float = 1e-3,
-        trunk_tanh: bool = False,
-        orthogonal_init: bool = False,
     ) -> None:
         super().__init__()
         if num_components < 1:
@@ -146,10 +139,7 @@ class MoGCritic(nn.Module):
         self.num_components = num_components
         self.init_scale = init_scale
         self._scale_factor = init_scale / math.log(2.0)  # init_scale / softplus(0)
-        trunk: list[nn.Module] = [nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim)]
-        if trunk_tanh:
-            trunk.append(nn.Tanh())
-        self.trunk = nn.Sequential(*trunk)
+        self.trunk = nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim))
         self.torso = nn.Sequential(
             nn.Linear(feature_dim + action_dim, hidden_dim),
             nn.LayerNorm(hidden_dim),
@@ -161,8 +151,6 @@ class MoGCritic(nn.Module):
         self.loc_head = nn.Linear(hidden_dim, num_components)
         self.scale_head = nn.Linear(hidden_dim, num_components)
         self.logits_head = nn.Linear(hidden_dim, num_components)
-        if orthogonal_init:
-            self.apply(weight_init)
 
     def forward(
         self, features: torch.Tensor, action: torch.Tensor

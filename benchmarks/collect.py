@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cp3er.plot import PlotError, bootstrap_mean_ci, load_run, summarize
+from cp3er.plot import PlotError, load_run, summarize
+from cp3er.stats import bootstrap_mean_ci
 
 COLUMNS = ["task", "agent", "obs", "seed", "frames", "final_return", "best_return",
            "wall_seconds", "run_dir", "command"]

@@ -8,10 +8,9 @@ from numbers import Integral, Real
 import torch
 from omegaconf import DictConfig
 
+from cp3er.replay import SAMPLER_MODES, STORAGES
 from cp3er.runlog import LOGGER_BACKENDS
 
-REPLAY_SAMPLERS = ("proximal", "reference", "uniform")
-REPLAY_STORAGES = ("memory", "memmap")
 DEVICES = ("cpu", "cuda")
 
 
@@ -72,10 +71,10 @@ def validate_config(cfg: DictConfig) -> None:
     label = cfg.get("label")
     _require(label is None or (isinstance(label, str) and label.strip() != ""), "label", label,
              "null or a non-empty name")
-    _require(cfg.replay.sampler in REPLAY_SAMPLERS, "replay.sampler", cfg.replay.sampler,
-             f"one of {REPLAY_SAMPLERS}")
-    _require(cfg.replay.storage in REPLAY_STORAGES, "replay.storage", cfg.replay.storage,
-             f"one of {REPLAY_STORAGES}")
+    _require(cfg.replay.sampler in SAMPLER_MODES, "replay.sampler", cfg.replay.sampler,
+             f"one of {SAMPLER_MODES}")
+    _require(cfg.replay.storage in STORAGES, "replay.storage", cfg.replay.storage,
+             f"one of {STORAGES}")
     _require(isinstance(cfg.replay.alpha, Real) and cfg.replay.alpha > 0, "replay.alpha",
              cfg.replay.alpha, "a number > 0")
     _require(cfg.log.backend in LOGGER_BACKENDS, "log.backend", cfg.log.backend,

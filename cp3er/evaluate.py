@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 from tensordict import TensorDictBase
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from cp3er.faults import NumericalError, check_finite_actions
+from cp3er.stats import bootstrap_mean_ci, interquartile_mean
 
 
 @dataclass
@@ -87,26 +87,16 @@ def random_policy_summary(task: str, episodes: int, *, obs: str = "state",
     return summarize(task, results, seed=seed)
 
 
-def interquartile_mean(values: np.ndarray) -> float:
-    """IQM: the mean of the middle 50% (rliable's aggregate; Agarwal et al. 2021)."""
-    return float(stats.trim_mean(values, 0.25))
-
-
 def summarize(task: str, results: EpisodeResults, seed: int = 0) -> dict:
     """The JSON summary of ``cp3er-eval``."""
     returns = np.asarray(results.returns, dtype=np.float64)
-    if len(returns) > 1 and np.ptp(returns) > 0:
-        boot = stats.bootstrap((returns,), np.mean, confidence_level=0.95, n_resamples=2000,
-                               method="percentile", random_state=seed)
-        ci = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
-    else:
-        ci = [float(returns.mean()), float(returns.mean())]
+    low, high = bootstrap_mean_ci(returns, rng=seed)
     summary = {
         "task": task,
         "episodes": len(returns),
         "return_mean": float(returns.mean()),
-        "return_iqm": interquartile_mean(returns),
-        "return_ci": ci,
+        "return_iqm": float(interquartile_mean(returns)),
+        "return_ci": [float(low), float(high)],
         "episode_length_mean": float(np.mean(results.lengths)),
     }
     if results.successes:

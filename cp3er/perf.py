@@ -4,11 +4,11 @@
 ``mmap`` and returns it to the kernel on ``free``, so each of an update's large temporary
 tensors (a batch of 256 conv activations is 40-50 MB) is page-faulted in again, every
 update. Keeping freed memory in the heap (``M_TOP_PAD`` 1 GiB, ``M_TRIM_THRESHOLD``
-2 GiB, set with ``mallopt``) measured on this 2-core CPU: DrQ-v2 encoder forward on 256
-frame stacks 1,410 -> 600 ms, forward + backward 3,830 -> 2,440 ms (1 thread, machine
-shared). The same effect as the environment variables ``MALLOC_TOP_PAD_`` /
-``MALLOC_TRIM_THRESHOLD_`` or a caching allocator (jemalloc, tcmalloc) via ``LD_PRELOAD``,
-without either. The price: the process keeps its peak heap instead of returning it.
+2 GiB, set with ``mallopt``) saves about a third of a pixel update on CPU
+(docs/performance.md, "Measurements behind code choices"). The same effect as the
+environment variables ``MALLOC_TOP_PAD_`` / ``MALLOC_TRIM_THRESHOLD_`` or a caching
+allocator (jemalloc, tcmalloc) via ``LD_PRELOAD``, without either. The price: the
+process keeps its peak heap instead of returning it.
 No-op (returns False) where the C library has no ``mallopt`` (macOS, musl, Windows).
 """
 

@@ -35,15 +35,9 @@ Output: with ``--json``, one JSON object on stdout::
 without it, a short table of the aggregates. Errors (a folder without ``metrics.csv``, no
 evaluation rows, an unknown metric) are one line on stderr and exit status 2.
 
-The bootstrap is implemented here with numpy (a few lines) rather than by depending on
-``rliable``: rliable 1.2.0 pulls in arch, statsmodels, pandas and seaborn, and with the
-pandas 3 that pip resolves today ``import rliable.library`` fails inside arch 7.2. The
-estimators and the resampling scheme are rliable's (``metrics.aggregate_iqm`` /
-``aggregate_mean`` / ``aggregate_optimality_gap``, ``library.get_interval_estimates`` with
-percentile CIs); on the same score matrices the point estimates are equal and the CIs agree
-to Monte-Carlo error. With unequal seed counts per task the pooled estimates weigh tasks by
-their runs (rliable needs a full runs x tasks matrix). Runs of one (task, agent) that mix
-observation types (pixels, state) are an error rather than replicates.
+The estimators and bootstraps are in :mod:`cp3er.stats` (rliable's, in numpy). Runs of one
+(task, agent) that mix observation types (pixels, state) are an error rather than
+replicates.
 
 ``plot_learning_curve(run_dir)`` draws a single run (eval and train returns vs frames);
 ``cp3er-train`` calls it at the end of a run.
@@ -57,12 +51,13 @@ import json
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+from cp3er.stats import AGGREGATES, aggregate_metrics, bootstrap_mean_ci
 
 __all__ = [
     "METRICS",
@@ -70,18 +65,14 @@ __all__ = [
     "Curve",
     "PlotError",
     "Run",
-    "aggregate_metrics",
     "final_scores",
-    "interquartile_mean",
     "learning_curves",
     "load_run",
     "main",
     "normalize",
-    "optimality_gap",
     "plot_comparison",
     "plot_learning_curve",
     "run_series",
-    "stratified_bootstrap_ci",
     "summarize",
 ]
 
@@ -89,7 +80,6 @@ METRICS = ("episode_return", "success")
 PHASES = ("eval", "train")
 # Divisor that maps a metric to a [0, 1] normalized score for the aggregates.
 SCORE_SCALE = {"episode_return": 1000.0, "success": 1.0}
-CONFIDENCE = 0.95
 
 
 class PlotError(ValueError):
@@ -210,65 +200,7 @@ def group_runs(runs: Iterable[Run]) -> dict[str, dict[str, list[Run]]]:
     return {t: {a: groups[t][a] for a in sorted(groups[t])} for t in sorted(groups)}
 
 
-# -- statistics -------------------------------------------------------------------------
-
-
-def interquartile_mean(scores: np.ndarray, axis: int | None = -1) -> np.ndarray:
-    """IQM: mean of the middle 50% of scores (rliable ``aggregate_iqm``; Agarwal et al. 2021)."""
-    return stats.trim_mean(scores, 0.25, axis=axis)
-
-
-def optimality_gap(scores: np.ndarray, axis: int | None = -1) -> np.ndarray:
-    """Mean shortfall from a normalized score of 1: ``mean(max(0, 1 - s))`` (rliable, gamma=1)."""
-    return np.mean(np.maximum(0.0, 1.0 - scores), axis=axis)
-
-
-AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "iqm": interquartile_mean,
-    "mean": lambda scores: np.mean(scores, axis=-1),
-    "optimality_gap": optimality_gap,
-}
-
-
-def _percentile_ci(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    tail = 100 * (1 - CONFIDENCE) / 2
-    low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
-    return low, high
-
-
-def bootstrap_mean_ci(values: np.ndarray, reps: int, rng: np.random.Generator,
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """95% percentile CI of the mean over axis 0 (seeds) of ``values`` [seeds, frames].
-
-    Each resample draws the seeds with replacement (multinomial counts, so the memory is
-    ``reps x chunk`` whatever the number of frames).
-    """
-    seeds = values.shape[0]
-    weights = rng.multinomial(seeds, np.full(seeds, 1 / seeds), size=reps) / seeds
-    chunk = max(1, 2**21 // reps)
-    lows, highs = [], []
-    for start in range(0, values.shape[1], chunk):
-        low, high = _percentile_ci(weights @ values[:, start:start + chunk])
-        lows.append(low)
-        highs.append(high)
-    return np.concatenate(lows), np.concatenate(highs)
-
-
-def stratified_bootstrap_ci(
-    scores_by_task: Sequence[np.ndarray],
-    statistic: Callable[[np.ndarray], np.ndarray],
-    reps: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """95% percentile CI of ``statistic`` over pooled runs, resampling runs within each task.
-
-    rliable's stratified bootstrap (Agarwal et al. 2021, Sec. 4): every resample keeps each
-    task's number of runs; ``statistic`` maps ``[reps, runs]`` to ``[reps]``.
-    """
-    rng = np.random.default_rng(seed)
-    resampled = [s[rng.integers(0, len(s), size=(reps, len(s)))] for s in scores_by_task]
-    low, high = _percentile_ci(statistic(np.concatenate(resampled, axis=1)))
-    return float(low), float(high)
+# -- scores ----------------------------------------------------------------------------
 
 
 def normalize(scores: np.ndarray, metric: str) -> np.ndarray:
@@ -290,25 +222,6 @@ def final_scores(groups: dict[str, dict[str, list[Run]]], metric: str,
                       f"{max(last_frames)}; each run's last evaluation is its final score")
             scores[agent][task] = np.array([values[-1] for _, values in ends])
     return dict(scores)
-
-
-def aggregate_metrics(scores_by_task: dict[str, np.ndarray], reps: int = 2000, seed: int = 0,
-                      ) -> dict:
-    """IQM, mean and optimality gap of normalized final scores with stratified-bootstrap CIs.
-
-    ``scores_by_task``: ``{task: normalized scores of its runs}``; the point estimates pool
-    all runs (rliable flattens its runs x tasks matrix the same way).
-    """
-    tasks = sorted(scores_by_task)
-    per_task = [np.asarray(scores_by_task[t], dtype=np.float64) for t in tasks]
-    pooled = np.concatenate(per_task)
-    result: dict = {}
-    for name, statistic in AGGREGATES.items():
-        result[name] = float(statistic(pooled))
-        result[f"{name}_ci"] = list(stratified_bootstrap_ci(per_task, statistic, reps, seed))
-    result["runs"] = len(pooled)
-    result["tasks"] = tasks
-    return result
 
 
 def learning_curves(groups: dict[str, dict[str, list[Run]]], metric: str, phase: str = "eval",

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Fixed columns so every run's metrics.csv reads the same (glossary in docs/metrics.md).
+# Fixed columns so every run's metrics.csv reads the same
+# (glossary: README.md, "metrics.csv glossary").
 METRIC_COLUMNS = [
     "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
     "seconds", "fps", "loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents.build import Agent, build_agent
 from cp3er.checkpoint import CheckpointError, load_checkpoint
 from cp3er.replay import make_replay_buffer
-from envs import make_env
+from envs import TASKS, make_env
 
 EVAL_SEED_OFFSET = 10_000
 
@@ -29,6 +29,9 @@ def make_eval_env(cfg: DictConfig, seed: int | None = None):
 
 
 def make_buffer(cfg: DictConfig, run_dir: Path):
+    """The run's replay buffer. ``replay.sampler=reference`` assumes, like the reference
+    code, an episode's environment steps as its transitions (1000 on DMC, 500 on
+    Meta-World), whatever the action repeat."""
     obs_key = "pixels" if cfg.obs == "pixels" else "observation"
     frame_stack = cfg.env.frame_stack if cfg.obs == "pixels" else 1
     return make_replay_buffer(
@@ -40,6 +43,7 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
         batch_size=cfg.batch_size,
         sampler=cfg.replay.sampler,
         alpha=cfg.replay.alpha,
+        transitions_per_episode=TASKS[cfg.task_name].episode_env_steps,
         storage=cfg.replay.storage,
         scratch_dir=run_dir / "replay" if cfg.replay.storage == "memmap" else None,
     )

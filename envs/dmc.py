@@ -3,8 +3,8 @@
 Two small dm_env wrappers sit below TorchRL's :class:`DMControlWrapper`:
 
 * :class:`ActionRepeat` repeats the action *below the renderer*, so a pixel
-  observation is rendered once per agent step (TORCHRL_NOTES: TorchRL's
-  ``FrameSkipTransform`` / ``frame_skip`` re-render on every sub-step, ~44 vs ~22 ms).
+  observation is rendered once per agent step (TorchRL's ``FrameSkipTransform`` /
+  ``frame_skip`` re-render on every sub-step: docs/implementation.md, stack note 1).
 * :class:`ObservationAdapter` turns the task's observation dict into exactly one entry,
   ``pixels`` (HxWx3 uint8, rendered once) or ``observation`` (flat float32), which
   covers both the suite (rendered) and manipulation (a camera observation) tasks.

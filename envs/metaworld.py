@@ -53,7 +53,7 @@ class MetaWorldAdapter(gym.Wrapper):
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         if self._obs == "pixels":
-            # Meta-World renders upside down (TORCHRL_NOTES): flip rows.
+            # Meta-World renders upside down (docs/implementation.md, stack note 5): flip rows.
             return {"pixels": np.ascontiguousarray(self.env.render()[::-1])}
         return {"observation": np.asarray(state, dtype=np.float32)}
 
@@ -119,7 +119,7 @@ def make_metaworld_env(
     env = gym.make("Meta-World/MT1", env_name=spec.domain, seed=seed, **render)
     env = MetaWorldAdapter(env, obs, action_repeat)
     torchrl_env = GymWrapper(env)
-    # Meta-World's info["success"] is a Python float: read it with a spec (TORCHRL_NOTES).
+    # info["success"] is a Python float: read it with a spec (docs/implementation.md, stack note 5).
     reader = default_info_dict_reader(
         ["success"], spec={"success": Categorical(2, shape=(1,), dtype=torch.bool)}
     )

@@ -4,10 +4,57 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from agents.augment import RandomShift, random_shift, random_shift_grid_sample, sample_shifts
+from agents.augment import (
+    RandomShift,
+    _flatten_batch,
+    _resolve_shifts,
+    random_shift,
+    sample_shifts,
+)
 
 PAD = 4
+
+
+def random_shift_grid_sample(
+    x: torch.Tensor,
+    pad: int = 4,
+    generator: torch.Generator | None = None,
+    shifts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DrQ-v2's random shift: replicate pad, then bilinear ``grid_sample`` at integer offsets.
+
+    The reference formulation (DrQ-v2 ``RandomShiftsAug``), generalised to
+    non-square images: what :func:`random_shift` is checked against; float only
+    (integer input is converted to float32).
+
+    Args:
+        x: images ``[*batch, C, H, W]``.
+        pad: replicate padding / maximum shift in pixels.
+        generator: random generator for the shifts (ignored when ``shifts`` is given).
+        shifts: optional ``(dy, dx)`` integer shifts ``[*batch, 2]`` (or ``[N, 2]``).
+
+    Returns:
+        the shifted images as floats, same shape as ``x``.
+    """
+    images, batch = _flatten_batch(x)
+    if not images.is_floating_point():
+        images = images.float()
+    n, c, h, w = images.shape
+    shifts = _resolve_shifts(shifts, n, pad, generator, images.device)
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    hp, wp = h + 2 * pad, w + 2 * pad
+    # Normalised centres of the first h (w) padded pixels (align_corners=False).
+    ys = torch.linspace(-1.0 + 1.0 / hp, 1.0 - 1.0 / hp, hp, device=x.device, dtype=images.dtype)
+    xs = torch.linspace(-1.0 + 1.0 / wp, 1.0 - 1.0 / wp, wp, device=x.device, dtype=images.dtype)
+    grid_y, grid_x = torch.meshgrid(ys[:h], xs[:w], indexing="ij")
+    base_grid = torch.stack([grid_x, grid_y], dim=-1)  # [H, W, 2], (x, y) order
+    offset = (shifts.flip(-1) + pad).to(images.dtype)  # crop offset in {0..2 pad}, (x, y)
+    offset = offset * torch.tensor([2.0 / wp, 2.0 / hp], device=x.device, dtype=images.dtype)
+    grid = base_grid.unsqueeze(0) + offset[:, None, None, :]
+    out = F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(*batch, c, h, w)
 
 
 def _images(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -37,24 +37,6 @@ def test_split_first_layer_is_the_concatenated_linear() -> None:
     assert net.cond_layer.weight.abs().max() > 0.8 * bound
 
 
-def test_single_first_layer_state_dicts_still_load() -> None:
-    torch.manual_seed(0)
-    net = ConditionalMLP(action_dim=3, cond_dim=20, hidden_dim=32, num_layers=3)
-    old = {"time_embed.1.weight": net.time_embed[1].weight,
-           "time_embed.1.bias": net.time_embed[1].bias,
-           "time_embed.3.weight": net.time_embed[3].weight,
-           "time_embed.3.bias": net.time_embed[3].bias,
-           "mlp.0.weight": torch.cat([net.input_layer.weight, net.cond_layer.weight], 1),
-           "mlp.0.bias": net.input_layer.bias,
-           "mlp.2.weight": net.mlp[1].weight, "mlp.2.bias": net.mlp[1].bias,
-           "mlp.4.weight": net.mlp[3].weight, "mlp.4.bias": net.mlp[3].bias,
-           "mlp.6.weight": net.mlp[5].weight, "mlp.6.bias": net.mlp[5].bias}
-    fresh = ConditionalMLP(action_dim=3, cond_dim=20, hidden_dim=32, num_layers=3)
-    fresh.load_state_dict({k: v.detach().clone() for k, v in old.items()})
-    x, t, cond = torch.randn(5, 3), torch.randn(5), torch.randn(5, 20)
-    torch.testing.assert_close(fresh(x, t, cond), net(x, t, cond))
-
-
 def test_projected_condition_gives_the_same_outputs_and_gradients() -> None:
     torch.manual_seed(0)
     net = ConditionalMLP(action_dim=2, cond_dim=12, hidden_dim=16)
@@ -116,20 +98,46 @@ def test_channels_last_encoder_matches_the_default_layout() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_adam_takes_the_same_steps() -> None:
-    torch.manual_seed(0)
-    nets = [nn.Linear(64, 8), nn.Linear(64, 8)]
-    nets[1].load_state_dict(nets[0].state_dict())
-    optims = [torch.optim.Adam(nets[0].parameters(), lr=1e-3),
-              torch.optim.Adam(nets[1].parameters(), lr=1e-3, fused=True)]
-    for step in range(20):
-        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step))
-        for net, opt in zip(nets, optims, strict=True):
-            opt.zero_grad()
-            net(x).square().mean().backward()
-            opt.step()
-    for a, b in zip(nets[1].parameters(), nets[0].parameters(), strict=True):
+def test_fused_adam_switch_builds_fused_optimisers_taking_the_same_steps() -> None:
+    """``perf.fused_adam`` through the agent builder: every optimiser is fused, and 5
+    updates of a state agent end at the same parameters as without the switch."""
+    from hydra import compose, initialize_config_dir
+
+    from agents.build import build_agent
+    from cp3er.train import CONFIG_DIR
+    from envs import make_env
+
+    env = make_env("cartpole_balance", "state", seed=0)
+    params = []
+    for fused in (False, True):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            cfg = compose(config_name="config", overrides=[
+                "task=cartpole_balance", "obs=state", "hidden_dim=32", "batch_size=16",
+                f"perf.fused_adam={str(fused).lower()}"])
+        torch.manual_seed(0)
+        agent = build_agent(cfg, env)
+        assert all(bool(opt.defaults.get("fused")) is fused
+                   for opt in agent.optimizers.values())
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            agent.update(_state_batch(env, 16, gen))
+        params.append([p.detach().clone() for p in agent.loss.parameters()])
+    env.close()
+    for a, b in zip(params[1], params[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _state_batch(env, size: int, gen: torch.Generator) -> TensorDict:
+    """A replay-shaped batch of random state transitions for ``env``."""
+    obs_dim = env.observation_spec["observation"].shape[-1]
+    act_dim = env.action_spec.shape[-1]
+    obs = torch.randn(size, obs_dim, generator=gen)
+    next_obs = obs + 0.1 * torch.randn(size, obs_dim, generator=gen)
+    return TensorDict({"observation": obs,
+                       "action": torch.rand(size, act_dim, generator=gen) * 2 - 1,
+                       "next": {"observation": next_obs,
+                                "reward": torch.rand(size, 1, generator=gen),
+                                "discount": torch.full((size, 1), 0.97)}}, [size])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

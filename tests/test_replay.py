@@ -7,6 +7,7 @@ with distinct frame values so that every rebuilt stack can be checked exactly.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -19,7 +20,9 @@ from cp3er.replay import (
     SAMPLER_MODES,
     NStepReplayBuffer,
     ProximalSampler,
+    RingSampler,
     make_replay_buffer,
+    make_sampler,
     proximal_weight,
 )
 
@@ -45,9 +48,9 @@ def _pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(counts.numpy(), (probs * counts.sum()).numpy()).pvalue)
 
 
-def _ring(capacity: int, written: int, mode: str = "paper", episode_len: int = 0, **kwargs):
+def _ring(capacity: int, written: int, mode: str = "proximal", episode_len: int = 0, **kwargs):
     """A TorchRL buffer with the sampler; rows carry their write position (and episode)."""
-    sampler = ProximalSampler(mode, **kwargs)
+    sampler = make_sampler(mode, **kwargs)
     rb = ReplayBuffer(storage=LazyTensorStorage(capacity), sampler=sampler)
     for chunk in torch.arange(written).split(97):  # several extends, wrapping the ring
         episode = chunk // episode_len if episode_len else torch.zeros_like(chunk)
@@ -55,7 +58,7 @@ def _ring(capacity: int, written: int, mode: str = "paper", episode_len: int = 0
     return rb, sampler
 
 
-def _sample_ages(rb: ReplayBuffer, sampler: ProximalSampler, count: int, written: int):
+def _sample_ages(rb: ReplayBuffer, sampler: RingSampler, count: int, written: int):
     index, info = sampler.sample(rb.storage, count)
     ages = written - rb.storage[index]["pos"]
     assert torch.equal(ages, info["age"])  # the sampler's age bookkeeping is exact
@@ -64,7 +67,7 @@ def _sample_ages(rb: ReplayBuffer, sampler: ProximalSampler, count: int, written
 
 # ---------------------------------------------------------------------------- sampler
 @pytest.mark.parametrize("written", [700, 2_500], ids=["partial", "wrapped"])
-def test_paper_mode_matches_formula(written: int) -> None:
+def test_proximal_mode_matches_formula(written: int) -> None:
     capacity, n_bins, draws = 1_000, 20, 200_000
     rb, sampler = _ring(capacity, written)
     torch.manual_seed(0)
@@ -153,8 +156,38 @@ def test_never_samples_empty_slots() -> None:
 
 
 def test_mode_is_validated() -> None:
-    with pytest.raises(ValueError, match=r"paper.*reference.*uniform"):
-        ProximalSampler("proportional")
+    with pytest.raises(ValueError, match=r"proximal.*reference.*uniform"):
+        make_sampler("proportional")
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        ProximalSampler(alpha=0.0)
+
+
+def test_proximal_sampler_is_the_proximal_mode() -> None:
+    """ProximalSampler is make_sampler("proximal"): the same draws from the same seed."""
+    rb, by_name = _ring(300, 700)
+    direct = ProximalSampler()
+    direct.load_state_dict(by_name.state_dict())
+    draws = []
+    for smp in (by_name, direct):
+        torch.manual_seed(6)
+        draws.append(smp.sample(rb.storage, 256)[0])
+    assert direct.mode == "proximal" and torch.equal(draws[0], draws[1])
+
+
+def test_loads_a_state_saved_with_the_legacy_mode_name() -> None:
+    """Checkpoints written before the modes took the config's words say "paper"."""
+    rb, sampler = _ring(300, 700)
+    legacy = {**sampler.state_dict(), "mode": "paper", "scanned": 0,
+              "ep_ids": torch.zeros(0, dtype=torch.long),
+              "ep_starts": torch.zeros(0, dtype=torch.long), "transitions_per_episode": 1000}
+    restored = make_sampler("proximal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "saved with mode=..." warning
+        restored.load_state_dict(legacy)
+    torch.manual_seed(7)
+    expected = sampler.sample(rb.storage, 64)[0]
+    torch.manual_seed(7)
+    assert torch.equal(restored.sample(rb.storage, 64)[0], expected)
 
 
 @pytest.mark.parametrize("mode", SAMPLER_MODES)
@@ -168,9 +201,9 @@ def test_sampler_state_round_trip(mode: str, tmp_path) -> None:
             batch_size=[70],
         )
     )
-    restored = ProximalSampler(mode, transitions_per_episode=30)
+    restored = make_sampler(mode, transitions_per_episode=30)
     restored.load_state_dict(sampler.state_dict())
-    loaded = ProximalSampler(mode, transitions_per_episode=30)
+    loaded = make_sampler(mode, transitions_per_episode=30)
     sampler.dumps(tmp_path / "sampler")
     loaded.loads(tmp_path / "sampler")
     draws = []
@@ -542,3 +575,22 @@ def test_unwritten_rows_never_leak_into_targets() -> None:
     # row 2's target uses the one step written after it: r_2 + 0.9 r_3... only r_2 (n'=1)
     assert batch["next", "n_steps"].reshape(-1).tolist() == [3, 2, 1]
     assert batch["next", "reward"][2].item() == pytest.approx(fake.reward(0, 2))
+
+
+@pytest.mark.parametrize(("task", "assumed"), [("cheetah_run", 1000), ("mw_assembly", 500)])
+def test_reference_sampler_assumes_the_tasks_episode_env_steps(task: str, assumed: int,
+                                                               tmp_path) -> None:
+    """``replay.sampler=reference`` assumes an episode's environment steps as its length,
+    as the reference code does (1000 on DMC, 500 on Meta-World)."""
+    from hydra import compose, initialize_config_dir
+
+    from cp3er.session import make_buffer
+    from cp3er.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=[f"task={task}", "obs=state",
+                                                       "replay.sampler=reference",
+                                                       "replay.capacity=100"])
+    sampler = make_buffer(cfg, tmp_path).sampler
+    assert sampler.mode == "reference"
+    assert sampler.weighting.transitions_per_episode == assumed

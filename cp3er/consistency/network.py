@@ -132,22 +132,6 @@ class ConditionalMLP(nn.Module):
         layers.append(nn.Linear(hidden_dim, action_dim))
         self.mlp = nn.Sequential(*layers)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Also load the single-first-layer layout (``mlp.0`` over ``[x, t_emb, cond]``, then
-        ``mlp.2``, ``mlp.4``, ...; this package before the split, and the reference code's
-        ``nn.Sequential``): the weight is cut into the two blocks, later layers shift by one."""
-        old = f"{prefix}mlp.0.weight"
-        if old in state_dict and f"{prefix}input_layer.weight" not in state_dict:
-            split = self.input_layer.in_features
-            weight = state_dict.pop(old)
-            state_dict[f"{prefix}input_layer.weight"] = weight[:, :split]
-            state_dict[f"{prefix}cond_layer.weight"] = weight[:, split:]
-            state_dict[f"{prefix}input_layer.bias"] = state_dict.pop(f"{prefix}mlp.0.bias")
-            for key in sorted(k for k in list(state_dict) if k.startswith(f"{prefix}mlp.")):
-                index, rest = key[len(prefix) + 4:].split(".", 1)
-                state_dict[f"{prefix}mlp.{int(index) - 1}.{rest}"] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def project(self, cond: Tensor) -> ProjectedCondition:
         """``cond``'s term of the first layer, to reuse across calls on the same states."""
         if isinstance(cond, ProjectedCondition):

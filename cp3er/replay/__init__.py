@@ -1,18 +1,29 @@
-"""Replay for CP3ER: the prioritized proximal experience sampler and the n-step frame buffer.
+"""Replay for CP3ER: the age-weighted ring samplers and the n-step frame buffer.
 
-- :class:`ProximalSampler`: PPE (CP3ER, arXiv 2410.00051) as a TorchRL ``Sampler``.
+- :func:`make_sampler` / :class:`RingSampler`: TorchRL ``Sampler`` drawing rows by age under
+  one law per mode (``proximal``: PPE, CP3ER arXiv 2410.00051; ``reference``: the reference
+  code's episode weighting; ``uniform``); :class:`ProximalSampler` is the PPE one.
 - :class:`NStepReplayBuffer` / :func:`make_replay_buffer`: DrQ-v2-style storage of
   each frame once, with frame stacks and n-step targets rebuilt at sampling time.
 """
 
-from cp3er.replay.buffer import NStepReplayBuffer, UnsafeBufferError, make_replay_buffer
-from cp3er.replay.sampler import SAMPLER_MODES, ProximalSampler, proximal_weight
+from cp3er.replay.buffer import STORAGES, NStepReplayBuffer, UnsafeBufferError, make_replay_buffer
+from cp3er.replay.sampler import (
+    SAMPLER_MODES,
+    ProximalSampler,
+    RingSampler,
+    make_sampler,
+    proximal_weight,
+)
 
 __all__ = [
     "SAMPLER_MODES",
+    "STORAGES",
     "NStepReplayBuffer",
     "ProximalSampler",
+    "RingSampler",
     "UnsafeBufferError",
     "make_replay_buffer",
+    "make_sampler",
     "proximal_weight",
 ]

@@ -17,7 +17,7 @@ observations are rebuilt from the following rows. Rows go through a TorchRL
 of 63.5 KB for stored 9-channel stacks.
 
 What TorchRL does not cover, and is written here: ``CatFrames``'s replay-buffer
-stacking costs ~2 s a batch (pytorch/rl#2406), ``MultiStepTransform`` computes n-step
+stacking is slow (pytorch/rl#2406; docs/performance.md), ``MultiStepTransform`` computes n-step
 targets at write time and cannot see episode ends written later, and TorchRL's
 samplers cannot skip rows that are not valid transition starts.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,12 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer, RoundRobinWriter
 
-from cp3er.replay.sampler import ProximalSampler, _storage_column
+from cp3er.replay.sampler import SAMPLER_MODES, _storage_column, make_sampler
 
-__all__ = ["NStepReplayBuffer", "UnsafeBufferError", "make_replay_buffer"]
+__all__ = ["STORAGES", "NStepReplayBuffer", "UnsafeBufferError", "make_replay_buffer"]
 
-_SAMPLER_MODES = {"proximal": "paper", "reference": "reference", "uniform": "uniform"}
-_STORAGES = ("memory", "memmap")
+#: ``replay.storage``: RAM (``LazyTensorStorage``) or disk (``LazyMemmapStorage``).
+STORAGES = ("memory", "memmap")
 _COUNTERS_FILE = "nstep_buffer.json"
 _PREFETCH_FILE = "prefetch.pkl"
 # Every file dumps() writes (relative paths; storage columns are <key>.memmap). Nothing
@@ -53,6 +54,18 @@ _TENSORDICT_TYPE = str(TensorDict)
 
 class UnsafeBufferError(ValueError):
     """A buffer folder holding files that loading could execute (pickles)."""
+
+
+@dataclass
+class _Segments:
+    """Per-step episode bookkeeping of one collector batch (``[T]`` each)."""
+
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    done: torch.Tensor  # terminated or truncated: the episode ends after this step
+    episode: torch.Tensor  # episode id
+    step: torch.Tensor  # step in the episode
+    traj: torch.Tensor | None  # the collector's trajectory ids, where given
 
 
 class NStepReplayBuffer:
@@ -127,10 +140,10 @@ class NStepReplayBuffer:
         device: str | torch.device = "cpu",
         generator: torch.Generator | None = None,
     ) -> None:
-        if sampler not in _SAMPLER_MODES:
-            raise ValueError(f"sampler must be one of {tuple(_SAMPLER_MODES)}, got {sampler!r}")
-        if storage not in _STORAGES:
-            raise ValueError(f"storage must be one of {_STORAGES}, got {storage!r}")
+        if sampler not in SAMPLER_MODES:
+            raise ValueError(f"sampler must be one of {SAMPLER_MODES}, got {sampler!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if frame_stack < 1 or n_step < 1:
             raise ValueError(f"frame_stack and n_step must be >= 1, got {frame_stack}, {n_step}")
         if capacity < 2:
@@ -144,9 +157,9 @@ class NStepReplayBuffer:
         self.gamma = float(gamma)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
-        self.sampler = ProximalSampler(
-            _SAMPLER_MODES[sampler],
-            alpha,
+        self.sampler = make_sampler(
+            sampler,
+            alpha=alpha,
             transitions_per_episode=transitions_per_episode,
             episode_key="episode",
             valid_fn=self.valid_mask,
@@ -208,7 +221,12 @@ class NStepReplayBuffer:
         return obs.narrow(dim, size - per_frame, per_frame)
 
     def extend(self, batch: TensorDictBase) -> torch.Tensor:
-        """Writes a collector batch (shape ``[T]`` or ``[1, T]``); returns the written slots."""
+        """Writes a collector batch (shape ``[T]`` or ``[1, T]``); returns the written slots.
+
+        Two jobs: :meth:`_segment` finds the episodes in the batch (continuing the one left
+        pending by the previous batch), :meth:`_rows` lays them out as storage rows (one a
+        step, plus a final-frame row after each episode end).
+        """
         if batch.batch_dims == 2 and batch.shape[0] == 1:
             batch = batch[0]
         if batch.batch_dims != 1:
@@ -216,10 +234,33 @@ class NStepReplayBuffer:
                 "NStepReplayBuffer takes the [T] batches of a single-environment collector "
                 f"(episodes must be contiguous in the ring); got batch shape {batch.shape}"
             )
-        steps = batch.shape[0]
-        if steps == 0:
+        if batch.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long)
         batch = batch.to("cpu")
+        segments = self._segment(batch)
+        rows = self._rows(batch, segments)
+        self._last_episode = int(segments.episode[-1])
+        if segments.done[-1]:
+            self._pending = None
+        else:
+            traj = segments.traj
+            self._pending = {"traj": int(traj[-1]) if traj is not None else -1,
+                             "next_step": int(segments.step[-1]) + 1}
+        n_rows = rows.shape[0]
+        self._written += n_rows
+        if n_rows > self.capacity:  # only the newest `capacity` rows survive anyway
+            rows = rows[n_rows - self.capacity :]
+        index = self._rb.extend(rows)
+        self._head_slot = int(index[-1])
+        return index
+
+    def _segment(self, batch: TensorDictBase) -> _Segments:
+        """The episodes of a ``[T]`` batch: per-step end flags, episode ids and steps.
+
+        An episode starts after a done, at a traj-id change, or at the batch's first step
+        when it does not continue the episode left pending by the previous batch.
+        """
+        steps = batch.shape[0]
         terminated = batch.get(("next", "terminated")).reshape(steps).bool()
         truncated = batch.get(("next", "truncated"), None)
         done = batch.get(("next", "done"), None)
@@ -232,8 +273,6 @@ class NStepReplayBuffer:
         traj = batch.get(("collector", "traj_ids"), None)
         traj = None if traj is None else traj.reshape(steps).long()
 
-        # Episode boundaries: after a done, at a traj-id change, or when the batch does
-        # not continue the episode left pending by the previous batch.
         start = torch.zeros(steps, dtype=torch.bool)
         start[1:] = done[:-1]
         if traj is not None:
@@ -242,16 +281,19 @@ class NStepReplayBuffer:
         continues = pending is not None and (traj is None or int(traj[0]) == pending["traj"])
         start[0] = not continues
         segment = torch.cumsum(start.long(), 0)
-        episode = self._last_episode + segment
         arange = torch.arange(steps)
         first_row = torch.cummax(torch.where(start, arange, torch.zeros_like(arange)), 0).values
         step = arange - first_row
         if continues:
             step = torch.where(segment == 0, step + pending["next_step"], step)
+        return _Segments(terminated, truncated, done, self._last_episode + segment, step, traj)
 
-        # Output rows: each step row, plus a final-frame row after each episode end.
+    def _rows(self, batch: TensorDictBase, seg: _Segments) -> TensorDict:
+        """The storage rows of a segmented batch: each step's row, plus a final-frame row
+        (the episode's last next-observation frame) after each episode end."""
+        steps, done = batch.shape[0], seg.done
         before = torch.cumsum(done.long(), 0) - done.long()
-        row_of_step = arange + before
+        row_of_step = torch.arange(steps) + before
         final_rows = row_of_step[done] + 1
         n_rows = steps + int(done.sum())
         frame = self._newest_frame(batch.get(self.obs_key))
@@ -276,28 +318,14 @@ class NStepReplayBuffer:
         rows["frame"][final_rows] = final_frame
         rows["action"][row_of_step] = action
         rows["reward"][row_of_step] = reward
-        rows["terminated"][row_of_step] = terminated.unsqueeze(-1)
-        rows["truncated"][row_of_step] = truncated.unsqueeze(-1)
+        rows["terminated"][row_of_step] = seg.terminated.unsqueeze(-1)
+        rows["truncated"][row_of_step] = seg.truncated.unsqueeze(-1)
         rows["final"][final_rows] = True
-        rows["episode"][row_of_step] = episode
-        rows["episode"][final_rows] = episode[done]
-        rows["step"][row_of_step] = step.to(torch.int32)
-        rows["step"][final_rows] = (step[done] + 1).to(torch.int32)
-
-        self._last_episode = int(episode[-1])
-        if done[-1]:
-            self._pending = None
-        else:
-            self._pending = {
-                "traj": int(traj[-1]) if traj is not None else -1,
-                "next_step": int(step[-1]) + 1,
-            }
-        self._written += n_rows
-        if n_rows > self.capacity:  # only the newest `capacity` rows survive anyway
-            rows = rows[n_rows - self.capacity :]
-        index = self._rb.extend(rows)
-        self._head_slot = int(index[-1])
-        return index
+        rows["episode"][row_of_step] = seg.episode
+        rows["episode"][final_rows] = seg.episode[done]
+        rows["step"][row_of_step] = seg.step.to(torch.int32)
+        rows["step"][final_rows] = (seg.step[done] + 1).to(torch.int32)
+        return rows
 
     # ------------------------------------------------------------------------- read
     def _columns(self) -> dict[str, torch.Tensor]:
@@ -524,7 +552,8 @@ def _check_dump_files(path: Path) -> None:
 
 def _take(column: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``column[index]`` along dim 0 via ``index_select`` (several times faster than
-    advanced indexing for large rows: ~8 ms instead of ~50 ms for 1536 pixel frames)."""
+    advanced indexing for large rows: docs/performance.md, "Measurements behind code
+    choices")."""
     out = column.index_select(0, index.reshape(-1))
     return out.reshape(*index.shape, *column.shape[1:])
 

@@ -1,0 +1,127 @@
+"""Statistics of evaluation scores, one implementation for ``cp3er-eval`` and ``cp3er-plot``.
+
+The estimators and the resampling schemes are rliable's (Agarwal et al., "Deep
+Reinforcement Learning at the Edge of the Statistical Precipice", NeurIPS 2021):
+
+- :func:`interquartile_mean` (``metrics.aggregate_iqm``), :func:`optimality_gap`
+  (``aggregate_optimality_gap`` with gamma = 1) and the mean: the :data:`AGGREGATES`;
+- :func:`bootstrap_mean_ci`: the 95% percentile CI of a mean over replicates (seeds or
+  episodes), the replicates resampled with replacement (one bootstrap, used for a single
+  run's episodes and for learning-curve bands alike);
+- :func:`stratified_bootstrap_ci`: rliable's ``StratifiedBootstrap`` (runs resampled within
+  each task) for an aggregate over tasks; :func:`aggregate_metrics` applies it to every
+  aggregate.
+
+Implemented with numpy rather than by depending on ``rliable``: rliable 1.2.0 pulls in arch,
+statsmodels, pandas and seaborn, and with the pandas 3 that pip resolves today ``import
+rliable.library`` fails inside arch 7.2. On the same score matrices the point estimates
+equal rliable's and the CIs agree to Monte-Carlo error. With unequal seed counts per task
+the pooled estimates weigh tasks by their runs (rliable needs a full runs x tasks matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "AGGREGATES",
+    "CONFIDENCE",
+    "aggregate_metrics",
+    "bootstrap_mean_ci",
+    "interquartile_mean",
+    "optimality_gap",
+    "percentile_ci",
+    "stratified_bootstrap_ci",
+]
+
+CONFIDENCE = 0.95
+
+
+def interquartile_mean(scores: np.ndarray, axis: int | None = -1) -> np.ndarray:
+    """IQM: the mean of the middle 50% of scores (rliable ``aggregate_iqm``)."""
+    return stats.trim_mean(scores, 0.25, axis=axis)
+
+
+def optimality_gap(scores: np.ndarray, axis: int | None = -1) -> np.ndarray:
+    """Mean shortfall from a normalized score of 1: ``mean(max(0, 1 - s))`` (rliable, gamma=1)."""
+    return np.mean(np.maximum(0.0, 1.0 - scores), axis=axis)
+
+
+AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "iqm": interquartile_mean,
+    "mean": lambda scores: np.mean(scores, axis=-1),
+    "optimality_gap": optimality_gap,
+}
+
+
+def percentile_ci(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The :data:`CONFIDENCE` percentile interval over axis 0 of bootstrap ``samples``."""
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def bootstrap_mean_ci(values: np.ndarray, reps: int = 2000,
+                      rng: np.random.Generator | int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile CI of the mean over axis 0 (replicates) of ``values``.
+
+    ``values`` is ``[replicates]`` (one CI, returned as 0-d arrays) or ``[replicates,
+    columns]`` (one CI per column, e.g. per frame of a learning curve; the same resamples for
+    every column). Each resample draws the replicates with replacement (multinomial counts,
+    so the memory is ``reps x chunk`` whatever the number of columns). ``rng``: a generator
+    or a seed.
+    """
+    rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        low, high = bootstrap_mean_ci(values[:, None], reps, rng)
+        return low[0], high[0]
+    replicates = values.shape[0]
+    weights = rng.multinomial(replicates, np.full(replicates, 1 / replicates),
+                              size=reps) / replicates
+    chunk = max(1, 2**21 // reps)
+    lows, highs = [], []
+    for start in range(0, values.shape[1], chunk):
+        low, high = percentile_ci(weights @ values[:, start:start + chunk])
+        lows.append(low)
+        highs.append(high)
+    return np.concatenate(lows), np.concatenate(highs)
+
+
+def stratified_bootstrap_ci(
+    scores_by_task: Sequence[np.ndarray],
+    statistic: Callable[[np.ndarray], np.ndarray],
+    reps: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95% percentile CI of ``statistic`` over pooled runs, resampling runs within each task.
+
+    rliable's stratified bootstrap (Agarwal et al. 2021, Sec. 4): every resample keeps each
+    task's number of runs; ``statistic`` maps ``[reps, runs]`` to ``[reps]``.
+    """
+    rng = np.random.default_rng(seed)
+    resampled = [s[rng.integers(0, len(s), size=(reps, len(s)))] for s in scores_by_task]
+    low, high = percentile_ci(statistic(np.concatenate(resampled, axis=1)))
+    return float(low), float(high)
+
+
+def aggregate_metrics(scores_by_task: dict[str, np.ndarray], reps: int = 2000, seed: int = 0,
+                      ) -> dict:
+    """IQM, mean and optimality gap of normalized final scores with stratified-bootstrap CIs.
+
+    ``scores_by_task``: ``{task: normalized scores of its runs}``; the point estimates pool
+    all runs (rliable flattens its runs x tasks matrix the same way).
+    """
+    tasks = sorted(scores_by_task)
+    per_task = [np.asarray(scores_by_task[t], dtype=np.float64) for t in tasks]
+    pooled = np.concatenate(per_task)
+    result: dict = {}
+    for name, statistic in AGGREGATES.items():
+        result[name] = float(statistic(pooled))
+        result[f"{name}_ci"] = list(stratified_bootstrap_ci(per_task, statistic, reps, seed))
+    result["runs"] = len(pooled)
+    result["tasks"] = tasks
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from pathlib import Path
@@ -101,3 +102,10 @@ def make_logger(backend: str, run_dir: Path, name: str):
         return get_logger("wandb", logger_name=str(run_dir), experiment_name=name,
                           wandb_kwargs={"dir": str(run_dir)})
     return get_logger("csv", logger_name=str(run_dir), experiment_name="logs")
+
+
+def quiet_torchrl() -> None:
+    """Keep the console to the CLIs' own lines: TorchRL's INFO messages (a coloured
+    "Initialized LazyTensorStorage" line per run) are dropped, its warnings kept."""
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
+

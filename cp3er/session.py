@@ -45,12 +45,14 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
     )
 
 
-def load_agent_for_eval(target: str | Path, seed: int) -> tuple[DictConfig, object, Agent]:
-    """Config, a fresh evaluation env and the agent restored from ``target``."""
+def load_agent_for_eval(target: str | Path, seed: int, device: str = "cpu",
+                        ) -> tuple[DictConfig, object, Agent]:
+    """Config, a fresh evaluation env and the agent restored from ``target`` (its networks
+    on ``device``; the environment stays on the CPU)."""
     state = load_checkpoint(target)
     cfg = OmegaConf.create(state["config"])
     env = make_eval_env(cfg, seed=seed)
-    agent = build_agent(cfg, env)
+    agent = build_agent(cfg, env, device)
     try:
         agent.load_state_dict(state["agent"])
     except (RuntimeError, KeyError, ValueError) as error:  # tensordict raises ValueError

@@ -48,7 +48,7 @@ from cp3er.evaluate import run_episodes, summarize, write_video
 from cp3er.faults import NumericalError, Preemption, check_finite_losses, check_finite_parameters
 from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
-from cp3er.runlog import MetricsWriter, make_logger, quiet_torchrl
+from cp3er.runlog import MetricsWriter, log_config, log_eval_video, make_logger, quiet_torchrl
 from cp3er.session import EVAL_SEED_OFFSET, make_buffer, make_eval_env, make_train_env
 from cp3er.threads import apply_threads
 from envs import physics_errors
@@ -159,6 +159,7 @@ class Trainer:
         self.logger = make_logger(cfg.log.backend, self.run_dir, cfg.task_name)
         if resume_state is None:
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+            log_config(self.logger, cfg.log.backend, OmegaConf.to_container(cfg, resolve=True))
         self.step = 0  # agent steps taken in the training env
         self.updates = 0
         self.episode = 0
@@ -274,7 +275,8 @@ class Trainer:
         self._log_scalars({"eval/episode_return": summary["return_mean"],
                            "eval/return_iqm": summary["return_iqm"]})
         if record and results.frames:
-            write_video(results.frames, self.run_dir / "eval" / f"frame_{self.frame:09d}.gif")
+            gif = write_video(results.frames, self.run_dir / "eval" / f"frame_{self.frame:09d}.gif")
+            log_eval_video(self.logger, cfg.log.backend, gif, self.frame)
         return summary
 
     def save_checkpoint(self) -> None:

@@ -82,6 +82,9 @@ def test_run_console_has_our_lines_only_and_eval_takes_threads_and_device(
     assert "1 threads (set)" in lines[0]
     assert lines[-1].startswith("cp3er-train: done: final evaluation ")
     assert str(run_dir / "learning_curve.png") in lines[-1]
+    # the csv logger holds the resolved config as its hyper-parameters
+    hparams = (run_dir / "logs" / "texts" / "hparams0.txt").read_text()
+    assert "task_name: cartpole_balance" in hparams and "agent.name: cp3er" in hparams
 
     cmd = [sys.executable, "-m", "cp3er.evaluate", str(run_dir), "--episodes", "1",
            "--threads", "1", "--device", "cpu", "--no-progress"]

@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## run: the main job (a short CP3ER training run on a pixel DMC task; see README)
+## run: the main job (a short CP3ER training run on a pixel DMC task; see README).
+## Hydra overrides pass through ARGS, e.g. make run ARGS="seed=2 threads=1"
+ARGS ?=
 run: $(STAMP)
-	$(BIN)/cp3er-train --config-name demo
+	$(BIN)/cp3er-train --config-name demo $(ARGS)
 
 ## test: the default (fast) test suite
 test: $(STAMP)

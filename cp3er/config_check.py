@@ -3,13 +3,17 @@ naming the key, the value and the valid choices."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from numbers import Integral, Real
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from cp3er.replay import SAMPLER_MODES, STORAGES
 from cp3er.runlog import LOGGER_BACKENDS
+from cp3er.threads import parse_threads
 
 DEVICES = ("cpu", "cuda")
 
@@ -62,10 +66,10 @@ def validate_config(cfg: DictConfig) -> None:
     _require(clip is None or (isinstance(clip, Real) and not isinstance(clip, bool) and clip > 0),
              "optim.grad_clip", clip, "null or a number > 0")
     _require(isinstance(cfg.resume, bool), "resume", cfg.resume, "true or false")
-    threads = cfg.get("threads")
-    _require(threads is None or (isinstance(threads, Integral) and not isinstance(threads, bool)
-                                 and threads >= 1), "threads", threads,
-             "null or an integer >= 1")
+    try:
+        parse_threads(cfg.get("threads"))
+    except ValueError as error:
+        raise ConfigError(f"config {error}") from None
     trust = cfg.get("trust_checkpoint", False)
     _require(isinstance(trust, bool), "trust_checkpoint", trust, "true or false")
     label = cfg.get("label")
@@ -82,3 +86,43 @@ def validate_config(cfg: DictConfig) -> None:
     compile_mode = perf_setting(cfg, "compile_mode", "default")
     _require(compile_mode in COMPILE_MODES, "perf.compile_mode", compile_mode,
              f"one of {COMPILE_MODES}")
+
+
+def _unknown(kind: str, value: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(value, choices, n=3, cutoff=0.5)
+    listed = ", ".join(choices) if len(choices) <= 8 else ", ".join(close)
+    label = "valid choices" if len(choices) <= 8 else "closest"
+    if not listed:
+        return f"unknown {kind} {value!r} ({len(choices)} choices: see the README)"
+    return f"unknown {kind} {value!r}; {label}: {listed}"
+
+
+def check_group_overrides(argv: Sequence[str], config_dir: str | Path) -> str | None:
+    """A one-line message for the first command-line argument naming a config that does
+    not exist: a ``group=value`` / ``+group=value`` override of a config group (a folder of
+    ``config_dir``: task, agent, profile, ...) or ``--config-name`` / ``-cn``; ``None`` when
+    all exist. Hydra reports these as a long missing-config dump."""
+    config_dir = Path(config_dir)
+    args = list(argv)
+    for i, arg in enumerate(args):
+        name = None
+        if arg in ("--config-name", "-cn") and i + 1 < len(args):
+            name = args[i + 1]
+        elif arg.startswith("--config-name="):
+            name = arg.split("=", 1)[1]
+        if name is not None:
+            choices = sorted(p.stem for p in config_dir.glob("*.yaml"))
+            if Path(name).stem not in choices:
+                return _unknown("config name", name, choices)
+            continue
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.lstrip("+~").split("=", 1)
+        group = config_dir / key
+        if not group.is_dir() or value in ("", "null"):
+            continue
+        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        if value not in choices:
+            return _unknown(key, value, choices)
+    return None
+

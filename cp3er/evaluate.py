@@ -52,13 +52,18 @@ def _acting_on_env_device(policy: Callable) -> Callable:
 
 
 def run_episodes(
-    env: EnvBase, policy, episodes: int, *, record_video: bool = False, max_steps: int = 100_000
+    env: EnvBase, policy, episodes: int, *, record_video: bool = False, max_steps: int = 100_000,
+    progress: bool = False,
 ) -> EpisodeResults:
     """Roll out ``episodes`` full episodes (until done) with ``policy`` under ``no_grad``;
-    :class:`~cp3er.faults.NumericalError` if the policy emits a non-finite action."""
+    :class:`~cp3er.faults.NumericalError` if the policy emits a non-finite action.
+    ``progress`` shows a bar per episode on stderr."""
+    from tqdm import tqdm
+
     results = EpisodeResults()
     act = _acting_on_env_device(policy)
-    for episode in range(episodes):
+    for episode in tqdm(range(episodes), desc="episodes", unit="episode", disable=not progress,
+                        dynamic_ncols=True):
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
             rollout = env.rollout(max_steps, act, break_when_any_done=True)
         check_finite_actions(rollout["action"], f"evaluation episode {episode + 1}")
@@ -116,7 +121,9 @@ def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 25) -> Pa
 
 def main(argv: list[str] | None = None) -> int:
     from cp3er.checkpoint import CheckpointError
+    from cp3er.runlog import quiet_torchrl
     from cp3er.session import load_agent_for_eval
+    from cp3er.threads import add_device_threads_arguments, apply_threads
 
     parser = argparse.ArgumentParser(prog="cp3er-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that needs unpickling (written before "
                              "checkpoint format 2); unpickling can run code: trusted files only")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (one bar per episode on stderr by default)")
+    add_device_threads_arguments(parser)
     args = parser.parse_args(argv)
+    quiet_torchrl()
+    apply_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available on this machine")
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
     if (args.target is None) == (args.random_policy is None):
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
         return 0
     try:
-        cfg, env, agent = load_agent_for_eval(args.target, seed=args.seed,
+        cfg, env, agent = load_agent_for_eval(args.target, seed=args.seed, device=args.device,
                                               trust=args.trust_checkpoint)
     except (CheckpointError, ValueError) as error:
         print(f"cp3er-eval: {error}", file=sys.stderr)
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     try:
         results = run_episodes(env, agent.policy, args.episodes,
-                               record_video=args.video is not None)
+                               record_video=args.video is not None, progress=not args.no_progress)
     except NumericalError as error:
         print(f"cp3er-eval: {error}: the checkpoint's policy is broken", file=sys.stderr)
         return 2

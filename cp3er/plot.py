@@ -399,7 +399,12 @@ def summarize(run_dirs: Sequence[str | Path], out_png: str | Path,
                                  reps, seed)
         for agent, by_task in sorted(final_scores(groups, metric).items())
     }
-    out = plot_comparison(curves, aggregate, out_png, metric, phase)
+    if len(unique) == 1:
+        # one run: its own eval and train curves; aggregates of a single score would be
+        # panels with nothing to compare
+        out = plot_learning_curve(next(iter(unique.values())), out_png)
+    else:
+        out = plot_comparison(curves, aggregate, out_png, metric, phase)
     return {
         "curves": {t: {a: c.to_json() for a, c in by_agent.items()}
                    for t, by_agent in curves.items()},
@@ -408,6 +413,7 @@ def summarize(run_dirs: Sequence[str | Path], out_png: str | Path,
         "phase": phase,
         "normalization": f"{metric} / {SCORE_SCALE[metric]:g}",
         "out": str(out),
+        "figure": "single run" if len(unique) == 1 else "comparison",
     }
 
 
@@ -416,6 +422,12 @@ def _warn(message: str) -> None:
 
 
 def _table(report: dict) -> str:
+    if report["figure"] == "single run":
+        (task, by_agent), = report["curves"].items()
+        (agent, curve), = by_agent.items()
+        return (f"wrote {report['out']} (one run: its eval and train curves)\n"
+                f"  {agent} on {task}: final {report['metric']} {curve['mean'][-1]:.3f} "
+                f"at frame {curve['frames'][-1]:,}")
     lines = [f"wrote {report['out']}",
              f"final {report['metric']} ({report['normalization']}), 95% stratified-bootstrap CIs:"]
     for agent, agg in report["aggregate"].items():

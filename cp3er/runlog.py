@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from pathlib import Path
@@ -137,3 +138,60 @@ def make_logger(backend: str, run_dir: Path, name: str):
         return get_logger("wandb", logger_name=str(run_dir), experiment_name=name,
                           wandb_kwargs={"dir": str(run_dir)})
     return get_logger("csv", logger_name=str(run_dir), experiment_name="logs")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) \
+                else str(value)
+    return out
+
+
+def log_config(logger, backend: str, config: dict) -> None:
+    """The run's resolved config to the logger: hyper-parameters (flattened ``a.b`` keys)
+    for csv (``texts/hparams.txt``) and wandb (``run.config``), the YAML as text for
+    TensorBoard (its ``add_hparams`` needs final metrics; the Text tab shows the config)."""
+    if backend == "tensorboard":
+        from omegaconf import OmegaConf
+
+        yaml = OmegaConf.to_yaml(OmegaConf.create(config))
+        logger.experiment.add_text("config", "    " + yaml.replace("\n", "\n    "), 0)
+    elif backend == "wandb":
+        logger.experiment.config.update(_flat(config), allow_val_change=True)
+    else:
+        logger.log_hparams(_flat(config))
+
+
+def log_eval_video(logger, backend: str, gif: Path, step: int) -> None:
+    """An evaluation episode's GIF (already written to ``eval/``) to TensorBoard (an
+    animated image summary, what ``add_video`` writes) or wandb (``wandb.Video``); csv
+    has the GIF itself.
+
+    Written here rather than through TorchRL's ``log_video``: on TensorBoard that needs
+    moviepy 1.x (``moviepy.editor``, gone from moviepy 2) to encode a GIF we already have,
+    and wandb's encoder needs moviepy as well; both take the GIF file as it is."""
+    if backend == "tensorboard":
+        from PIL import Image
+        from torch.utils.tensorboard.summary import Summary
+
+        with Image.open(gif) as image:
+            width, height = image.size
+        encoded = Summary.Image(height=height, width=width, colorspace=3,
+                                encoded_image_string=gif.read_bytes())
+        summary = Summary(value=[Summary.Value(tag="eval/video", image=encoded)])
+        logger.experiment._get_file_writer().add_summary(summary, step)
+    elif backend == "wandb":
+        import wandb
+
+        logger.experiment.log({"eval/video": wandb.Video(str(gif), format="gif")}, step=step)
+
+
+def quiet_torchrl() -> None:
+    """Keep the console to the CLIs' own lines: TorchRL's INFO messages (a coloured
+    "Initialized LazyTensorStorage" line per run) are dropped, its warnings kept."""
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
+

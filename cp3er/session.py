@@ -49,14 +49,15 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
     )
 
 
-def load_agent_for_eval(target: str | Path, seed: int,
+def load_agent_for_eval(target: str | Path, seed: int, device: str = "cpu",
                         trust: bool = False) -> tuple[DictConfig, object, Agent]:
-    """Config, a fresh evaluation env and the agent restored from ``target`` (``trust``:
-    see :func:`~cp3er.checkpoint.load_checkpoint`)."""
+    """Config, a fresh evaluation env and the agent restored from ``target``, its networks
+    on ``device`` (the environment stays on the CPU); ``trust``: see
+    :func:`~cp3er.checkpoint.load_checkpoint`."""
     state = load_checkpoint(target, trust=trust)
     cfg = OmegaConf.create(state["config"])
     env = make_eval_env(cfg, seed=seed)
-    agent = build_agent(cfg, env)
+    agent = build_agent(cfg, env, device)
     try:
         agent.load_state_dict(state["agent"])
     except (RuntimeError, KeyError, ValueError) as error:  # tensordict raises ValueError

@@ -52,7 +52,7 @@ from cp3er.checkpoint import (
     load_run_checkpoint,
     save_run_checkpoint,
 )
-from cp3er.config_check import ConfigError, validate_config
+from cp3er.config_check import ConfigError, check_group_overrides, validate_config
 from cp3er.evaluate import run_episodes, summarize, write_video
 from cp3er.faults import (
     NumericalError,
@@ -65,8 +65,16 @@ from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
 from cp3er.replay import UnsafeBufferError
 from cp3er.runlock import RunLock, RunLockedError
-from cp3er.runlog import MetricsFileError, MetricsWriter, make_logger
+from cp3er.runlog import (
+    MetricsFileError,
+    MetricsWriter,
+    log_config,
+    log_eval_video,
+    make_logger,
+    quiet_torchrl,
+)
 from cp3er.session import EVAL_SEED_OFFSET, make_buffer, make_eval_env, make_train_env
+from cp3er.threads import apply_threads
 from envs import physics_errors
 from envs.registry import UnknownTaskError
 
@@ -230,8 +238,7 @@ class Trainer:
         validate_config(cfg)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+        self.threads, self.threads_how = apply_threads(cfg.threads)
         if perf_option(cfg, "tune_allocator"):
             tune_allocator()
         seed_everything(cfg.seed)
@@ -255,6 +262,8 @@ class Trainer:
             record["resume"] = record["trust_checkpoint"] = False
             atomic_write(self.run_dir / "config.yaml",
                          lambda handle: handle.write(OmegaConf.to_yaml(record).encode()))
+        if resume_state is None:
+            log_config(self.logger, cfg.log.backend, OmegaConf.to_container(cfg, resolve=True))
         self.step = 0  # agent steps taken in the training env
         self.updates = 0
         self.episode = 0
@@ -292,6 +301,9 @@ class Trainer:
             init_random_frames=max(0, self._steps(cfg.schedule.explore_frames) - self.step),
             device=self.device,
             storing_device="cpu",
+            # the policies are feed-forward: no InitTracker/primer to add to the env (said
+            # explicitly: TorchRL 0.14 warns when unset, and 0.15 changes the default)
+            auto_register_policy_transforms=False,
         )
 
     @property
@@ -368,7 +380,8 @@ class Trainer:
         self._log_scalars({"eval/episode_return": summary["return_mean"],
                            "eval/return_iqm": summary["return_iqm"]})
         if record and results.frames:
-            write_video(results.frames, self.run_dir / "eval" / f"frame_{self.frame:09d}.gif")
+            gif = write_video(results.frames, self.run_dir / "eval" / f"frame_{self.frame:09d}.gif")
+            log_eval_video(self.logger, cfg.log.backend, gif, self.frame)
         return summary
 
     def save_checkpoint(self) -> None:
@@ -431,6 +444,9 @@ class Trainer:
         self.start_time = time.perf_counter() - counters["seconds"]
         self._pending = defaultdict(list, state["pending_metrics"])
         self.metrics.truncate_after(self.frame)
+        train_rows = [r for r in self.metrics.rows() if r.get("phase") == "train"]
+        if train_rows:  # the progress bar's last return, as before the interruption
+            self.last_return = float(train_rows[-1]["episode_return"])
         self.resumed_from = self.frame
         # New initial states after resume (not a replay of the run's first episodes),
         # deterministic given the checkpoint.
@@ -489,9 +505,8 @@ class Trainer:
                     self.save_checkpoint()
                 if preemption.received is not None:  # a safe point: between batches
                     break
-                elapsed = time.perf_counter() - self.start_time
-                progress.set_postfix(fps=f"{self.frame / max(elapsed, 1e-9):.0f}",
-                                     ret=f"{self.last_return:.1f}", refresh=False)
+                # tqdm's own rate is this process's speed (one speed, also after a resume)
+                progress.set_postfix(ret=f"{self.last_return:.1f}", refresh=False)
         finally:
             collector.shutdown()
             progress.close()
@@ -500,8 +515,45 @@ class Trainer:
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
+def _say(message: str) -> None:
+    print(f"cp3er-train: {message}", file=sys.stderr, flush=True)
+
+
+def _resume_command() -> str:
+    """The command that continues this run: the same config name and overrides, with
+    ``resume=true`` (run_dir included when it was given)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
+    config = hydra_cfg.job.config_name
+    name = "" if config == "config" else f" --config-name {config}"
+    return " ".join(["cp3er-train" + name, *overrides, "resume=true"])
+
+
+def _start_line(trainer: Trainer) -> str:
+    cfg = trainer.cfg
+    label = f" ({cfg.label})" if cfg.get("label") else ""
+    start = "" if trainer.resumed_from is None else f", from frame {trainer.resumed_from}"
+    return (f"{cfg.agent.name}{label} on {cfg.task_name} ({cfg.obs}), seed {cfg.seed}, "
+            f"{cfg.frames:,} frames{start}; {cfg.device}, {trainer.threads} threads "
+            f"({trainer.threads_how}); run folder {trainer.run_dir}")
+
+
+def _end_line(trainer: Trainer) -> str:
+    run_dir = trainer.run_dir
+    evals = [r for r in trainer.metrics.rows() if r.get("phase") == "eval"]
+    final = (f"final evaluation {float(evals[-1]['episode_return']):.1f} "
+             f"(mean of {trainer.cfg.schedule.eval_episodes} episodes) at frame "
+             f"{trainer.frame:,}; " if evals else "")
+    videos = "" if not (run_dir / "eval").is_dir() else f", videos {run_dir / 'eval'}"
+    return (f"done: {final}curve {run_dir / 'learning_curve.png'}, metrics "
+            f"{run_dir / 'metrics.csv'}{videos}, checkpoint {run_dir / 'checkpoints'}")
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    quiet_torchrl()
     try:
         trainer = Trainer(cfg)
     except (RunLockedError, UntrustedCheckpointError) as error:
@@ -512,14 +564,13 @@ def main(cfg: DictConfig) -> None:
             MetricsFileError) as error:
         raise SystemExit(f"cp3er-train: {error}") from None
     if trainer.resumed_from is not None:
-        print(f"cp3er-train: resumed {trainer.run_dir} from frame {trainer.resumed_from}",
-              file=sys.stderr, flush=True)
+        _say(f"resumed {trainer.run_dir} from frame {trainer.resumed_from}")
     for change in trainer.resume_changes:
-        print(f"cp3er-train: resume takes {change} from the command line", file=sys.stderr,
-              flush=True)
+        _say(f"resume takes {change} from the command line")
     if trainer.metrics.set_aside is not None:
-        print(f"cp3er-train: {trainer.run_dir} held metrics of a run that never checkpointed;"
-              f" moved to {trainer.metrics.set_aside.name}", file=sys.stderr, flush=True)
+        _say(f"{trainer.run_dir} held metrics of a run that never checkpointed; moved to "
+             f"{trainer.metrics.set_aside.name}")
+    _say(_start_line(trainer))
     try:
         result = trainer.train()
     except (NumericalError, CheckpointError, OSError) as error:
@@ -527,14 +578,20 @@ def main(cfg: DictConfig) -> None:
                 if has_checkpoint(trainer.run_dir) else "no checkpoint was written")
         raise SystemExit(f"cp3er-train: run stopped: {first_line(error)}; {kept}") from None
     if result != "done":
-        print(f"cp3er-train: {result.name} received: checkpoint written at frame "
-              f"{trainer.frame}; continue with resume=true", file=sys.stderr, flush=True)
+        _say(f"{result.name} received: checkpoint written at frame {trainer.frame:,}; "
+             f"continue with: {_resume_command()}")
         raise SystemExit(EXIT_CODES[result])
+    _say(_end_line(trainer))
 
 
 def cli() -> None:
-    """``cp3er-train``: :func:`main`, after checking a ``run_dir=`` of the command line
-    (Hydra writes ``<run_dir>/.hydra`` first and reports a bad folder with a traceback)."""
+    """``cp3er-train``: :func:`main`, after the checks Hydra would answer with a traceback or
+    a long dump: a config group value that does not exist (``task=cheetah_rn``: one line
+    naming the closest choices) and a ``run_dir=`` that cannot hold a run (Hydra writes
+    ``<run_dir>/.hydra`` first)."""
+    message = check_group_overrides(sys.argv[1:], CONFIG_DIR)
+    if message is not None:
+        raise SystemExit(f"cp3er-train: {message}")
     for arg in reversed(sys.argv[1:]):
         key, _, value = arg.lstrip("+").partition("=")
         if key == "run_dir":

@@ -9,9 +9,10 @@ policy, and the actor loss gets CP3ER's sample-based entropy term:
 
 Runs on a state-based DMC task (default ``cartpole_balance``)::
 
-    python examples/td3_consistency_actor.py --frames 20000
+    python examples/td3_consistency_actor.py --frames 40000 [--threads auto] [--device cpu]
 
-and prints the evaluation return every ``--eval-every`` frames. Any TorchRL env with a
+and prints the evaluation return every ``--eval-every`` frames (environment frames: agent
+steps x action repeat 2, as everywhere in cp3er). Any TorchRL env with a
 continuous action spec in [-1, 1] and an ``observation`` entry works the same way.
 """
 
@@ -23,11 +24,14 @@ import torch
 from torch import nn
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, ReplayBuffer
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import MLP, ValueOperator
 from torchrl.objectives import SoftUpdate, TD3Loss
+from tqdm import tqdm
 
 from agents.cp3er import ConsistencyRegularizer, make_consistency_actor
+from cp3er.evaluate import run_episodes
+from cp3er.runlog import quiet_torchrl
+from cp3er.threads import add_device_threads_arguments, apply_threads
 from envs import make_env
 
 
@@ -56,42 +60,61 @@ def build(obs_dim: int, action_dim: int, action_spec, hidden: int = 256,
 
 
 def evaluate(env, policy, episodes: int = 3) -> float:
-    returns = []
-    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        for _ in range(episodes):
-            rollout = env.rollout(10_000, policy, break_when_any_done=True)
-            returns.append(float(rollout["next", "reward"].sum()))
-    return sum(returns) / len(returns)
+    """Mean return of ``episodes`` deterministic episodes (the policy may sit on a GPU)."""
+    results = run_episodes(env, policy, episodes)
+    return sum(results.returns) / len(results.returns)
+
+
+ACTION_REPEAT = 2
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="cartpole_balance")
-    parser.add_argument("--frames", type=int, default=20_000, help="agent steps")
-    parser.add_argument("--random-frames", type=int, default=2_000)
-    parser.add_argument("--eval-every", type=int, default=5_000)
+    parser.add_argument("--frames", type=int, default=40_000,
+                        help="environment frames (agent steps x action repeat 2)")
+    parser.add_argument("--random-frames", type=int, default=4_000,
+                        help="environment frames of uniform random actions first")
+    parser.add_argument("--eval-every", type=int, default=10_000, help="environment frames")
     parser.add_argument("--weight", type=float, default=0.05, help="lambda of L_c")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=1)
+    add_device_threads_arguments(parser)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available on this machine")
+    quiet_torchrl()
+    threads, how = apply_threads(args.threads)
     torch.manual_seed(args.seed)
-    env = make_env(args.task, "state", seed=args.seed, action_repeat=2)
-    eval_env = make_env(args.task, "state", seed=args.seed + 1000, action_repeat=2)
+    device = torch.device(args.device)
+    env = make_env(args.task, "state", seed=args.seed, action_repeat=ACTION_REPEAT)
+    eval_env = make_env(args.task, "state", seed=args.seed + 1000, action_repeat=ACTION_REPEAT)
     obs_dim = env.observation_spec["observation"].shape[-1]
     action_dim = env.action_spec.shape[-1]
     actor, loss, regularizer = build(obs_dim, action_dim, env.action_spec, weight=args.weight)
+    loss.to(device)
     updater = SoftUpdate(loss, tau=0.005)
     actor_opt = torch.optim.Adam(loss.actor_network_params.values(True, True), lr=args.lr)
     critic_opt = torch.optim.Adam(loss.qvalue_network_params.values(True, True), lr=args.lr)
-    buffer = ReplayBuffer(storage=LazyTensorStorage(args.frames), batch_size=256)
-    collector = Collector(env, actor, frames_per_batch=2, total_frames=args.frames,
-                          init_random_frames=args.random_frames)
+    steps = args.frames // ACTION_REPEAT
+    buffer = ReplayBuffer(storage=LazyTensorStorage(max(steps, 1)), batch_size=256)
+    collector = Collector(env, actor, frames_per_batch=2, total_frames=steps,
+                          init_random_frames=args.random_frames // ACTION_REPEAT,
+                          device=device, storing_device="cpu",
+                          auto_register_policy_transforms=False)
+    print(f"TD3 + consistency actor on {args.task} (state): {args.frames:,} frames "
+          f"({steps:,} agent steps, action repeat {ACTION_REPEAT}), {args.device}, "
+          f"{threads} threads ({how}); eval every {args.eval_every:,} frames", flush=True)
+    progress = tqdm(total=args.frames, unit="frame", dynamic_ncols=True)
     for step, batch in enumerate(collector, start=1):
         buffer.extend(batch.reshape(-1))
-        frames = step * 2
+        frames = step * 2 * ACTION_REPEAT  # 2 agent steps a batch
+        progress.update(2 * ACTION_REPEAT)
+        if frames % args.eval_every == 0:
+            progress.write(f"frame {frames}: eval return {evaluate(eval_env, actor):.1f}")
         if frames < args.random_frames:
             continue
-        sample = buffer.sample()
+        sample = buffer.sample().to(device)
         loss_value, _ = loss.value_loss(sample)
         critic_opt.zero_grad()
         loss_value.backward()
@@ -105,8 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             loss_actor.backward()
             actor_opt.step()
             updater.step()
-        if frames % args.eval_every == 0:
-            print(f"frame {frames}: eval return {evaluate(eval_env, actor):.1f}", flush=True)
+    progress.close()
     collector.shutdown()
 
 

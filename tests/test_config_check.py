@@ -46,8 +46,8 @@ def test_default_config_is_valid() -> None:
         ("optim.grad_clip=-1.5", "optim.grad_clip=-1.5"),
         ("resume=maybe", "resume='maybe'.*true or false"),
         ("trust_checkpoint=1", "trust_checkpoint=1.*true or false"),
-        ("threads=0", "threads=0.*null or an integer >= 1"),
-        ("threads=abc", "threads='abc'.*null or an integer >= 1"),
+        ("threads=0", "threads=0 is invalid.*auto, an integer >= 1"),
+        ("threads=abc", "threads='abc' is invalid.*auto, an integer >= 1"),
         ("perf.compile_mode=fast", "perf.compile_mode='fast'.*'reduce-overhead'"),
     ],
 )

@@ -166,7 +166,8 @@ def test_metaworld_repeat_flip_and_success_match_hand_rollout() -> None:
 
     raw = gym.make("Meta-World/MT1", env_name="assembly-v3", seed=seed, render_mode="rgb_array",
                    width=84, height=84, camera_name="corner2")
-    raw.reset(seed=seed)  # make_env's set_seed; the test's env.reset() is the second reset
+    raw.reset(seed=seed)  # make_metaworld_env's reset (it sets MT1's task and observation space)
+    raw.reset(seed=seed)  # make_env's set_seed; the test's env.reset() is the third reset
     raw.reset()
 
     def render() -> torch.Tensor:

@@ -251,3 +251,22 @@ def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
     assert float(first["final_return"]) == FINAL[("cheetah_run", "cp3er")][0]
     table = Path(f"{out}_table.md").read_text()
     assert "| cheetah_run | cp3er |" in table and Path(f"{out}_aggregate.json").is_file()
+
+
+def test_cp3er_plot_of_one_run_draws_its_own_curves(tmp_path, capsys):
+    """One run: the figure is the run's eval and train curves (the learning-curve figure),
+    not a comparison with single-score aggregate panels."""
+    run = write_run(tmp_path / "run", "cheetah_run", "cp3er", 0, ramp(700.0, FRAMES))
+    out = tmp_path / "one.png"
+    code, report, _ = run_main([str(run), "--out", str(out), "--json"], capsys)
+    assert code == 0 and report["figure"] == "single run"
+    assert_png(out)
+    plot_learning_curve(run, tmp_path / "same.png")
+    assert out.read_bytes() == (tmp_path / "same.png").read_bytes()
+    code, text, _ = run_main([str(run), "--out", str(out)], capsys)
+    assert code == 0 and "one run: its eval and train curves" in text
+    assert "final episode_return 700.000" in text
+    code, report, _ = run_main([str(run), str(write_run(tmp_path / "b", "cheetah_run", "cp3er",
+                                                          1, ramp(600.0, FRAMES))),
+                                "--out", str(out), "--json"], capsys)
+    assert report["figure"] == "comparison"

@@ -38,6 +38,7 @@ def test_pixel_run_writes_the_run_folder_and_evaluates(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "eval").glob("*.gif")), "no evaluation video"
     assert list((run_dir / "tb").rglob("events.out.tfevents*")), "no TensorBoard events"
+    _check_tensorboard_video_and_config(run_dir / "tb")
     rows = _rows(run_dir)
     train = [r for r in rows if r["phase"] == "train"]
     evals = [r for r in rows if r["phase"] == "eval"]
@@ -57,6 +58,22 @@ def test_pixel_run_writes_the_run_folder_and_evaluates(tmp_path: Path) -> None:
         assert key in summary
     assert summary["return_ci"][0] <= summary["return_mean"] <= summary["return_ci"][1]
     assert Path(summary["video"]).is_file()
+
+
+def _check_tensorboard_video_and_config(tb_dir: Path) -> None:
+    """The evaluation GIF reaches TensorBoard as an animated image, the config as text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in tb_dir.rglob("events.out.tfevents*")}
+    acc = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert "eval/video" in acc.Tags()["images"]
+    video = acc.Images("eval/video")[0]
+    assert video.step == 1000 and video.encoded_image_string[:6] == b"GIF89a"
+    assert video.width == 84 and video.height == 84
+    (config,) = [t for t in acc.Tags()["tensors"] if t.startswith("config")]
+    text = acc.Tensors(config)[0].tensor_proto.string_val[0].decode()
+    assert "task_name: cartpole_balance" in text
 
 
 def test_eval_of_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,97 @@
+"""How many CPU threads torch gets: ``threads=auto`` (the default) uses the cores this
+process may run on that other jobs are not already keeping busy.
+
+torch's default (one thread per core) oversubscribes a shared machine: each operation
+splits across every core and waits for the slowest share while other jobs hold those cores
+(docs/performance.md, "Threads on a shared machine": a pixel run took several times longer
+with torch's default than with one thread when the two cores were busy). ``auto`` takes the
+cores in the process's affinity mask minus the machine's one-minute load average (the
+runnable jobs already there), at least one; an integer sets the count; ``null`` leaves
+torch's default. Every CLI takes ``--threads`` with the same values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+__all__ = ["THREADS_HELP", "add_device_threads_arguments", "apply_threads", "auto_threads",
+           "available_cores", "parse_threads"]
+
+THREADS_HELP = ("torch CPU threads: auto (default: the free cores of this machine), "
+                "an integer, or 'default' (torch's own choice)")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform (Windows)
+        return 0.0
+
+
+def auto_threads(cores: int | None = None, load: float | None = None) -> int:
+    """``cores - load`` rounded, within ``[1, cores]``: the cores other jobs leave free.
+
+    Args:
+        cores: available cores (default :func:`available_cores`).
+        load: runnable jobs already there (default the one-minute load average).
+    """
+    cores = available_cores() if cores is None else cores
+    load = _load_average() if load is None else load
+    return max(1, min(cores, round(cores - load)))
+
+
+def parse_threads(value: int | str | None) -> int | str | None:
+    """A ``threads`` setting: ``"auto"``, an integer >= 1 or ``None`` (torch's default;
+    ``"default"`` on a command line). Raises ``ValueError`` naming the valid forms."""
+    if value is None or value == "default":
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if isinstance(value, bool) or count < 1 or str(count) != str(value).strip():
+        raise ValueError(f"threads={value!r} is invalid: expected auto, an integer >= 1, "
+                         "or null/default (torch's default)")
+    return count
+
+
+def apply_threads(value: int | str | None) -> tuple[int, str]:
+    """Set torch's intra-op threads from a ``threads`` setting; returns the count and how
+    it was chosen (for the run's first line)."""
+    setting = parse_threads(value)
+    if setting is None:
+        return torch.get_num_threads(), "torch's default"
+    if setting == "auto":
+        cores, load = available_cores(), _load_average()
+        count = auto_threads(cores, load)
+        how = f"auto: {cores} cores, load {load:.1f}"
+    else:
+        count, how = setting, "set"
+    torch.set_num_threads(count)
+    return count, how
+
+
+def _threads_argument(text: str) -> int | str | None:
+    try:
+        return parse_threads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_device_threads_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` (:data:`THREADS_HELP`) and ``--device cpu|cuda`` for a CLI."""
+    parser.add_argument("--threads", type=_threads_argument, default="auto", help=THREADS_HELP)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the networks run (default cpu)")

@@ -55,8 +55,8 @@ from envs.registry import UnknownTaskError
 
 UPDATE_METRICS = ("loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
                   "actor_q", "consistency_loss", "action_spread", "action_bound_frac",
-                  "stddev")
-LOSSES = ("loss_critic", "loss_actor")
+                  "stddev", "loss_teacher")
+LOSSES = ("loss_critic", "loss_actor", "loss_teacher")
 # Config entries a resumed run must share with the run it continues (they fix the task,
 # the observation and the shapes of every saved tensor).
 RESUME_KEYS = ("task_name", "obs", "agent", "env", "hidden_dim", "feature_dim", "n_step",

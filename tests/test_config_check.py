@@ -46,6 +46,9 @@ def test_default_config_is_valid() -> None:
         ("optim.grad_clip=-1.5", "optim.grad_clip=-1.5"),
         ("resume=maybe", "resume='maybe'.*true or false"),
         ("perf.compile_mode=fast", "perf.compile_mode='fast'.*'reduce-overhead'"),
+        ("agent.consistency.loss=distill",
+         "agent.consistency.loss='distill'.*'training', 'distillation'"),
+        ("agent.consistency.solver=rk4", "agent.consistency.solver='rk4'.*'euler', 'heun'"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(override: str, message: str) -> None:

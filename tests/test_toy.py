@@ -15,7 +15,6 @@ from cp3er.toy import (
     evaluate,
     grid,
     main,
-    make_denoiser,
     make_loss,
     mode_accuracy,
     network_calls,
@@ -108,19 +107,19 @@ def test_quick_cli_smoke(tmp_path, capsys, restore_threads):
 
 
 def test_distillation_row_teacher_and_student_learn_the_target() -> None:
-    """The distillation row: an EDM teacher (Heun ODE sampler, 35 network calls) and the
-    student distilled from it (one call) both land far closer to 8 Gaussians than the
-    untrained network."""
+    """The distillation row on the conditional target: the EDM teacher (Heun ODE sampler,
+    35 network calls) and the student distilled from it (one call) put their samples on
+    the selected mode (chance: 1/8). An untrained teacher's ODE gives ~N(0, 0.25 I) (its
+    preconditioned output is ``c_skip x``, the ideal denoiser of that Gaussian): SWD ~0.59.
+    On ``eight_gaussians`` such a Gaussian is already close in SWD (0.14: the ring's 1-D
+    projections have std 0.53), so the conditional target is the one that can tell."""
     config = ToyConfig(steps=300, batch_size=256, hidden_dim=64, eval_samples=1024)
-    student, teacher, seconds = train_row("eight_gaussians", "distillation", config, seed=0)
+    student, teacher, seconds = train_row("conditional", "distillation", config, seed=0)
     assert teacher is not None and seconds > 0
-    torch.manual_seed(0)
-    untrained = make_denoiser(0, config)
-    floor = evaluate(untrained, "eight_gaussians", "one_step", config, seed=1)[0]
-    teacher_swd = evaluate(teacher, "eight_gaussians", "teacher", config, seed=1)[0]
-    student_swd = evaluate(student, "eight_gaussians", "one_step", config, seed=1)[0]
-    assert floor > 0.4
-    assert teacher_swd < 0.3 * floor and student_swd < 0.4 * floor
+    teacher_swd, points, cond = evaluate(teacher, "conditional", "teacher", config, seed=1)
+    assert teacher_swd < 0.1 and mode_accuracy(points, cond) > 0.9
+    student_swd, points, cond = evaluate(student, "conditional", "one_step", config, seed=1)
+    assert student_swd < 0.15 and mode_accuracy(points, cond) > 0.85
     assert (network_calls("teacher", config), network_calls("one_step", config)) == (35, 1)
     with pytest.raises(ValueError, match="needs a trained teacher"):
         make_loss("distillation", config)

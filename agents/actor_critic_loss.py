@@ -107,11 +107,22 @@ class EncoderActorCriticLoss(LossModule):
     def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    @property
+    def update_order(self) -> tuple[str, ...]:
+        """Names ``x`` of the ``x_loss`` methods, in the order of an update's steps."""
+        return ("critic", "actor")
+
+    def step_losses(self, tensordict: TensorDictBase):
+        """``(name, loss, metadata)`` of each step of :attr:`update_order`, computed lazily:
+        step ``name``'s optimisers must step before the next loss is computed."""
+        for name in self.update_order:
+            loss, metadata = getattr(self, f"{name}_loss")(tensordict)
+            yield name, loss, metadata
+
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Both losses (critic first, then actor on its detached features) and metrics."""
-        tensordict = tensordict.copy()
-        loss_critic, critic_meta = self.critic_loss(tensordict)
-        loss_actor, actor_meta = self.actor_loss(tensordict)
-        out = {"loss_critic": loss_critic, "loss_actor": loss_actor, **critic_meta, **actor_meta}
+        """Every loss (critic first, then the others on its detached features) and metrics."""
+        out = {}
+        for name, loss, metadata in self.step_losses(tensordict.copy()):
+            out.update({f"loss_{name}": loss, **metadata})
         return TensorDict(out, batch_size=[])

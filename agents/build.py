@@ -15,18 +15,25 @@ from torchrl.envs import EnvBase
 from torchrl.objectives import LossModule, SoftUpdate
 
 from agents.augment import RandomShift
-from agents.cp3er import CP3ERLoss, make_consistency_actor, make_policy
+from agents.cp3er import CP3ERLoss, make_consistency_actor, make_denoiser, make_policy
 from agents.critic import MoGCritic
 from agents.drqv2 import DoubleQCritic, DrQV2Loss, ScheduledGaussianNoise, make_drqv2_actor
 from agents.encoder import PixelEncoder, StateEncoder
-from cp3er.consistency import ConsistencyTrainingLoss, KarrasSchedule
+from cp3er.consistency import ConsistencyDistillationLoss, ConsistencyTrainingLoss, KarrasSchedule
 
 AGENTS = ("cp3er", "drqv2")
+#: ``agent.consistency.loss``: consistency training on replayed actions (CP3ER), or
+#: distillation from a diffusion teacher trained alongside on them (Song et al. 2023).
+CONSISTENCY_LOSSES = ("training", "distillation")
 
 #: DrQ-v2's exploration-noise decay length in agent steps per task difficulty
 #: (``stddev_schedule: linear(1.0, 0.1, N)`` of its easy / medium / hard task configs).
 DIFFICULTIES = ("easy", "medium", "hard")
 DRQV2_STDDEV_STEPS = {"easy": 100_000, "medium": 500_000, "hard": 2_000_000}
+
+#: Optimisers stepped by each loss of an update (the critic loss also trains the encoder);
+#: a loss not listed steps the optimiser of its own name.
+STEP_OPTIMIZERS = {"critic": ("encoder", "critic")}
 
 
 @dataclass
@@ -73,14 +80,13 @@ class Agent:
 
     def update(self, batch) -> dict[str, float]:
         """One drqv2-style update: critic (+ encoder) step, then actor step with the
-        updated critic, then the Polyak update of the target critic."""
-        loss_critic, critic_meta = self.loss.critic_loss(batch)
-        self._step(("encoder", "critic"), loss_critic)
-        loss_actor, actor_meta = self.loss.actor_loss(batch)
-        self._step(("actor",), loss_actor)
+        updated critic (a distillation teacher's step between them: ``loss.update_order``),
+        then the Polyak update of the target critic."""
+        metrics = {}
+        for name, loss, metadata in self.loss.step_losses(batch):
+            self._step(STEP_OPTIMIZERS.get(name, (name,)), loss)
+            metrics.update({f"loss_{name}": loss.detach(), **metadata})
         self.updater.step()
-        metrics = {"loss_critic": loss_critic.detach(), "loss_actor": loss_actor.detach(),
-                   **critic_meta, **actor_meta}
         return {k: float(v) for k, v in metrics.items()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -120,11 +126,15 @@ def perf_option(cfg: DictConfig, key: str, default: bool = False) -> bool:
 
 def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictModule,
                 lr: float, fused: bool = False) -> dict[str, torch.optim.Optimizer]:
-    """Separate Adam optimisers for critic, actor and (if it has parameters) encoder."""
+    """Separate Adam optimisers for critic, actor, (if it has parameters) encoder and (when
+    distilling) the diffusion teacher."""
     optimizers = {
         "critic": _adam(loss.critic_params.values(True, True), lr, fused),
         "actor": _adam(actor.parameters(), lr, fused),
     }
+    teacher = getattr(loss, "teacher", None)
+    if teacher is not None:
+        optimizers["teacher"] = _adam(teacher.parameters(), lr, fused)
     encoder_params = list(encoder.parameters())
     if encoder_params:
         optimizers["encoder"] = _adam(encoder_params, lr, fused)
@@ -134,14 +144,12 @@ def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictMo
 def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_dim: int,
                 action_dim: int, augmentation: nn.Module | None) -> tuple[LossModule, None]:
     acfg = cfg.agent
-    ccfg = acfg.consistency  # clip_outputs: absent from run configs saved before it existed
-    schedule = KarrasSchedule(ccfg.sigma_min, ccfg.sigma_max, ccfg.rho, ccfg.num_steps,
-                              ccfg.sigma_data)
-    actor = make_consistency_actor(
-        repr_dim, action_dim, hidden_dim=cfg.hidden_dim,
-        trunk_dim=cfg.feature_dim if acfg.actor_trunk else None,
-        schedule=schedule, clip=acfg.clip,
-    )
+    schedule = KarrasSchedule(acfg.consistency.sigma_min, acfg.consistency.sigma_max,
+                              acfg.consistency.rho, acfg.consistency.num_steps,
+                              acfg.consistency.sigma_data)
+    network = {"hidden_dim": cfg.hidden_dim, "schedule": schedule, "clip": acfg.clip,
+               "trunk_dim": cfg.feature_dim if acfg.actor_trunk else None}
+    actor = make_consistency_actor(repr_dim, action_dim, **network)
     critic = MoGCritic(repr_dim, action_dim, feature_dim=cfg.feature_dim,
                        hidden_dim=cfg.hidden_dim, num_components=acfg.num_components,
                        init_scale=acfg.init_scale)
@@ -149,12 +157,27 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
         encoder, actor, critic,
         lambda_consistency=acfg.lambda_consistency,
         target_samples=acfg.target_samples,
-        consistency_loss=ConsistencyTrainingLoss(schedule, coupling=ccfg.coupling, mu=ccfg.mu,
-                                                 clip_outputs=ccfg.get("clip_outputs", True)),
+        consistency_loss=_consistency_loss(acfg.consistency, schedule,
+                                           lambda: make_denoiser(repr_dim, action_dim, **network)),
         augmentation=augmentation,
         share_condition=perf_option(cfg, "share_condition", True),
     )
     return loss, None
+
+
+def _consistency_loss(ccfg: DictConfig, schedule: KarrasSchedule,
+                      make_teacher) -> nn.Module:
+    """The actor's regulariser named by ``agent.consistency.loss`` (keys absent from run
+    configs saved before they existed take their defaults)."""
+    clip_outputs = ccfg.get("clip_outputs", True)
+    name = ccfg.get("loss", "training")
+    if name == "distillation":
+        return ConsistencyDistillationLoss(make_teacher(), solver=ccfg.get("solver", "euler"),
+                                           schedule=schedule, clip_outputs=clip_outputs)
+    if name != "training":
+        raise ValueError(f"agent.consistency.loss={name!r}; valid: {CONSISTENCY_LOSSES}")
+    return ConsistencyTrainingLoss(schedule, coupling=ccfg.coupling, mu=ccfg.mu,
+                                   clip_outputs=clip_outputs)
 
 
 def drqv2_stddev_steps(cfg: DictConfig) -> int:

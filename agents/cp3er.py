@@ -8,6 +8,8 @@ on replayed actions is the sample-based entropy regulariser (docs/implementation
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictSequential
@@ -21,6 +23,7 @@ from cp3er.consistency import (
     ConditionalMLP,
     ConsistencyTrainingLoss,
     Denoiser,
+    DenoisingLoss,
     KarrasSchedule,
     ProjectedCondition,
     sample_one_step,
@@ -74,24 +77,37 @@ def make_consistency_actor(
     repr_dim: int,
     action_dim: int,
     *,
+    in_key: NestedKey = "features",
+    out_key: NestedKey = "action",
+    **denoiser: Any,
+) -> TensorDictModule:
+    """The CP3ER actor as a ``TensorDictModule`` reading ``in_key`` and writing ``out_key``.
+
+    ``denoiser``: the keywords of :func:`make_denoiser` (``hidden_dim``, ``num_layers``,
+    ``trunk_dim``, ``schedule``, ``clip``). With ``trunk_dim=None`` the MLP reads the raw
+    encoder output (the reference: 39,200 features for pixels, ~42M parameters); an int
+    adds the Linear+LayerNorm+Tanh trunk.
+    """
+    return TensorDictModule(
+        ConsistencyPolicy(make_denoiser(repr_dim, action_dim, **denoiser), action_dim),
+        in_keys=[in_key], out_keys=[out_key],
+    )
+
+
+def make_denoiser(
+    repr_dim: int,
+    action_dim: int,
+    *,
     hidden_dim: int = 1024,
     num_layers: int = 3,
     trunk_dim: int | None = None,
     schedule: KarrasSchedule | None = None,
     clip: str = "clamp",
-    in_key: NestedKey = "features",
-    out_key: NestedKey = "action",
-) -> TensorDictModule:
-    """The CP3ER actor as a ``TensorDictModule`` reading ``in_key`` and writing ``out_key``.
-
-    With ``trunk_dim=None`` the MLP reads the raw encoder output (the reference: 39,200
-    features for pixels, ~42M parameters); an int adds the Linear+LayerNorm+Tanh trunk.
-    """
+) -> Denoiser:
+    """``D(x, t | features)``: the actor's network (a :class:`ConditionalMLP`) in the EDM
+    preconditioning; also the diffusion teacher of ``agent.consistency.loss=distillation``."""
     network = ConditionalMLP(action_dim, repr_dim, hidden_dim, num_layers, trunk_dim=trunk_dim)
-    denoiser = Denoiser(network, schedule or KarrasSchedule(), clip=clip)
-    return TensorDictModule(
-        ConsistencyPolicy(denoiser, action_dim), in_keys=[in_key], out_keys=[out_key]
-    )
+    return Denoiser(network, schedule or KarrasSchedule(), clip=clip)
 
 
 def make_policy(encoder: TensorDictModule, actor: TensorDictModule) -> TensorDictSequential:
@@ -114,6 +130,13 @@ class CP3ERLoss(EncoderActorCriticLoss):
       the critic and the encoder.
     * Actor (docs/implementation.md, item 5): features detached, critic parameters detached;
       ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``. Trains the actor only.
+      ``L_c`` is ``consistency_loss`` (any loss of the core's signature; default consistency
+      training).
+    * Teacher (only when ``consistency_loss`` has a ``teacher``: a
+      :class:`~cp3er.consistency.ConsistencyDistillationLoss`): :meth:`teacher_loss`, the EDM
+      denoising loss (:class:`~cp3er.consistency.DenoisingLoss`) of the diffusion teacher on
+      replayed actions, conditioned on the same detached features. Trains the teacher only;
+      the actor loss calls the teacher without gradient.
       With ``share_condition`` (default) the states' term of the actor's first layer is
       computed once for all actor calls on ``s`` (:class:`ProjectedCondition`; same
       values and gradients, one 39,200-wide matmul instead of four).
@@ -147,9 +170,10 @@ class CP3ERLoss(EncoderActorCriticLoss):
         *,
         lambda_consistency: float = 0.05,
         target_samples: int = 20,
-        consistency_loss: ConsistencyTrainingLoss | None = None,
+        consistency_loss: nn.Module | None = None,
         augmentation: nn.Module | None = None,
         share_condition: bool = True,
+        denoising_loss: DenoisingLoss | None = None,
     ) -> None:
         super().__init__(encoder, actor, critic, augmentation=augmentation)
         self.share_condition = share_condition
@@ -158,10 +182,24 @@ class CP3ERLoss(EncoderActorCriticLoss):
         self.consistency_loss = consistency_loss or ConsistencyTrainingLoss(
             self.policy.denoiser.schedule
         )
+        self.denoising_loss = None
+        if self.teacher is not None:
+            self.denoising_loss = denoising_loss or DenoisingLoss()
 
     @property
     def policy(self) -> ConsistencyPolicy:
         return self.actor.module
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The diffusion teacher of a distillation ``consistency_loss``, else ``None``."""
+        return getattr(self.consistency_loss, "teacher", None)
+
+    @property
+    def update_order(self) -> tuple[str, ...]:
+        """Critic, then the teacher when distilling (so the actor distils from the updated
+        teacher), then the actor."""
+        return ("critic", "actor") if self.teacher is None else ("critic", "teacher", "actor")
 
     # -- losses --------------------------------------------------------------------------
     def critic_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
@@ -210,6 +248,19 @@ class CP3ERLoss(EncoderActorCriticLoss):
             **{k: v.detach() for k, v in ct_metrics.items()},
         }
         return loss, metadata
+
+    def teacher_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """EDM denoising loss of the distillation teacher on replayed actions, on detached
+        features (Karras et al. 2022; trains the teacher only)."""
+        if self.teacher is None:
+            raise ValueError("teacher_loss needs a distillation consistency_loss "
+                             "(agent.consistency.loss=distillation); this loss has no teacher")
+        features = self.actor_features(tensordict)
+        per_sample, metrics = self.denoising_loss(
+            self.teacher, tensordict[self.tensor_keys.action], features
+        )
+        loss = per_sample.mean()
+        return loss, {"teacher_mse": metrics["denoise_mse"]}
 
 
 class ConsistencyRegularizer(nn.Module):

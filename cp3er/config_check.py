@@ -37,7 +37,14 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (or ``UnknownTaskError``) for the first invalid value."""
-    from agents.build import AGENTS, COMPILE_MODES, DIFFICULTIES, perf_setting
+    from agents.build import (
+        AGENTS,
+        COMPILE_MODES,
+        CONSISTENCY_LOSSES,
+        DIFFICULTIES,
+        perf_setting,
+    )
+    from cp3er.consistency import ODE_SOLVERS
     from envs import OBS_TYPES, TASKS
     from envs.registry import lookup
 
@@ -86,6 +93,14 @@ def validate_config(cfg: DictConfig) -> None:
     compile_mode = perf_setting(cfg, "compile_mode", "default")
     _require(compile_mode in COMPILE_MODES, "perf.compile_mode", compile_mode,
              f"one of {COMPILE_MODES}")
+    consistency = cfg.agent.get("consistency", {})
+    if cfg.agent.name == "cp3er":
+        loss = consistency.get("loss", "training")
+        _require(loss in CONSISTENCY_LOSSES, "agent.consistency.loss", loss,
+                 f"one of {CONSISTENCY_LOSSES}")
+        solver = consistency.get("solver", "euler")
+        _require(solver in ODE_SOLVERS, "agent.consistency.solver", solver,
+                 f"one of {ODE_SOLVERS}")
 
 
 def _unknown(kind: str, value: str, choices: list[str]) -> str:
@@ -125,4 +140,3 @@ def check_group_overrides(argv: Sequence[str], config_dir: str | Path) -> str | 
         if value not in choices:
             return _unknown(key, value, choices)
     return None
-

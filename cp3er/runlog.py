@@ -15,7 +15,7 @@ METRIC_COLUMNS = [
     "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
     "seconds", "fps", "loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
     "actor_q", "consistency_loss", "action_spread", "action_bound_frac", "physics_errors",
-    "stddev",
+    "stddev", "loss_teacher",
 ]
 LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
 

@@ -8,20 +8,25 @@ Trains :mod:`cp3er.consistency` denoisers on three targets inside the action box
 - ``conditional``: the 8 ring modes, a one-hot condition selecting the mode.
 
 Grid: target x loss/coupling (``independent`` CT, ``generator``-induced CT,
-``reconstruction``; each sampled ``one_step`` and ``multi_step``) plus ``phased``
-(the phased loss, sampled with ``sample_phased``). Prints one JSON object::
+``reconstruction``; each sampled ``one_step`` and ``multi_step``), ``phased``
+(the phased loss, sampled with ``sample_phased``) and ``distillation``: a diffusion
+teacher trained first with the EDM denoising loss (sampled by its probability-flow ODE,
+Heun, sampler ``teacher``), then a student distilled from it with
+``ConsistencyDistillationLoss`` (sampled ``one_step`` and ``multi_step``). Prints one JSON
+object::
 
-    {"results": [{"target", "sampler", "coupling", "swd", "seconds"}, ...],
+    {"results": [{"target", "sampler", "coupling", "swd", "nfe", "seconds"}, ...],
      "floor": {target: swd}, "untrained": {target: swd}}
 
 ``swd`` is the sliced 1-Wasserstein distance (:func:`sliced_wasserstein`) between
 generated samples and fresh target samples; on ``conditional`` it is averaged over the
 8 conditions, each compared with samples of its own mode. ``floor`` is the same distance
 between two fresh target sets, ``untrained`` the one-step samples of the freshly
-initialised network. ``seconds`` is the wall time to train the row's model (shared by
-the samplers of one model) plus the row's sampling time.
+initialised network. ``nfe`` is the number of network calls per sample. ``seconds`` is the
+wall time to train the row's model (shared by the samplers of one model; a distilled
+student's includes its teacher's) plus the row's sampling time.
 
-Example: ``cp3er-toy --quick --plot toy.png``.
+Example: ``cp3er-toy --quick --plot toy.png``; ``cp3er-toy --couplings independent,distillation``.
 """
 
 from __future__ import annotations
@@ -38,11 +43,15 @@ from torch import Tensor, nn
 
 from cp3er.consistency import (
     ConditionalMLP,
+    ConsistencyDistillationLoss,
     ConsistencyTrainingLoss,
     Denoiser,
+    DenoisingLoss,
     PhasedConsistencyLoss,
     ReconstructionLoss,
+    ode_calls,
     sample_multi_step,
+    sample_ode,
     sample_one_step,
     sample_phased,
 )
@@ -57,15 +66,18 @@ __all__ = [
     "make_denoiser",
     "make_loss",
     "mode_accuracy",
+    "network_calls",
     "sample_target",
     "sliced_wasserstein",
     "target_distance",
     "train",
+    "train_row",
 ]
 
 TARGETS = ("eight_gaussians", "two_moons", "conditional")
-COUPLINGS = ("independent", "generator", "reconstruction", "phased")
-SAMPLERS = ("one_step", "multi_step", "phased")
+COUPLINGS = ("independent", "generator", "reconstruction", "phased", "distillation")
+SAMPLERS = ("one_step", "multi_step", "phased", "teacher")
+TEACHER_SOLVER = "heun"  # the teacher's sampler (EDM); the distillation step uses config.solver
 NUM_MODES = 8
 RING_RADIUS, RING_STD = 0.75, 0.05
 MOONS_NOISE, MOONS_SCALE = 0.05, 1.6
@@ -84,6 +96,8 @@ class ToyConfig:
     multi_steps: int = 2
     eval_samples: int = 2048
     mu: float = 0.5
+    teacher_steps: int = 18  # Heun grid points of the teacher's sampler (EDM: 18, 35 calls)
+    solver: str = "heun"  # ODE solver of the distillation teacher step
 
 
 # --------------------------------------------------------------------------------------
@@ -187,8 +201,13 @@ def make_denoiser(cond_dim: int, config: ToyConfig) -> Denoiser:
     return Denoiser(network)
 
 
-def make_loss(coupling: str, config: ToyConfig) -> nn.Module:
-    """The loss a ``coupling`` label trains with (see :data:`COUPLINGS`)."""
+def make_loss(coupling: str, config: ToyConfig, teacher: nn.Module | None = None) -> nn.Module:
+    """The loss a ``coupling`` label trains with (see :data:`COUPLINGS`); ``distillation``
+    needs the trained ``teacher``."""
+    if coupling == "distillation":
+        if teacher is None:
+            raise ValueError("coupling 'distillation' needs a trained teacher")
+        return ConsistencyDistillationLoss(teacher, solver=config.solver)
     if coupling in ("independent", "generator"):
         return ConsistencyTrainingLoss(coupling=coupling, mu=config.mu)
     if coupling == "reconstruction":
@@ -234,7 +253,17 @@ def sampler_fn(name: str, config: ToyConfig) -> Callable[..., Tensor]:
         return lambda d, c, a, **kw: sample_multi_step(d, c, a, num_steps=config.multi_steps, **kw)
     if name == "phased":
         return lambda d, c, a, **kw: sample_phased(d, c, a, num_phases=config.num_phases, **kw)
+    if name == "teacher":
+        return lambda d, c, a, **kw: sample_ode(d, c, a, num_steps=config.teacher_steps,
+                                                solver=TEACHER_SOLVER, **kw)
     raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}")
+
+
+def network_calls(name: str, config: ToyConfig) -> int:
+    """Network calls per sample of the sampler a label names."""
+    calls = {"one_step": 1, "multi_step": config.multi_steps, "phased": config.num_phases,
+             "teacher": ode_calls(config.teacher_steps, TEACHER_SOLVER)}
+    return calls[name]
 
 
 @torch.no_grad()
@@ -256,37 +285,67 @@ def floor_distance(target: str, config: ToyConfig, seed: int) -> float:
     return target_distance(target, first, second, cond)
 
 
-def grid(quick: bool) -> list[tuple[str, str, tuple[str, ...]]]:
-    """``(target, coupling, samplers)`` of every model to train."""
+def grid(quick: bool, couplings: Sequence[str] | None = None
+         ) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(target, coupling, samplers)`` of every model to train (``couplings``: only those)."""
     if quick:
-        return [("eight_gaussians", c, ("one_step",)) for c in ("independent", "generator")]
-    rows = []
-    for target in TARGETS:
-        for coupling in ("independent", "generator", "reconstruction"):
-            rows.append((target, coupling, ("one_step", "multi_step")))
-        rows.append((target, "phased", ("phased",)))
+        rows = [("eight_gaussians", c, ("one_step",)) for c in ("independent", "generator")]
+    else:
+        rows = []
+        for target in TARGETS:
+            for coupling in ("independent", "generator", "reconstruction"):
+                rows.append((target, coupling, ("one_step", "multi_step")))
+            rows.append((target, "phased", ("phased",)))
+            rows.append((target, "distillation", ("teacher", "one_step", "multi_step")))
+    if couplings is not None:
+        unknown = sorted(set(couplings) - set(COUPLINGS))
+        if unknown:
+            raise ValueError(f"unknown couplings {unknown}; choose from {COUPLINGS}")
+        rows = [row for row in rows if row[1] in couplings]
     return rows
 
 
-def run(config: ToyConfig, seed: int, quick: bool) -> tuple[dict, dict[str, Tensor]]:
+def train_row(
+    target: str, coupling: str, config: ToyConfig, seed: int
+) -> tuple[Denoiser, Denoiser | None, float]:
+    """``(model, teacher, seconds)`` of one grid row, from the same initialisation.
+
+    ``distillation``: the teacher (EDM denoising loss) first, then the student from the
+    seed's fresh initialisation (not the teacher's weights; the CT rows start there too).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    teacher, seconds = None, 0.0
+    if coupling == "distillation":
+        torch.manual_seed(seed)
+        teacher = make_denoiser(target_cond_dim(target), config)
+        seconds += train(teacher, DenoisingLoss(), target, config, generator)
+    torch.manual_seed(seed)
+    model = make_denoiser(target_cond_dim(target), config)
+    seconds += train(model, make_loss(coupling, config, teacher), target, config, generator)
+    return model, teacher, seconds
+
+
+def run(config: ToyConfig, seed: int, quick: bool, couplings: Sequence[str] | None = None
+        ) -> tuple[dict, dict[str, Tensor]]:
     """Train and evaluate the grid; returns the JSON report and samples for plotting."""
     results, samples, floor, untrained = [], {}, {}, {}
     eval_seed = seed + 10_000
-    for target, coupling, samplers in grid(quick):
-        torch.manual_seed(seed)
-        denoiser = make_denoiser(target_cond_dim(target), config)
+    for target, coupling, samplers in grid(quick, couplings):
         if target not in untrained:
+            torch.manual_seed(seed)
+            denoiser = make_denoiser(target_cond_dim(target), config)
             untrained[target] = evaluate(denoiser, target, "one_step", config, eval_seed)[0]
             floor[target] = floor_distance(target, config, eval_seed + 1)
-        generator = torch.Generator().manual_seed(seed)
-        seconds = train(denoiser, make_loss(coupling, config), target, config, generator)
+        model, teacher, seconds = train_row(target, coupling, config, seed)
         for sampler in samplers:
             start = time.perf_counter()
+            denoiser = teacher if sampler == "teacher" else model
             swd, points, _ = evaluate(denoiser, target, sampler, config, eval_seed)
             elapsed = seconds + time.perf_counter() - start
             results.append({
                 "target": target, "sampler": sampler, "coupling": coupling,
-                "swd": round(swd, 4), "seconds": round(elapsed, 2),
+                "swd": round(swd, 4), "nfe": network_calls(sampler, config),
+                "seconds": round(elapsed, 2),
             })
             samples[f"{target}/{sampler}/{coupling}"] = points
     report = {
@@ -341,6 +400,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hidden-dim", type=int, default=ToyConfig.hidden_dim)
     parser.add_argument("--num-phases", type=int, default=ToyConfig.num_phases)
     parser.add_argument("--multi-steps", type=int, default=ToyConfig.multi_steps)
+    parser.add_argument("--teacher-steps", type=int, default=ToyConfig.teacher_steps,
+                        help="Heun grid points of the distillation teacher's sampler")
+    parser.add_argument("--solver", choices=("euler", "heun"), default=ToyConfig.solver,
+                        help="ODE solver of the distillation teacher step")
+    parser.add_argument("--couplings", default=None,
+                        help=f"comma-separated subset of the grid's rows, of {COUPLINGS}")
     parser.add_argument("--eval-samples", type=int, default=ToyConfig.eval_samples)
     parser.add_argument("--plot", metavar="PNG", default=None,
                         help="draw samples over the target to this file")
@@ -353,9 +418,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = ToyConfig(
         steps=steps, batch_size=args.batch_size, hidden_dim=args.hidden_dim,
         num_phases=args.num_phases, multi_steps=args.multi_steps,
-        eval_samples=args.eval_samples,
+        eval_samples=args.eval_samples, teacher_steps=args.teacher_steps, solver=args.solver,
     )
-    report, samples = run(config, args.seed, args.quick)
+    couplings = None if args.couplings is None else args.couplings.split(",")
+    report, samples = run(config, args.seed, args.quick, couplings)
     if args.plot:
         plot(samples, config, args.seed, args.plot)
     print(json.dumps(report))

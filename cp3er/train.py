@@ -80,8 +80,8 @@ from envs.registry import UnknownTaskError
 
 UPDATE_METRICS = ("loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
                   "actor_q", "consistency_loss", "action_spread", "action_bound_frac",
-                  "stddev")
-LOSSES = ("loss_critic", "loss_actor")
+                  "stddev", "loss_teacher")
+LOSSES = ("loss_critic", "loss_actor", "loss_teacher")
 # What a resumed run may take from its command line (README "Checkpoints, resume and
 # faults"): MACHINE_KEYS silently (machine-specific); RESUME_MAY_CHANGE with a printed
 # line (``frames``: a larger value extends the run, a finished one too; logging and speed

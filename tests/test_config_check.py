@@ -49,6 +49,9 @@ def test_default_config_is_valid() -> None:
         ("threads=0", "threads=0 is invalid.*auto, an integer >= 1"),
         ("threads=abc", "threads='abc' is invalid.*auto, an integer >= 1"),
         ("perf.compile_mode=fast", "perf.compile_mode='fast'.*'reduce-overhead'"),
+        ("agent.consistency.loss=distill",
+         "agent.consistency.loss='distill'.*'training', 'distillation'"),
+        ("agent.consistency.solver=rk4", "agent.consistency.solver='rk4'.*'euler', 'heun'"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(override: str, message: str) -> None:

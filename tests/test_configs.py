@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from tensordict import TensorDict
 
 from envs import TASKS
 
@@ -85,3 +88,57 @@ def test_consistency_clip_outputs_reaches_the_loss(clip_outputs: bool) -> None:
     agent = build_agent(cfg, env)
     env.close()
     assert agent.loss.consistency_loss.clip_outputs is clip_outputs
+
+
+def test_distillation_agent_updates_and_its_teacher_survives_a_checkpoint(tmp_path) -> None:
+    """``agent.consistency.loss=distillation``: the agent gets a teacher with its own
+    optimiser, an update steps it (and the actor); a checkpoint written and loaded the way
+    ``cp3er-train`` does restores the teacher and its optimiser: same outputs, and the next
+    update from both agents is identical."""
+    from agents.build import build_agent
+    from cp3er.checkpoint import atomic_torch_save, load_checkpoint
+    from cp3er.consistency import ConsistencyDistillationLoss
+    from envs import make_env
+
+    cfg = _compose("task=cartpole_swingup", "obs=state", "hidden_dim=32", "batch_size=8",
+                   "agent.consistency.loss=distillation", "agent.consistency.solver=heun")
+    env = make_env("cartpole_swingup", "state")
+    obs_dim = env.observation_spec["observation"].shape[-1]
+    torch.manual_seed(0)
+    agent = build_agent(cfg, env)
+    assert isinstance(agent.loss.consistency_loss, ConsistencyDistillationLoss)
+    assert agent.loss.consistency_loss.solver == "heun"
+    assert set(agent.optimizers) == {"critic", "actor", "teacher"}
+    generator = torch.Generator().manual_seed(1)
+    batch = TensorDict({
+        "observation": torch.randn(8, obs_dim, generator=generator),
+        "action": torch.rand(8, 1, generator=generator) * 2 - 1,
+        "next": {"observation": torch.randn(8, obs_dim, generator=generator),
+                 "reward": torch.rand(8, 1, generator=generator),
+                 "discount": torch.full((8, 1), 0.97)}}, [8])
+    teacher = agent.loss.teacher
+    before = [p.detach().clone() for p in teacher.parameters()]
+    actor_before = [p.detach().clone() for p in agent.loss.actor.parameters()]
+    metrics = agent.update(batch.clone())
+    assert {"loss_critic", "loss_teacher", "loss_actor", "teacher_mse"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert any(not torch.equal(b, p) for b, p in zip(before, teacher.parameters(), strict=True))
+    assert any(not torch.equal(b, p)
+               for b, p in zip(actor_before, agent.loss.actor.parameters(), strict=True))
+
+    atomic_torch_save({"agent": agent.state_dict(), "config": {}}, tmp_path / "latest.pt")
+    torch.manual_seed(123)  # another initialisation
+    restored = build_agent(cfg, env)
+    env.close()
+    x, cond = torch.randn(8, 1), torch.randn(8, obs_dim)
+    assert not torch.allclose(restored.loss.teacher(x, 3.0, cond), teacher(x, 3.0, cond))
+    restored.load_state_dict(load_checkpoint(tmp_path / "latest.pt")["agent"])
+    torch.testing.assert_close(restored.loss.teacher(x, 3.0, cond), teacher(x, 3.0, cond),
+                               rtol=0, atol=0)
+    assert restored.optimizers["teacher"].state_dict()["state"]  # Adam moments restored
+    for model in (agent, restored):
+        torch.manual_seed(7)
+        model.update(batch.clone())
+    for a, b in zip(agent.loss.teacher.parameters(), restored.loss.teacher.parameters(),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -9,20 +9,26 @@ from tensordict.nn import TensorDictModule
 from torchrl.objectives import SoftUpdate
 
 from agents.augment import RandomShift
-from agents.cp3er import CP3ERLoss, make_consistency_actor, make_policy
+from agents.cp3er import CP3ERLoss, make_consistency_actor, make_denoiser, make_policy
 from agents.critic import MoGCritic
 from agents.encoder import PixelEncoder, StateEncoder
+from cp3er.consistency import ConsistencyDistillationLoss
 
 OBS_DIM, ACTION_DIM, BATCH = 6, 2, 16
 
 
-def _state_loss(seed: int = 0, lambda_consistency: float = 0.05):
+def _state_loss(seed: int = 0, lambda_consistency: float = 0.05, distillation: bool = False):
     torch.manual_seed(seed)
     encoder = TensorDictModule(StateEncoder(OBS_DIM, hidden_dims=(16,)), ["observation"],
                                ["features"])
     actor = make_consistency_actor(16, ACTION_DIM, hidden_dim=32)
     critic = MoGCritic(16, ACTION_DIM, feature_dim=8, hidden_dim=32, init_scale=0.1)
-    loss = CP3ERLoss(encoder, actor, critic, lambda_consistency=lambda_consistency)
+    consistency_loss = None
+    if distillation:
+        teacher = make_denoiser(16, ACTION_DIM, hidden_dim=32)
+        consistency_loss = ConsistencyDistillationLoss(teacher, solver="heun")
+    loss = CP3ERLoss(encoder, actor, critic, lambda_consistency=lambda_consistency,
+                     consistency_loss=consistency_loss)
     updater = SoftUpdate(loss, tau=0.1)
     return loss, updater
 
@@ -104,6 +110,34 @@ def test_pixel_encoder_gets_gradients_from_the_critic_only() -> None:
     policy = make_policy(encoder, actor)
     action = policy(TensorDict({"pixels": pixels}, [4]))["action"]
     assert action.shape == (4, ACTION_DIM) and action.abs().max() <= 1
+
+
+def test_distillation_teacher_is_trained_by_its_own_loss_only() -> None:
+    """With a distillation regulariser the actor loss reaches the actor only (the teacher's
+    ODE step runs without gradient) and the teacher's denoising loss the teacher only."""
+    loss, _ = _state_loss(distillation=True)
+    assert loss.update_order == ("critic", "teacher", "actor")
+    batch = _state_batch()
+    loss.critic_loss(batch)  # writes the detached features
+    loss_actor, _ = loss.actor_loss(batch)
+    loss_actor.backward()
+    assert _nonzero(_grads(loss.actor))
+    assert all(p.grad is None for p in loss.teacher.parameters()), "actor loss reached teacher"
+    assert not _nonzero(_grads(loss.encoder))
+    assert all(p.grad is None for p in loss.critic_params.values(True, True))
+    loss.zero_grad(set_to_none=True)
+    loss_teacher, metadata = loss.teacher_loss(batch)
+    loss_teacher.backward()
+    assert _nonzero(_grads(loss.teacher)) and "teacher_mse" in metadata
+    assert all(p.grad is None for p in loss.actor.parameters())
+    assert all(p.grad is None for p in loss.encoder.parameters())
+    assert all(p.grad is None for p in loss.critic_params.values(True, True))
+    out = loss(_state_batch())
+    assert torch.isfinite(out["loss_teacher"]) and torch.isfinite(out["loss_actor"])
+    plain, _ = _state_loss()
+    assert plain.teacher is None and "loss_teacher" not in plain(_state_batch()).keys()
+    with pytest.raises(ValueError, match="no teacher"):
+        plain.teacher_loss(_state_batch())
 
 
 def test_target_moves_only_through_the_soft_update() -> None:

@@ -14,10 +14,14 @@ feature ``cond``:
   (k-diffusion style), so ``F`` never sees ``sigma`` scalings.
 - Losses, one signature ``loss(denoiser, actions, cond, *, target=None, generator=None)
   -> (per_sample_loss, metrics)``: :class:`ConsistencyTrainingLoss` (CP3ER / Consistency-AC,
-  independent or generator-induced coupling), :class:`ReconstructionLoss` (CPQL) and
-  :class:`PhasedConsistencyLoss` (phased consistency, Wang et al. 2024).
+  independent or generator-induced coupling), :class:`ConsistencyDistillationLoss` (a
+  diffusion teacher's ODE step as the target, Song et al. 2023, alg. 2),
+  :class:`ReconstructionLoss` (CPQL), :class:`PhasedConsistencyLoss` (phased consistency,
+  Wang et al. 2024) and :class:`DenoisingLoss` (EDM, to train a diffusion teacher).
 - Samplers, one signature ``sampler(denoiser, cond, action_dim, *, ..., generator=None)``:
-  :func:`sample_one_step`, :func:`sample_multi_step`, :func:`sample_phased`.
+  :func:`sample_one_step`, :func:`sample_multi_step`, :func:`sample_phased`, and
+  :func:`sample_ode` (a diffusion model's probability-flow ODE, Euler or Heun steps of
+  :func:`probability_flow_step`).
 - :func:`ema_target`: an exponential-moving-average copy of a denoiser to use as the
   consistency target (Consistency-AC, decay 0.995).
 
@@ -38,7 +42,8 @@ Examples:
     torch.Size([5, 2])
 
 Submodules: ``schedule`` (grid, scalings, weighting), ``network`` (``F``), ``denoiser``
-(preconditioning, phased map, EMA target), ``losses``, ``samplers``; every public name is
+(preconditioning, phased map, EMA target), ``ode`` (probability-flow ODE steps),
+``losses``, ``samplers``; every public name is
 re-exported here, import it from ``cp3er.consistency``.
 """
 
@@ -49,6 +54,7 @@ from cp3er.consistency.denoiser import (
     TIME_INPUT_SCALE,
     Denoiser,
     DenoiserFn,
+    batch_sigma,
     ema_target,
     phased_map,
     schedule_of,
@@ -57,31 +63,47 @@ from cp3er.consistency.denoiser import (
 )
 from cp3er.consistency.losses import (
     COUPLINGS,
+    ConsistencyDistillationLoss,
     ConsistencyTrainingLoss,
+    DenoisingLoss,
     PhasedConsistencyLoss,
     ReconstructionLoss,
 )
 from cp3er.consistency.network import ConditionalMLP, ProjectedCondition, SinusoidalTimeEmbedding
-from cp3er.consistency.samplers import sample_multi_step, sample_one_step, sample_phased
+from cp3er.consistency.ode import ODE_SOLVERS, probability_flow_step
+from cp3er.consistency.samplers import (
+    ode_calls,
+    sample_multi_step,
+    sample_ode,
+    sample_one_step,
+    sample_phased,
+)
 from cp3er.consistency.schedule import KarrasSchedule, phase_edges
 
 __all__ = [
     "CLIP_MODES",
     "COUPLINGS",
+    "ODE_SOLVERS",
     "TIME_INPUT_SCALE",
     "ConditionalMLP",
+    "ConsistencyDistillationLoss",
     "ConsistencyTrainingLoss",
     "Denoiser",
     "DenoiserFn",
+    "DenoisingLoss",
     "KarrasSchedule",
     "PhasedConsistencyLoss",
     "ProjectedCondition",
     "ReconstructionLoss",
     "SinusoidalTimeEmbedding",
+    "batch_sigma",
     "ema_target",
+    "ode_calls",
     "phase_edges",
     "phased_map",
+    "probability_flow_step",
     "sample_multi_step",
+    "sample_ode",
     "sample_one_step",
     "sample_phased",
     "schedule_of",

@@ -16,6 +16,7 @@ __all__ = [
     "TIME_INPUT_SCALE",
     "Denoiser",
     "DenoiserFn",
+    "batch_sigma",
     "ema_target",
     "phased_map",
     "schedule_of",
@@ -75,7 +76,7 @@ class Denoiser(nn.Module):
 
     def unclipped(self, x: Tensor, sigma: Tensor | float, cond: Tensor) -> Tensor:
         """``c_skip x + c_out F(c_in x, 250 ln sigma, cond)`` before the action clip."""
-        sigma = _batch_sigma(sigma, x)
+        sigma = batch_sigma(sigma, x)
         c_skip, c_out, c_in = (c.unsqueeze(-1) for c in self.schedule.scalings(sigma))
         out = self.network(c_in * x, TIME_INPUT_SCALE * sigma.log(), cond)
         return c_skip * x + c_out * out
@@ -84,7 +85,7 @@ class Denoiser(nn.Module):
         return self.apply_clip(self.unclipped(x, sigma, cond))
 
 
-def _batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+def batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     """Noise level(s) as a ``x.shape[:-1]`` tensor of ``x``'s dtype and device."""
     batch = x.shape[:-1]
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
@@ -102,7 +103,7 @@ def phased_map(
     ``eps = (x - x0) / t``, ``f(x, t -> s) = x0 + s eps = (s/t) x + (1 - s/t) D(x, t)``.
     It satisfies the phase boundary condition ``f(x, s -> s) = x`` exactly for any ``D``.
     """
-    t, s = _batch_sigma(t, x), _batch_sigma(s, x)
+    t, s = batch_sigma(t, x), batch_sigma(s, x)
     ratio = (s / t).unsqueeze(-1)
     return ratio * x + (1.0 - ratio) * denoiser(x, t, cond)
 

@@ -3,7 +3,9 @@ generator=None)``; the batch shape is ``cond.shape[:-1]``."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -15,9 +17,10 @@ from cp3er.consistency.denoiser import (
     schedule_of,
     unwrap,
 )
+from cp3er.consistency.ode import probability_flow_step
 from cp3er.consistency.schedule import phase_edges
 
-__all__ = ["sample_multi_step", "sample_one_step", "sample_phased"]
+__all__ = ["ode_calls", "sample_multi_step", "sample_ode", "sample_one_step", "sample_phased"]
 
 
 def _noise(
@@ -86,3 +89,34 @@ def sample_phased(
         x = phased_map(denoiser, x, sigmas[upper], sigmas[lower], cond)
     module = unwrap(denoiser)
     return module.apply_clip(x) if isinstance(module, Denoiser) else x
+
+
+def sample_ode(
+    denoiser: DenoiserFn,
+    cond: Tensor,
+    action_dim: int,
+    *,
+    num_steps: int = 18,
+    solver: Literal["euler", "heun"] = "heun",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Diffusion sampling by the probability-flow ODE (Karras et al. 2022, algorithm 1).
+
+    From ``x = sigma_max z`` along the denoiser's Karras grid with ``num_steps`` points
+    (its schedule with ``num_steps`` replaced), then to ``t = 0``:
+    :func:`probability_flow_step` between grid points, an Euler step (``x = D(x, t)``)
+    for the last. With ``solver="heun"`` that is ``2 num_steps - 1`` denoiser calls
+    (:func:`ode_calls`; EDM: 18 steps, 35 calls). For a diffusion (denoising) model such as
+    a distillation teacher, not a consistency model.
+    """
+    schedule = dataclasses.replace(schedule_of(denoiser), num_steps=num_steps)
+    sigmas = schedule.sigmas(device=cond.device, dtype=cond.dtype)
+    x = sigmas[0] * _noise(cond, action_dim, generator)
+    for t, t_next in itertools.pairwise(sigmas):
+        x = probability_flow_step(denoiser, x, t, t_next, cond, solver)
+    return denoiser(x, sigmas[-1], cond)
+
+
+def ode_calls(num_steps: int, solver: str) -> int:
+    """Denoiser calls of :func:`sample_ode`: ``num_steps`` Euler or ``2 num_steps - 1`` Heun."""
+    return 2 * num_steps - 1 if solver == "heun" else num_steps

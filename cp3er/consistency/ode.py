@@ -1,0 +1,43 @@
+"""The probability-flow ODE of the EDM / variance-exploding diffusion and its solver steps."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from cp3er.consistency.denoiser import DenoiserFn, batch_sigma
+
+__all__ = ["ODE_SOLVERS", "probability_flow_step"]
+
+ODE_SOLVERS = ("euler", "heun")
+
+
+def probability_flow_step(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    t: Tensor | float,
+    t_next: Tensor | float,
+    cond: Tensor,
+    solver: Literal["euler", "heun"] = "euler",
+) -> Tensor:
+    """One solver step of ``dx/dt = (x - D(x, t)) / t`` from noise ``t`` to ``t_next``.
+
+    The probability-flow ODE with ``sigma(t) = t`` (Karras et al. 2022, eq. 4 and
+    algorithm 1; the teacher step of consistency distillation, Song et al. 2023,
+    algorithm 2): Euler ``x + (t_next - t) d(x, t)``; Heun adds the trapezoidal correction
+    ``x + (t_next - t) (d(x, t) + d(x', t_next)) / 2`` with ``x'`` the Euler point (two
+    denoiser calls; it needs ``t_next > 0``). The Euler step to ``t_next = 0`` is ``D(x, t)``
+    itself, EDM's last step. ``t``/``t_next`` may be scalars, ``(*batch,)`` or
+    ``(*batch, 1)``.
+    """
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"solver must be one of {ODE_SOLVERS}, got {solver!r}")
+    t, t_next = batch_sigma(t, x), batch_sigma(t_next, x)
+    step = (t_next - t).unsqueeze(-1)
+    slope = (x - denoiser(x, t, cond)) / t.unsqueeze(-1)
+    euler = x + step * slope
+    if solver == "euler":
+        return euler
+    slope_next = (euler - denoiser(euler, t_next, cond)) / t_next.unsqueeze(-1)
+    return x + step * 0.5 * (slope + slope_next)

@@ -51,7 +51,10 @@ def _copy(run: Path, tmp_path: Path, name: str = "run") -> Path:
 
 
 def _one_line_error(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+    """The one error line of a failed run (the run's own first line, what runs where, is
+    not an error)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()
+             and " run folder " not in line]
     assert len(lines) == 1 and "Traceback" not in text, text[-2000:]
     return lines[0]
 

@@ -212,7 +212,7 @@ def test_eval_refuses_a_policy_emitting_non_finite_actions(tmp_path: Path, capsy
             weights[name] = tensor * 1e30
     path = tmp_path / "exploded.pt"
     atomic_torch_save(state, path)
-    assert evaluate.main([str(path), "--episodes", "1"]) == 2
+    assert evaluate.main([str(path), "--episodes", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("cp3er-eval: the policy emitted non-finite actions (evaluation episode 1): "
                    "the checkpoint's policy is broken")

@@ -533,7 +533,7 @@ def _resume_command() -> str:
 
 def _start_line(trainer: Trainer) -> str:
     cfg = trainer.cfg
-    label = f" ({cfg.label})" if cfg.get("label") else ""
+    label = f" ({cfg.label})" if cfg.get("label") not in (None, cfg.agent.name) else ""
     start = "" if trainer.resumed_from is None else f", from frame {trainer.resumed_from}"
     return (f"{cfg.agent.name}{label} on {cfg.task_name} ({cfg.obs}), seed {cfg.seed}, "
             f"{cfg.frames:,} frames{start}; {cfg.device}, {trainer.threads} threads "

@@ -7,7 +7,8 @@ and writes:
 * ``<prefix>.csv``: one row per run: task, agent, obs, seed, frames reached, final eval
   return (mean over the final evaluation's episodes), best eval return, wall seconds, and
   the exact ``cp3er-train`` command line (Hydra's ``.hydra/overrides.yaml`` of the run;
-  ``resume`` and ``log.progress`` left out: a resumed run is the same run);
+  ``resume`` and ``log.progress`` left out: a resumed run is the same run); a run without
+  an evaluation yet is skipped, with a line on stderr;
 * ``<prefix>_table.md``: per task and agent, the mean final return over seeds with a 95%
   bootstrap CI (seeds resampled), the seeds, frames and mean wall time;
 * ``<prefix>.png`` and ``<prefix>_aggregate.json``: ``cp3er-plot``'s learning curves and
@@ -98,8 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output prefix (no suffix)")
     args = parser.parse_args(argv)
     try:
-        paths = run_dirs(args.grid_dir)
-        rows = [run_row(p) for p in paths]
+        paths, rows = [], []
+        for path in run_dirs(args.grid_dir):
+            try:
+                rows.append(run_row(path))
+                paths.append(path)
+            except PlotError as error:  # a run still before its first evaluation
+                print(f"collect: skipped: {error}", file=sys.stderr)
+        if not paths:
+            raise PlotError(f"no run under {args.grid_dir} has an evaluation yet")
         report = summarize(paths, args.out.with_suffix(".png"))
     except PlotError as error:
         print(f"collect: {error}", file=sys.stderr)

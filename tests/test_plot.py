@@ -227,7 +227,7 @@ def test_label_groups_variants_of_one_agent(tmp_path, capsys):
 
 
 def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, capsys) -> None:
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "collect.py"
@@ -239,8 +239,10 @@ def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
     (launched / ".hydra" / "overrides.yaml").write_text(
         "- +profile=cpu_pixels\n- task=cheetah_run\n- seed=0\n- resume=true\n"
         "- log.progress=false\n")
+    started = write_run(tmp_path / "started", "cheetah_run", "cp3er", 9, [])  # no eval yet
     out = tmp_path / "out" / "grid"
     assert collect.main([str(tmp_path), "--out", str(out)]) == 0
+    assert f"collect: skipped: {started} has no evaluation rows yet" in capsys.readouterr().err
     with open(out.with_suffix(".csv"), newline="") as handle:
         rows = {r["run_dir"].rsplit("/", 1)[-1]: r for r in csv.DictReader(handle)}
     assert len(rows) == len(dmc_runs)

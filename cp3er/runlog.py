@@ -140,15 +140,21 @@ def make_logger(backend: str, run_dir: Path, name: str):
     return get_logger("csv", logger_name=str(run_dir), experiment_name="logs")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b": value}`` (an empty mapping stays one entry)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and value:
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) \
-                else str(value)
+            out[f"{prefix}{key}"] = value
     return out
+
+
+def _hyper_parameters(config: dict) -> dict[str, Any]:
+    """The flattened config with every non-scalar value (lists, null) as text."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten_config(config).items()}
 
 
 def log_config(logger, backend: str, config: dict) -> None:
@@ -161,9 +167,9 @@ def log_config(logger, backend: str, config: dict) -> None:
         yaml = OmegaConf.to_yaml(OmegaConf.create(config))
         logger.experiment.add_text("config", "    " + yaml.replace("\n", "\n    "), 0)
     elif backend == "wandb":
-        logger.experiment.config.update(_flat(config), allow_val_change=True)
+        logger.experiment.config.update(_hyper_parameters(config), allow_val_change=True)
     else:
-        logger.log_hparams(_flat(config))
+        logger.log_hparams(_hyper_parameters(config))
 
 
 def log_eval_video(logger, backend: str, gif: Path, step: int) -> None:

@@ -30,7 +30,6 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
@@ -68,6 +67,7 @@ from cp3er.runlock import RunLock, RunLockedError
 from cp3er.runlog import (
     MetricsFileError,
     MetricsWriter,
+    flatten_config,
     log_config,
     log_eval_video,
     make_logger,
@@ -127,17 +127,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{"a.b": value}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
 
@@ -181,8 +170,8 @@ def resolve_run_config(
     if not saved_path.is_file():
         raise ResumeError(f"resume=true but {saved_path} is missing")
     saved = _load_saved_config(saved_path)
-    old = _flat(OmegaConf.to_container(saved, resolve=True))
-    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    old = flatten_config(OmegaConf.to_container(saved, resolve=True))
+    new = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     differ = sorted(k for k in new if k in old and new[k] != old[k]
                     and not _under(k, MACHINE_KEYS))
     refused = [k for k in differ if not _under(k, RESUME_MAY_CHANGE)]
@@ -557,7 +546,7 @@ def main(cfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg)
     except (RunLockedError, UntrustedCheckpointError) as error:
-        print(f"cp3er-train: {error}", file=sys.stderr, flush=True)
+        _say(str(error))
         raise SystemExit(EXIT_LOCKED if isinstance(error, RunLockedError)
                          else EXIT_UNTRUSTED) from None
     except (ConfigError, UnknownTaskError, ResumeError, CheckpointError,

@@ -5,7 +5,8 @@ Both read the same replay batch (n-step reward and discount already folded in by
 random-shift augmentation, train the encoder through the critic loss only, keep a
 Polyak target copy of the critic (``convert_to_functional(..., create_target_params=True)``,
 moved by TorchRL's ``SoftUpdate``) and update critic first, actor second (DrQ-v2
-``update``). Subclasses implement :meth:`critic_loss` and :meth:`actor_loss`.
+``update``, stepped by :meth:`agents.agent.Agent.update`). Subclasses implement
+:meth:`critic_loss` and :meth:`actor_loss`; features pass between them as arguments.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class EncoderActorCriticLoss(LossModule):
     """Base of the agents' losses: encoder + actor + critic with a target critic.
 
     Args:
-        encoder: ``TensorDictModule`` ``observation -> features`` (its keys set the
-            ``observation`` and ``features`` tensor keys).
+        encoder: ``TensorDictModule`` ``observation -> features`` (its in_key sets the
+            ``observation`` tensor key).
         actor: ``TensorDictModule`` ``features -> action``.
         critic: ``nn.Module`` ``(features, action) -> ...``, made functional with target
             parameters.
@@ -40,7 +41,6 @@ class EncoderActorCriticLoss(LossModule):
         action: NestedKey = "action"
         reward: NestedKey = "reward"
         discount: NestedKey = "discount"
-        features: NestedKey = "features"
 
     tensor_keys: _AcceptedKeys
     default_keys = _AcceptedKeys
@@ -61,7 +61,7 @@ class EncoderActorCriticLoss(LossModule):
         self.actor = actor
         self.convert_to_functional(critic, "critic", create_target_params=True)
         self.augmentation = augmentation
-        self.set_keys(observation=encoder.in_keys[0], features=encoder.out_keys[0])
+        self.set_keys(observation=encoder.in_keys[0])
 
     def _encode(self, observation: torch.Tensor) -> torch.Tensor:
         if self.augmentation is not None:
@@ -76,15 +76,6 @@ class EncoderActorCriticLoss(LossModule):
         with torch.no_grad():
             next_features = self._encode(tensordict[("next", keys.observation)])
         return features, next_features
-
-    def actor_features(self, tensordict: TensorDictBase) -> torch.Tensor:
-        """Detached features for the actor step: those :meth:`critic_loss` stored in the
-        batch, or a fresh no-grad encoding when the actor loss runs alone."""
-        features = tensordict.get(self.tensor_keys.features, None)
-        if features is None:
-            with torch.no_grad():
-                features = self._encode(tensordict[self.tensor_keys.observation])
-        return features.detach()
 
     def td_target_inputs(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
         """``(reward, discount)`` of the batch: n-step discounted reward, ``gamma^n`` times
@@ -101,28 +92,40 @@ class EncoderActorCriticLoss(LossModule):
         return [keys.observation, keys.action, ("next", keys.observation),
                 ("next", keys.reward), ("next", keys.discount)]
 
-    def critic_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
-
-    def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
-
     @property
-    def update_order(self) -> tuple[str, ...]:
-        """Names ``x`` of the ``x_loss`` methods, in the order of an update's steps."""
-        return ("critic", "actor")
+    def teacher(self) -> nn.Module | None:
+        """A module trained by its own :meth:`teacher_loss` step (CP3ER distillation's
+        diffusion teacher), else ``None``."""
+        return None
 
-    def step_losses(self, tensordict: TensorDictBase):
-        """``(name, loss, metadata)`` of each step of :attr:`update_order`, computed lazily:
-        step ``name``'s optimisers must step before the next loss is computed."""
-        for name in self.update_order:
-            loss, metadata = getattr(self, f"{name}_loss")(tensordict)
-            yield name, loss, metadata
+    def critic_loss(self, tensordict: TensorDictBase, features: torch.Tensor,
+                    next_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``(loss, metrics)`` of the critic on ``features`` (with gradient: the encoder
+        learns through it) and ``next_features`` (no gradient), from
+        :meth:`encode_transition`."""
+        raise NotImplementedError
+
+    def actor_loss(self, tensordict: TensorDictBase, features: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict]:
+        """``(loss, metrics)`` of the actor on ``features`` (detached here: the actor does
+        not train the encoder), with the critic's parameters detached."""
+        raise NotImplementedError
+
+    def teacher_loss(self, tensordict: TensorDictBase, features: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict]:
+        raise ValueError(f"{type(self).__name__} has no teacher to train")
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Every loss (critic first, then the others on its detached features) and metrics."""
-        out = {}
-        for name, loss, metadata in self.step_losses(tensordict.copy()):
-            out.update({f"loss_{name}": loss, **metadata})
+        """Every loss on one encoding of the batch (the critic's features, detached for the
+        others) and the metrics, TorchRL-style; the batch is not modified. Training steps
+        them one by one instead (:meth:`agents.agent.Agent.update`), so the actor sees
+        the updated critic."""
+        features, next_features = self.encode_transition(tensordict)
+        loss, metrics = self.critic_loss(tensordict, features, next_features)
+        out = {"loss_critic": loss, **metrics}
+        steps = ("actor",) if self.teacher is None else ("teacher", "actor")
+        for name in steps:
+            loss, metrics = getattr(self, f"{name}_loss")(tensordict, features.detach())
+            out.update({f"loss_{name}": loss, **metrics})
         return TensorDict(out, batch_size=[])

@@ -1,19 +1,19 @@
-"""Build an agent (modules, loss, optimisers, target updater) from the Hydra config.
+"""Build an agent (modules, loss, optimisers, target updater) from the Hydra config; the
+update itself is :meth:`agents.agent.Agent.update`.
 
 Shapes come from the environment's specs, never typed by hand (DESIGN: drqv2 / TD-MPC2).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from omegaconf import DictConfig
-from tensordict.nn import TensorDictModule, TensorDictSequential
+from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.envs import EnvBase
 from torchrl.objectives import LossModule, SoftUpdate
 
+from agents.agent import Agent
 from agents.augment import RandomShift
 from agents.cp3er import CP3ERLoss, make_consistency_actor, make_denoiser, make_policy
 from agents.critic import MoGCritic
@@ -30,69 +30,6 @@ CONSISTENCY_LOSSES = ("training", "distillation")
 #: (``stddev_schedule: linear(1.0, 0.1, N)`` of its easy / medium / hard task configs).
 DIFFICULTIES = ("easy", "medium", "hard")
 DRQV2_STDDEV_STEPS = {"easy": 100_000, "medium": 500_000, "hard": 2_000_000}
-
-#: Optimisers stepped by each loss of an update (the critic loss also trains the encoder);
-#: a loss not listed steps the optimiser of its own name.
-STEP_OPTIMIZERS = {"critic": ("encoder", "critic")}
-
-
-@dataclass
-class Agent:
-    """Everything the training loop and the evaluator need of an agent."""
-
-    policy: TensorDictSequential  # observation -> action (acting)
-    loss: LossModule
-    optimizers: dict[str, torch.optim.Optimizer]
-    updater: SoftUpdate
-    obs_key: str
-    grad_clip: float | None = None  # max global grad norm per optimiser step (None: off)
-    exploration: ScheduledGaussianNoise | None = None  # acting noise (DrQ-v2), None: none
-
-    @property
-    def collect_policy(self) -> TensorDictSequential:
-        """The policy the training collector runs: ``policy`` plus exploration noise."""
-        if self.exploration is None:
-            return self.policy
-        return TensorDictSequential(self.policy, self.exploration)
-
-    def advance(self, steps: int) -> None:
-        """Tell the agent ``steps`` more agent steps were taken (exploration schedule)."""
-        if self.exploration is not None:
-            self.exploration.step(steps)
-
-    def state_dict(self) -> dict:
-        return {
-            "loss": self.loss.state_dict(),
-            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
-        }
-
-    def _step(self, names: tuple[str, ...], loss: torch.Tensor) -> None:
-        optimizers = [self.optimizers[n] for n in names if n in self.optimizers]
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip is not None:
-            for optimizer in optimizers:
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        for optimizer in optimizers:
-            optimizer.step()
-
-    def update(self, batch) -> dict[str, float]:
-        """One drqv2-style update: critic (+ encoder) step, then actor step with the
-        updated critic (a distillation teacher's step between them: ``loss.update_order``),
-        then the Polyak update of the target critic."""
-        metrics = {}
-        for name, loss, metadata in self.loss.step_losses(batch):
-            self._step(STEP_OPTIMIZERS.get(name, (name,)), loss)
-            metrics.update({f"loss_{name}": loss.detach(), **metadata})
-        self.updater.step()
-        return {k: float(v) for k, v in metrics.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loss.load_state_dict(state["loss"])
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
 
 
 def obs_key_for(obs: str) -> str:
@@ -112,16 +49,6 @@ def make_encoder(obs: str, obs_shape: torch.Size, channels_last: bool = False
 def _adam(params, lr: float, fused: bool = False) -> torch.optim.Optimizer:
     """Adam; ``fused`` runs the whole step as one kernel (same update rule)."""
     return torch.optim.Adam(list(params), lr=lr, fused=fused or None)
-
-
-def perf_setting(cfg: DictConfig, key: str, default: object = None) -> object:
-    """``cfg.perf.<key>`` (configs without a ``perf`` section get ``default``)."""
-    return cfg.get("perf", {}).get(key, default)
-
-
-def perf_option(cfg: DictConfig, key: str, default: bool = False) -> bool:
-    """The switch ``cfg.perf.<key>`` as a bool."""
-    return bool(perf_setting(cfg, key, default))
 
 
 def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictModule,
@@ -147,7 +74,7 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
     schedule = KarrasSchedule(acfg.consistency.sigma_min, acfg.consistency.sigma_max,
                               acfg.consistency.rho, acfg.consistency.num_steps,
                               acfg.consistency.sigma_data)
-    network = {"hidden_dim": cfg.hidden_dim, "schedule": schedule, "clip": acfg.clip,
+    network = {"hidden_dim": cfg.hidden_dim, "schedule": schedule, "clip": str(acfg.clip),
                "trunk_dim": cfg.feature_dim if acfg.actor_trunk else None}
     actor = make_consistency_actor(repr_dim, action_dim, **network)
     critic = MoGCritic(repr_dim, action_dim, feature_dim=cfg.feature_dim,
@@ -160,31 +87,29 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
         consistency_loss=_consistency_loss(acfg.consistency, schedule,
                                            lambda: make_denoiser(repr_dim, action_dim, **network)),
         augmentation=augmentation,
-        share_condition=perf_option(cfg, "share_condition", True),
+        share_condition=cfg.perf.share_condition,
     )
     return loss, None
 
 
 def _consistency_loss(ccfg: DictConfig, schedule: KarrasSchedule,
                       make_teacher) -> nn.Module:
-    """The actor's regulariser named by ``agent.consistency.loss`` (keys absent from run
-    configs saved before they existed take their defaults)."""
-    clip_outputs = ccfg.get("clip_outputs", True)
-    name = ccfg.get("loss", "training")
+    """The actor's regulariser named by ``agent.consistency.loss``."""
+    clip_outputs, name = ccfg.clip_outputs, ccfg.loss
     if name == "distillation":
-        return ConsistencyDistillationLoss(make_teacher(), solver=ccfg.get("solver", "euler"),
+        return ConsistencyDistillationLoss(make_teacher(), solver=str(ccfg.solver),
                                            schedule=schedule, clip_outputs=clip_outputs)
     if name != "training":
         raise ValueError(f"agent.consistency.loss={name!r}; valid: {CONSISTENCY_LOSSES}")
-    return ConsistencyTrainingLoss(schedule, coupling=ccfg.coupling, mu=ccfg.mu,
+    return ConsistencyTrainingLoss(schedule, coupling=str(ccfg.coupling), mu=ccfg.mu,
                                    clip_outputs=clip_outputs)
 
 
 def drqv2_stddev_steps(cfg: DictConfig) -> int:
     """Agent steps of DrQ-v2's noise decay: ``agent.stddev_steps`` or the difficulty's."""
-    steps = cfg.agent.get("stddev_steps")
+    steps = cfg.agent.stddev_steps
     if steps is None:
-        steps = DRQV2_STDDEV_STEPS[cfg.get("difficulty", "easy")]
+        steps = DRQV2_STDDEV_STEPS[cfg.difficulty]
     return int(steps)
 
 
@@ -235,7 +160,7 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
     obs_shape = env.observation_spec[obs_key].shape
     action_dim = int(env.action_spec.shape[-1])
     encoder_net, repr_dim = make_encoder(cfg.obs, obs_shape,
-                                         channels_last=perf_option(cfg, "channels_last"))
+                                         channels_last=cfg.perf.channels_last)
     encoder = TensorDictModule(encoder_net, in_keys=[obs_key], out_keys=["features"])
     augmentation = RandomShift(4) if cfg.obs == "pixels" else None
     loss, exploration = _LOSS_BUILDERS[name](cfg, env, encoder, repr_dim, action_dim,
@@ -243,11 +168,11 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
     loss.to(device)
     updater = SoftUpdate(loss, tau=cfg.agent.critic_tau)
     optimizers = _optimizers(loss, encoder, loss.actor, cfg.lr,
-                             fused=perf_option(cfg, "fused_adam"))
-    if perf_option(cfg, "compile"):
-        compile_networks(loss, str(perf_setting(cfg, "compile_mode", "default")))
+                             fused=cfg.perf.fused_adam)
+    if cfg.perf.compile:
+        compile_networks(loss, str(cfg.perf.compile_mode))
     policy = make_policy(encoder, loss.actor)
-    grad_clip = cfg.get("optim", {}).get("grad_clip")
+    grad_clip = cfg.optim.grad_clip
     return Agent(policy, loss, optimizers, updater, obs_key,
                  grad_clip=None if grad_clip is None else float(grad_clip),
                  exploration=exploration)

@@ -141,9 +141,11 @@ class CP3ERLoss(EncoderActorCriticLoss):
       computed once for all actor calls on ``s`` (:class:`ProjectedCondition`; same
       values and gradients, one 39,200-wide matmul instead of four).
 
-    ``forward`` returns both losses and detached metrics; :meth:`critic_loss` and
-    :meth:`actor_loss` return ``(loss, metadata)`` for a drqv2-style sequential update
-    (critic step, then actor step with the updated critic; the reference's order).
+    ``forward`` returns every loss and the detached metrics; :meth:`critic_loss`,
+    :meth:`actor_loss` (and :meth:`teacher_loss`) take the batch's features as arguments and
+    return ``(loss, metadata)`` for the drqv2-style sequential update of
+    :meth:`agents.agent.Agent.update` (critic step, then actor step with the updated critic;
+    the reference's order).
 
     Examples:
         >>> import torch
@@ -195,19 +197,12 @@ class CP3ERLoss(EncoderActorCriticLoss):
         """The diffusion teacher of a distillation ``consistency_loss``, else ``None``."""
         return getattr(self.consistency_loss, "teacher", None)
 
-    @property
-    def update_order(self) -> tuple[str, ...]:
-        """Critic, then the teacher when distilling (so the actor distils from the updated
-        teacher), then the actor."""
-        return ("critic", "actor") if self.teacher is None else ("critic", "teacher", "actor")
-
     # -- losses --------------------------------------------------------------------------
-    def critic_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
-        """MoG negative log-likelihood of sampled n-step targets; writes detached features
-        into ``tensordict`` for :meth:`actor_loss`."""
-        keys = self.tensor_keys
-        action = tensordict[keys.action]
-        features, next_features = self.encode_transition(tensordict)
+    def critic_loss(self, tensordict: TensorDictBase, features: torch.Tensor,
+                    next_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """MoG negative log-likelihood of sampled n-step targets (eq. 8 of the paper with
+        the reference's sampled targets)."""
+        action = tensordict[self.tensor_keys.action]
         with torch.no_grad():
             next_action = self.policy(next_features)
             with self.target_critic_params.to_module(self.critic):
@@ -219,7 +214,6 @@ class CP3ERLoss(EncoderActorCriticLoss):
         with self.critic_params.to_module(self.critic):
             loc, scale, logits = self.critic(features, action)
         nll = -mog_log_prob(loc, scale, logits, target).mean()
-        tensordict.set(keys.features, features.detach())
         metadata = {
             "q_mean": mog_mean(loc, logits).mean().detach(),
             "target_mean": target.mean().detach(),
@@ -227,15 +221,16 @@ class CP3ERLoss(EncoderActorCriticLoss):
         }
         return nll, metadata
 
-    def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+    def actor_loss(self, tensordict: TensorDictBase, features: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict]:
         """``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` on detached features."""
         keys = self.tensor_keys
-        features = self.actor_features(tensordict)
+        features = features.detach()
         cond = self.policy.condition(features) if self.share_condition else features
         action = self.policy(cond)
         with self.critic_params.detach().to_module(self.critic):
             q = self.critic.mean(features, action)
-        consistency, ct_metrics = self.consistency_loss(
+        consistency, _ = self.consistency_loss(
             self.policy.denoiser, tensordict[keys.action], cond
         )
         loss = -q.mean() + self.lambda_consistency * consistency.mean()
@@ -245,22 +240,20 @@ class CP3ERLoss(EncoderActorCriticLoss):
             "consistency_loss": consistency.mean().detach(),
             "action_spread": action_spread(samples),
             "action_bound_frac": bound_fraction(action.detach()),
-            **{k: v.detach() for k, v in ct_metrics.items()},
         }
         return loss, metadata
 
-    def teacher_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+    def teacher_loss(self, tensordict: TensorDictBase, features: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict]:
         """EDM denoising loss of the distillation teacher on replayed actions, on detached
         features (Karras et al. 2022; trains the teacher only)."""
         if self.teacher is None:
             raise ValueError("teacher_loss needs a distillation consistency_loss "
                              "(agent.consistency.loss=distillation); this loss has no teacher")
-        features = self.actor_features(tensordict)
-        per_sample, metrics = self.denoising_loss(
-            self.teacher, tensordict[self.tensor_keys.action], features
+        per_sample, _ = self.denoising_loss(
+            self.teacher, tensordict[self.tensor_keys.action], features.detach()
         )
-        loss = per_sample.mean()
-        return loss, {"teacher_mse": metrics["denoise_mse"]}
+        return per_sample.mean(), {}
 
 
 class ConsistencyRegularizer(nn.Module):

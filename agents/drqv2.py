@@ -169,10 +169,9 @@ class DrQV2Loss(EncoderActorCriticLoss):
     def _smoothed(self, mean_action: torch.Tensor) -> torch.Tensor:
         return smoothed_action(mean_action, self.exploration.sigma, self.stddev_clip)
 
-    def critic_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
-        keys = self.tensor_keys
-        action = tensordict[keys.action]
-        features, next_features = self.encode_transition(tensordict)
+    def critic_loss(self, tensordict: TensorDictBase, features: torch.Tensor,
+                    next_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        action = tensordict[self.tensor_keys.action]
         with torch.no_grad():
             next_action = self._smoothed(self.mean_actor(next_features))
             with self.target_critic_params.to_module(self.critic):
@@ -182,13 +181,13 @@ class DrQV2Loss(EncoderActorCriticLoss):
         with self.critic_params.to_module(self.critic):
             q1, q2 = self.critic(features, action)
         loss = (q1 - target).square().mean() + (q2 - target).square().mean()
-        tensordict.set(keys.features, features.detach())
         metadata = {"q_mean": q1.mean().detach(), "target_mean": target.mean().detach(),
                     "stddev": self.exploration.sigma.detach().clone()}
         return loss, metadata
 
-    def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
-        features = self.actor_features(tensordict)
+    def actor_loss(self, tensordict: TensorDictBase, features: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict]:
+        features = features.detach()
         mean_action = self.mean_actor(features)
         action = self._smoothed(mean_action)
         with self.critic_params.detach().to_module(self.critic):

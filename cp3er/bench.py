@@ -91,7 +91,7 @@ def _update_once(agent, batch, device: torch.device) -> Callable[[], None]:
     input), finished on the device when it returns: what the update timers time."""
 
     def update() -> None:
-        agent.update(batch.clone())
+        agent.update(batch)
         _synchronize(device)
 
     return update
@@ -158,7 +158,7 @@ def bench_update(trunk: bool, device: torch.device, repeats: int, *overrides: st
     if not act:
         return result
     with FlopCounterMode(display=False) as counter:
-        agent.update(batch.clone())
+        agent.update(batch)
     result["update_gflop"] = counter.get_total_flops() / 1e9
     obs = TensorDict({"pixels": batch["pixels"][:1]}, [1])
 
@@ -194,7 +194,7 @@ def bench_compile(device: torch.device, mode: str, repeats: int) -> dict:
     execution from the same seeds (relative difference: the same math, reordered)."""
     from tensordict import TensorDict
 
-    from agents.build import Agent
+    from agents.agent import Agent
 
     def first_update(*overrides: str) -> tuple[Agent, TensorDict, dict, float]:
         torch.manual_seed(0)
@@ -202,7 +202,7 @@ def bench_compile(device: torch.device, mode: str, repeats: int) -> dict:
         batch = _pixel_batch(cfg.batch_size, 6, device)
         torch.manual_seed(1)
         start = time.perf_counter()
-        metrics = agent.update(batch.clone())
+        metrics = agent.update(batch)
         _synchronize(device)
         return agent, batch, metrics, time.perf_counter() - start
 
@@ -279,7 +279,6 @@ def bench_train_fps(trunk: bool, device: torch.device, updates: int) -> float:
     """Frames per second of ``Trainer`` on pixel cheetah_run after its seed phase."""
     import tempfile
 
-    from cp3er.faults import Preemption
     from cp3er.train import Trainer
 
     seed_frames = 600  # enough transitions for a batch of 256 with n-step and stacks
@@ -291,13 +290,11 @@ def bench_train_fps(trunk: bool, device: torch.device, updates: int) -> float:
                              "checkpoint_every=0", "log.progress=false", "log.video=false",
                              "replay.capacity=100000")
         trainer = Trainer(cfg)
-        with Preemption() as preemption:
-            trainer._collect(preemption)  # the seed phase: random actions, no updates
-            trainer.cfg.frames = seed_frames + 4 * updates  # an update every 2 agent steps
-            start = time.perf_counter()
-            frame0 = trainer.frame
-            trainer._collect(preemption)
-            elapsed = time.perf_counter() - start
+        trainer.run(seed_frames)  # the seed phase: random actions, no updates
+        start = time.perf_counter()
+        frame0 = trainer.frame
+        trainer.run(seed_frames + 4 * updates)  # an update every 2 agent steps
+        elapsed = time.perf_counter() - start
         fps = (trainer.frame - frame0) / elapsed
         trainer.env.close()
         trainer.eval_env.close()

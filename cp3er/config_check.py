@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from cp3er.replay import SAMPLER_MODES, STORAGES
-from cp3er.runlog import LOGGER_BACKENDS
 from cp3er.threads import parse_threads
-
-DEVICES = ("cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -36,24 +32,17 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` (or ``UnknownTaskError``) for the first invalid value."""
-    from agents.build import (
-        AGENTS,
-        COMPILE_MODES,
-        CONSISTENCY_LOSSES,
-        DIFFICULTIES,
-        perf_setting,
-    )
-    from cp3er.consistency import ODE_SOLVERS
-    from envs import OBS_TYPES, TASKS
+    """Raise :class:`ConfigError` (or ``UnknownTaskError``) for the first invalid value.
+
+    Types and choices (``obs``, ``replay.sampler``, ``perf.compile_mode``, ...) are checked
+    by Hydra while it composes, against the schema (:mod:`cp3er.config_schema`); this
+    checks the task name, ranges and what depends on several keys or on the machine."""
+    from agents.build import AGENTS
+    from envs import TASKS
     from envs.registry import lookup
 
     lookup(cfg.task_name, TASKS)  # unknown task -> closest names
     _require(cfg.agent.name in AGENTS, "agent", cfg.agent.name, f"one of {AGENTS}")
-    _require(cfg.get("difficulty", "easy") in DIFFICULTIES, "difficulty", cfg.get("difficulty"),
-             f"one of {DIFFICULTIES}")
-    _require(cfg.obs in OBS_TYPES, "obs", cfg.obs, f"one of {OBS_TYPES}")
-    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {DEVICES}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config device='cuda' is invalid: no CUDA device is available "
                           "on this machine (use device=cpu)")
@@ -66,41 +55,20 @@ def validate_config(cfg: DictConfig) -> None:
         _positive_int(cfg, key, minimum=0)
     _require(cfg.batch_size <= cfg.replay.capacity, "batch_size", cfg.batch_size,
              f"at most replay.capacity={cfg.replay.capacity}")
-    _require(isinstance(cfg.lr, Real) and cfg.lr > 0, "lr", cfg.lr, "a number > 0")
-    _require(isinstance(cfg.gamma, Real) and 0 < cfg.gamma <= 1, "gamma", cfg.gamma,
-             "a number in (0, 1]")
-    clip = cfg.get("optim", {}).get("grad_clip")
-    _require(clip is None or (isinstance(clip, Real) and not isinstance(clip, bool) and clip > 0),
-             "optim.grad_clip", clip, "null or a number > 0")
-    _require(isinstance(cfg.resume, bool), "resume", cfg.resume, "true or false")
+    _require(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
+    _require(0 < cfg.gamma <= 1, "gamma", cfg.gamma, "a number in (0, 1]")
+    clip = cfg.optim.grad_clip
+    _require(clip is None or clip > 0, "optim.grad_clip", clip, "null or a number > 0")
     try:
-        parse_threads(cfg.get("threads"))
+        parse_threads(cfg.threads)
     except ValueError as error:
         raise ConfigError(f"config {error}") from None
-    trust = cfg.get("trust_checkpoint", False)
-    _require(isinstance(trust, bool), "trust_checkpoint", trust, "true or false")
-    label = cfg.get("label")
-    _require(label is None or (isinstance(label, str) and label.strip() != ""), "label", label,
+    _require(cfg.label is None or cfg.label.strip() != "", "label", cfg.label,
              "null or a non-empty name")
-    _require(cfg.replay.sampler in SAMPLER_MODES, "replay.sampler", cfg.replay.sampler,
-             f"one of {SAMPLER_MODES}")
-    _require(cfg.replay.storage in STORAGES, "replay.storage", cfg.replay.storage,
-             f"one of {STORAGES}")
-    _require(isinstance(cfg.replay.alpha, Real) and cfg.replay.alpha > 0, "replay.alpha",
-             cfg.replay.alpha, "a number > 0")
-    _require(cfg.log.backend in LOGGER_BACKENDS, "log.backend", cfg.log.backend,
-             f"one of {LOGGER_BACKENDS}")
-    compile_mode = perf_setting(cfg, "compile_mode", "default")
-    _require(compile_mode in COMPILE_MODES, "perf.compile_mode", compile_mode,
-             f"one of {COMPILE_MODES}")
-    consistency = cfg.agent.get("consistency", {})
-    if cfg.agent.name == "cp3er":
-        loss = consistency.get("loss", "training")
-        _require(loss in CONSISTENCY_LOSSES, "agent.consistency.loss", loss,
-                 f"one of {CONSISTENCY_LOSSES}")
-        solver = consistency.get("solver", "euler")
-        _require(solver in ODE_SOLVERS, "agent.consistency.solver", solver,
-                 f"one of {ODE_SOLVERS}")
+    _require(cfg.replay.alpha > 0, "replay.alpha", cfg.replay.alpha, "a number > 0")
+    if cfg.agent.name == "drqv2":
+        _require(cfg.agent.actor_trunk, "agent.actor_trunk", cfg.agent.actor_trunk,
+                 "true for drqv2 (its actor always has the trunk)")
 
 
 def _unknown(kind: str, value: str, choices: list[str]) -> str:
@@ -139,4 +107,42 @@ def check_group_overrides(argv: Sequence[str], config_dir: str | Path) -> str | 
         choices = sorted(p.stem for p in group.glob("*.yaml"))
         if value not in choices:
             return _unknown(key, value, choices)
+    return None
+
+
+def check_override_values(argv: Sequence[str], config_dir: str | Path) -> str | None:
+    """A one-line message when the command line's config does not compose: a value of the
+    wrong type (``batch_size=abc``), an unknown choice (``obs=rgb``), a key the schema does
+    not have (``lr_actor=1``); ``None`` when it composes (or for a multirun sweep, which
+    Hydra expands itself). Hydra reports these as several lines."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    import cp3er.config_schema  # noqa: F401  (registers the schema nodes)
+
+    args = list(argv)
+    if "-m" in args or "--multirun" in args:
+        return None
+    config_name, overrides, skip_next = "config", [], False
+    for i, arg in enumerate(args):
+        if skip_next:
+            skip_next = False
+        elif arg in ("--config-name", "-cn"):
+            config_name, skip_next = (args[i + 1] if i + 1 < len(args) else config_name), True
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
+        elif arg in ("--config-path", "-cp", "--config-dir", "-cd"):
+            skip_next = True
+        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra."):
+            overrides.append(arg)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            compose(config_name=Path(config_name).stem, overrides=overrides)
+    except (ConfigCompositionException, OmegaConfBaseException) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = error.__cause__
+        if cause is not None and str(cause).strip():
+            lines = [*lines[:1], str(cause).strip().splitlines()[0]]
+        return ": ".join(line.rstrip(":.") for line in lines[:2])
     return None

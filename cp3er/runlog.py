@@ -9,13 +9,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Fixed columns so every run's metrics.csv reads the same
-# (glossary: README.md, "metrics.csv glossary").
+from agents.metrics import UPDATE_METRICS
+
+# Fixed columns so every run's metrics.csv reads the same (glossary: README.md,
+# "metrics.csv glossary"): the loop's own, the agents' registered update metrics, then the
+# environment's.
 METRIC_COLUMNS = [
     "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
-    "seconds", "fps", "loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
-    "actor_q", "consistency_loss", "action_spread", "action_bound_frac", "physics_errors",
-    "stddev", "loss_teacher",
+    "seconds", "fps", *UPDATE_METRICS, "physics_errors",
 ]
 LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
 

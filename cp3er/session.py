@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from agents.build import Agent, build_agent
-from cp3er.checkpoint import CheckpointError, load_checkpoint
+from agents.agent import Agent
+from agents.build import build_agent
+from cp3er.checkpoint import CheckpointError, first_line, load_checkpoint
+from cp3er.config_schema import complete_run_config
 from cp3er.replay import make_replay_buffer
 from envs import TASKS, make_env
 
@@ -19,13 +22,13 @@ def env_overrides(cfg: DictConfig) -> dict:
 
 
 def make_train_env(cfg: DictConfig):
-    return make_env(cfg.task_name, cfg.obs, seed=cfg.seed, **env_overrides(cfg))
+    return make_env(cfg.task_name, str(cfg.obs), seed=cfg.seed, **env_overrides(cfg))
 
 
 def make_eval_env(cfg: DictConfig, seed: int | None = None):
     """A separate environment whose transitions never enter the replay buffer."""
     seed = cfg.seed + EVAL_SEED_OFFSET if seed is None else seed
-    return make_env(cfg.task_name, cfg.obs, seed=seed, **env_overrides(cfg))
+    return make_env(cfg.task_name, str(cfg.obs), seed=seed, **env_overrides(cfg))
 
 
 def make_buffer(cfg: DictConfig, run_dir: Path):
@@ -41,10 +44,10 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
         n_step=cfg.n_step,
         gamma=cfg.gamma,
         batch_size=cfg.batch_size,
-        sampler=cfg.replay.sampler,
+        sampler=str(cfg.replay.sampler),
         alpha=cfg.replay.alpha,
         transitions_per_episode=TASKS[cfg.task_name].episode_env_steps,
-        storage=cfg.replay.storage,
+        storage=str(cfg.replay.storage),
         scratch_dir=run_dir / "replay" if cfg.replay.storage == "memmap" else None,
     )
 
@@ -55,7 +58,11 @@ def load_agent_for_eval(target: str | Path, seed: int, device: str = "cpu",
     on ``device`` (the environment stays on the CPU); ``trust``: see
     :func:`~cp3er.checkpoint.load_checkpoint`."""
     state = load_checkpoint(target, trust=trust)
-    cfg = OmegaConf.create(state["config"])
+    try:
+        cfg = complete_run_config(state["config"])
+    except (ValueError, KeyError, OmegaConfBaseException) as error:  # ValidationError, ...
+        raise CheckpointError(f"the checkpoint's config is not a valid run config: "
+                              f"{first_line(error)}") from None
     env = make_eval_env(cfg, seed=seed)
     agent = build_agent(cfg, env, device)
     try:

@@ -21,14 +21,12 @@ at a time trains a run folder (an ``flock`` on ``<run_dir>/.lock``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
-import random
 import shutil
 import signal
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import hydra
@@ -40,7 +38,9 @@ from torchrl.collectors import Collector
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
-from agents.build import Agent, build_agent, perf_option
+from agents.agent import Agent
+from agents.build import build_agent
+from agents.metrics import LOSS_METRICS
 from cp3er.checkpoint import (
     TRUST_HINT,
     CheckpointError,
@@ -48,10 +48,15 @@ from cp3er.checkpoint import (
     atomic_write,
     first_line,
     has_checkpoint,
-    load_run_checkpoint,
     save_run_checkpoint,
 )
-from cp3er.config_check import ConfigError, check_group_overrides, validate_config
+from cp3er.config_check import (
+    ConfigError,
+    check_group_overrides,
+    check_override_values,
+    validate_config,
+)
+from cp3er.config_schema import CONFIG_DIR
 from cp3er.evaluate import run_episodes, summarize, write_video
 from cp3er.faults import (
     NumericalError,
@@ -63,11 +68,19 @@ from cp3er.faults import (
 from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
 from cp3er.replay import UnsafeBufferError
+from cp3er.run_state import (
+    LoopState,
+    ResumeError,
+    prepare_run_dir,
+    resolve_run_config,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from cp3er.runlock import RunLock, RunLockedError
 from cp3er.runlog import (
     MetricsFileError,
     MetricsWriter,
-    flatten_config,
     log_config,
     log_eval_video,
     make_logger,
@@ -78,134 +91,11 @@ from cp3er.threads import apply_threads
 from envs import physics_errors
 from envs.registry import UnknownTaskError
 
-UPDATE_METRICS = ("loss_critic", "loss_actor", "q_mean", "target_mean", "critic_std",
-                  "actor_q", "consistency_loss", "action_spread", "action_bound_frac",
-                  "stddev", "loss_teacher")
-LOSSES = ("loss_critic", "loss_actor", "loss_teacher")
-# What a resumed run may take from its command line (README "Checkpoints, resume and
-# faults"): MACHINE_KEYS silently (machine-specific); RESUME_MAY_CHANGE with a printed
-# line (``frames``: a larger value extends the run, a finished one too; logging and speed
-# switches, which keep the math). Every other entry that differs from the run's
-# config.yaml (task, agent, seed, lr, batch_size, ...: the experiment itself) is refused.
-MACHINE_KEYS = ("run_dir", "device", "threads", "log.progress", "trust_checkpoint", "resume")
-RESUME_MAY_CHANGE = ("frames", "log", "perf")
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}  # after a preemption checkpoint
 # Refusals that are not the run's fault (benchmarks/cpu_pixel_suite.sh tells them apart
 # from errors, exit code 1): the run folder is held by a live process (EX_TEMPFAIL), the
 # checkpoint needs trust_checkpoint=true.
 EXIT_LOCKED, EXIT_UNTRUSTED = 75, 3
-
-
-class ResumeError(ValueError):
-    """A run folder that cannot be (re)started as asked; the message says what to do."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 (seeds libraries that use the legacy global RNG)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """torch, numpy and ``random`` states as tensors and plain containers (a checkpoint
-    loads with ``torch.load(weights_only=True)``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-            "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state` (or the pickled numpy tuple of checkpoint format 1)."""
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    if isinstance(numpy_state, dict):
-        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
-                       numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
-    np.random.set_state(numpy_state)  # noqa: NPY002
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-
-
-def _under(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
-
-
-def _load_saved_config(path: Path) -> DictConfig:
-    try:
-        saved = OmegaConf.load(path)
-    except Exception as error:  # yaml and omegaconf raise several types
-        raise ResumeError(f"cannot resume: {path} is unreadable ({first_line(error)}); "
-                          "restore it from .hydra/config.yaml of the run or start a new "
-                          "run_dir") from None
-    if not isinstance(saved, DictConfig) or "task_name" not in saved:
-        raise ResumeError(f"cannot resume: {path} is not a run's config (no task_name)")
-    return saved
-
-
-def resolve_run_config(
-    cfg: DictConfig,
-) -> tuple[DictConfig, dict | None, Path | None, list[str]]:
-    """The config a run uses, the checkpoint it resumes from (if ``cfg.resume``) and the
-    changes a resume takes from the command line (lines to print).
-
-    ``resume=true``: the run folder's saved ``config.yaml``, with the command line's
-    :data:`MACHINE_KEYS` and :data:`RESUME_MAY_CHANGE` entries (``frames`` no lower than
-    the checkpoint's frame) and the entries the saved file predates; any other difference
-    is refused. ``resume=false``: refuses a run folder that already holds a checkpoint
-    (never overwrites a run silently).
-    """
-    run_dir = Path(cfg.run_dir)
-    if not cfg.resume:
-        if has_checkpoint(run_dir):
-            raise ResumeError(
-                f"run_dir={run_dir} already holds a run with checkpoints; pass resume=true to "
-                "continue it, or another run_dir to start a new run"
-            )
-        return cfg, None, None, []
-    if not has_checkpoint(run_dir):
-        raise ResumeError(f"resume=true but run_dir={run_dir} has no checkpoint "
-                          "(checkpoints/latest.pt) to resume from")
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise ResumeError(f"resume=true but {saved_path} is missing")
-    saved = _load_saved_config(saved_path)
-    old = flatten_config(OmegaConf.to_container(saved, resolve=True))
-    new = flatten_config(OmegaConf.to_container(cfg, resolve=True))
-    differ = sorted(k for k in new if k in old and new[k] != old[k]
-                    and not _under(k, MACHINE_KEYS))
-    refused = [k for k in differ if not _under(k, RESUME_MAY_CHANGE)]
-    if refused:
-        detail = "; ".join(f"{k}: run has {old[k]!r}, command line {new[k]!r}"
-                           for k in refused)
-        raise ResumeError(f"cannot resume {run_dir}: the command line differs from the run's "
-                          f"config.yaml ({detail}); resume with the run's settings (only "
-                          f"{', '.join(RESUME_MAY_CHANGE)} may change) or start a new run_dir")
-    state, replay = load_run_checkpoint(run_dir, trust=bool(new.get("trust_checkpoint")))
-    frame = state["counters"]["step"] * old["env.action_repeat"]
-    if new["frames"] < frame:
-        raise ResumeError(f"cannot resume {run_dir} with frames={new['frames']}: its "
-                          f"checkpoint is at frame {frame}")
-    for key in (*differ, *(k for k in new if k not in old or _under(k, MACHINE_KEYS))):
-        OmegaConf.update(saved, key, new[key], merge=False)
-    changes = [f"{k}={new[k]!r} (the run had {old[k]!r})" for k in differ]
-    return saved, state, replay, changes
-
-
-def prepare_run_dir(run_dir: Path) -> Path:
-    """Create ``run_dir`` (and parents); a one-line :class:`ResumeError` if it is a file
-    or cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ResumeError(f"run_dir={run_dir} is not a folder (a file is in the way); "
-                          "give a folder path") from None
-    except OSError as error:
-        raise ResumeError(f"run_dir={run_dir} cannot be created: {error.strerror}") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise ResumeError(f"run_dir={run_dir} is not writable by this user; give a writable "
-                          "folder")
-    return run_dir
 
 
 class Trainer:
@@ -228,7 +118,7 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.threads, self.threads_how = apply_threads(cfg.threads)
-        if perf_option(cfg, "tune_allocator"):
+        if cfg.perf.tune_allocator:
             tune_allocator()
         seed_everything(cfg.seed)
         self.repeat = cfg.env.action_repeat
@@ -247,23 +137,18 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.csv", fresh=resume_state is None)
         self.logger = make_logger(cfg.log.backend, self.run_dir, cfg.task_name)
         if resume_state is None or self.resume_changes:  # the run's record of its settings
-            record = OmegaConf.to_container(cfg, resolve=True)
+            record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             record["resume"] = record["trust_checkpoint"] = False
             atomic_write(self.run_dir / "config.yaml",
                          lambda handle: handle.write(OmegaConf.to_yaml(record).encode()))
         if resume_state is None:
-            log_config(self.logger, cfg.log.backend, OmegaConf.to_container(cfg, resolve=True))
-        self.step = 0  # agent steps taken in the training env
-        self.updates = 0
-        self.episode = 0
-        self.start_time = time.perf_counter()
-        self._pending = defaultdict(list)  # update metrics since the last train row
-        self._episode_success = False
-        self.last_eval_frame = -1
+            log_config(self.logger, cfg.log.backend,
+                       OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         eval_every, ckpt_every = cfg.schedule.eval_every_frames, cfg.checkpoint_every
-        self.next_eval = eval_every if eval_every > 0 else None
-        self.next_ckpt = ckpt_every if ckpt_every > 0 else None
-        self.physics_errors_before = 0  # physics errors of the run before this process
+        self.loop = LoopState(next_eval=eval_every if eval_every > 0 else None,
+                              next_ckpt=ckpt_every if ckpt_every > 0 else None)
+        self.start_time = time.perf_counter()
+        self._episode_success = False
         self.last_return = float("nan")
         self.resumed_from: int | None = None  # frame of the checkpoint resumed from
         self._last_obs: torch.Tensor | None = None  # newest collected observation
@@ -275,18 +160,27 @@ class Trainer:
         return math.ceil(frames / self.repeat)
 
     @property
+    def step(self) -> int:
+        """Agent steps taken in the training env (``self.loop.step``)."""
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
+
+    @property
     def frame(self) -> int:
-        return self.step * self.repeat
+        return self.loop.step * self.repeat
 
     # -- pieces --------------------------------------------------------------------------
-    def make_collector(self) -> Collector:
-        """A collector for the agent steps still to take (all of them unless resumed)."""
+    def make_collector(self, until_frame: int) -> Collector:
+        """A collector for the agent steps from here to ``until_frame``."""
         cfg = self.cfg
         return Collector(
             self.env,
             self.agent.collect_policy,
             frames_per_batch=cfg.schedule.update_every_steps,
-            total_frames=self._steps(cfg.frames) - self.step,
+            total_frames=self._steps(until_frame) - self.step,
             init_random_frames=max(0, self._steps(cfg.schedule.explore_frames) - self.step),
             device=self.device,
             storing_device="cpu",
@@ -298,7 +192,7 @@ class Trainer:
     @property
     def physics_errors(self) -> int:
         """Training-env steps whose physics failed (episode truncated), whole run."""
-        return self.physics_errors_before + physics_errors(self.env)
+        return self.loop.physics_errors + physics_errors(self.env)
 
     def _log_scalars(self, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -312,13 +206,13 @@ class Trainer:
                 self._episode_success |= bool(success.reshape(-1)[t])
             if not done[t]:
                 continue
-            self.episode += 1
+            self.loop.episode += 1
             elapsed = time.perf_counter() - self.start_time
             row = {
                 "frame": (self.step - done.shape[0] + t + 1) * self.repeat,
                 "step": self.step - done.shape[0] + t + 1,
                 "phase": "train",
-                "episode": self.episode,
+                "episode": self.loop.episode,
                 "episode_return": float(batch["next", "episode_reward"].reshape(-1)[t]),
                 "episode_length": int(batch["next", "step_count"].reshape(-1)[t]),
                 "seconds": elapsed,
@@ -327,9 +221,9 @@ class Trainer:
             }
             if success is not None:
                 row["success"] = self._episode_success
-            for name, values in self._pending.items():
+            for name, values in self.loop.pending_metrics.items():
                 row[name] = float(np.mean(values))
-            self._pending.clear()
+            self.loop.pending_metrics.clear()
             self._episode_success = False
             self.metrics.write(row)
             self._log_scalars({f"train/{k}": v for k, v in row.items()
@@ -341,12 +235,11 @@ class Trainer:
         parameter, before anything else is written."""
         batch = self.buffer.sample().to(self.device)
         metrics = self.agent.update(batch)
-        self.updates += 1
-        check_finite_losses(metrics, LOSSES, update=self.updates, frame=self.frame)
-        check_finite_parameters(self.agent.loss, update=self.updates, frame=self.frame)
-        for name in UPDATE_METRICS:
-            if name in metrics:
-                self._pending[name].append(metrics[name])
+        self.loop.updates += 1
+        check_finite_losses(metrics, LOSS_METRICS, update=self.loop.updates, frame=self.frame)
+        check_finite_parameters(self.agent.loss, update=self.loop.updates, frame=self.frame)
+        for name, value in metrics.items():
+            self.loop.pending_metrics.setdefault(name, []).append(value)
         return metrics
 
     def evaluate(self) -> dict:
@@ -357,7 +250,7 @@ class Trainer:
                                record_video=record)
         self.agent.loss.train()
         summary = summarize(cfg.task_name, results, seed=cfg.seed)
-        self.last_eval_frame = self.frame
+        self.loop.last_eval_frame = self.frame
         elapsed = time.perf_counter() - self.start_time
         row = {"frame": self.frame, "step": self.step, "phase": "eval",
                "episode_return": summary["return_mean"],
@@ -376,21 +269,16 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Agent, replay buffer, RNG states, counters and loop state (see
         :func:`~cp3er.checkpoint.save_run_checkpoint` for the write order)."""
-        check_finite_parameters(self.agent.loss, update=self.updates, frame=self.frame)
+        check_finite_parameters(self.agent.loss, update=self.loop.updates, frame=self.frame)
         self._check_policy_acts()
-        config = OmegaConf.to_container(self.cfg, resolve=True)
+        config = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
         config["resume"] = config["trust_checkpoint"] = False
         state = {
             "agent": self.agent.state_dict(),
             "config": config,
-            "counters": {
-                "step": self.step, "updates": self.updates, "episode": self.episode,
-                "next_eval": self.next_eval, "next_ckpt": self.next_ckpt,
-                "last_eval_frame": self.last_eval_frame,
-                "physics_errors": self.physics_errors,
-                "seconds": time.perf_counter() - self.start_time,
-            },
-            "pending_metrics": {k: list(v) for k, v in self._pending.items()},
+            "counters": dataclasses.replace(
+                self.loop, physics_errors=self.physics_errors,
+                seconds=time.perf_counter() - self.start_time).to_checkpoint(),
             "rng": rng_state(),
         }
         save_run_checkpoint(state, self.run_dir, self.buffer, self.frame)
@@ -417,21 +305,15 @@ class Trainer:
             raise CheckpointError(f"the checkpoint does not match this run's agent: "
                                   f"{str(error).splitlines()[0]}") from error
         try:
-            self.buffer.loads(replay_dir, trusted=bool(self.cfg.get("trust_checkpoint")))
+            self.buffer.loads(replay_dir, trusted=self.cfg.trust_checkpoint)
         except UnsafeBufferError as error:
             raise UntrustedCheckpointError(f"{error}; refused: {TRUST_HINT}") from None
         except Exception as error:  # torchrl/tensordict raise several types for bad folders
             raise CheckpointError(f"replay buffer checkpoint {replay_dir} is unreadable: "
                                   f"{first_line(error)}") from error
         self.buffer.cut_episode()
-        counters = state["counters"]
-        self.step, self.updates = counters["step"], counters["updates"]
-        self.episode = counters["episode"]
-        self.next_eval, self.next_ckpt = counters["next_eval"], counters["next_ckpt"]
-        self.last_eval_frame = counters["last_eval_frame"]
-        self.physics_errors_before = counters["physics_errors"]
-        self.start_time = time.perf_counter() - counters["seconds"]
-        self._pending = defaultdict(list, state["pending_metrics"])
+        self.loop = LoopState.from_checkpoint(state)
+        self.start_time = time.perf_counter() - self.loop.seconds
         self.metrics.truncate_after(self.frame)
         train_rows = [r for r in self.metrics.rows() if r.get("phase") == "train"]
         if train_rows:  # the progress bar's last return, as before the interruption
@@ -445,19 +327,18 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------
     def train(self) -> str | signal.Signals:
-        """Run to ``cfg.frames``; returns ``"done"``, or the signal that preempted the run
-        (after its checkpoint is written). The run folder's lock is released at the end,
-        whatever the outcome."""
+        """Run to ``cfg.frames``, evaluate and checkpoint at the end; returns ``"done"``, or
+        the signal that preempted the run (after its checkpoint is written). The run
+        folder's lock is released at the end, whatever the outcome."""
         try:
-            with Preemption() as preemption:  # a signal after the last batch just finishes
-                if self.step < self._steps(self.cfg.frames):
-                    self._collect(preemption)
-                if preemption.received is not None:
+            with Preemption():  # a signal after the last batch just finishes the run
+                received = self.run(self.cfg.frames)
+                if received is not None:
                     self.save_checkpoint()
                     self.env.close()
                     self.eval_env.close()
-                    return preemption.received
-                if self.last_eval_frame != self.frame:
+                    return received
+                if self.loop.last_eval_frame != self.frame:
                     self.evaluate()
                 self.save_checkpoint()
             plot_learning_curve(self.run_dir)
@@ -467,11 +348,23 @@ class Trainer:
         finally:
             self.lock.release()
 
-    def _collect(self, preemption: Preemption) -> None:
-        cfg = self.cfg
+    def run(self, until_frame: int) -> signal.Signals | None:
+        """The loop from the current frame to ``until_frame``: collect a batch of
+        ``schedule.update_every_steps`` agent steps (random actions before
+        ``schedule.explore_frames``), store it, update (from ``schedule.seed_frames`` on),
+        evaluate and checkpoint when their frames come. SIGTERM/SIGINT stop it at the next
+        batch boundary: returns that signal (nothing is saved here; :meth:`train` saves),
+        else ``None``. No final evaluation or checkpoint (:meth:`train` adds them)."""
+        with Preemption() as preemption:
+            if self.step < self._steps(until_frame):
+                self._collect(until_frame, preemption)
+        return preemption.received
+
+    def _collect(self, until_frame: int, preemption: Preemption) -> None:
+        cfg, loop = self.cfg, self.loop
         seed_steps = self._steps(cfg.schedule.seed_frames)
-        collector = self.make_collector()
-        progress = tqdm(total=cfg.frames, initial=self.frame, unit="frame",
+        collector = self.make_collector(until_frame)
+        progress = tqdm(total=until_frame, initial=self.frame, unit="frame",
                         disable=not cfg.log.progress, dynamic_ncols=True)
         try:
             for batch in collector:
@@ -480,17 +373,17 @@ class Trainer:
                                      f"{self.frame + batch.shape[0] * self.repeat}")
                 self._last_obs = batch[self.agent.obs_key][-1:].clone()
                 self.buffer.extend(batch)
-                self.step += batch.shape[0]
+                loop.step += batch.shape[0]
                 self.agent.advance(batch.shape[0])
                 progress.update(batch.shape[0] * self.repeat)
                 self._finish_episodes(batch)
-                if self.step >= seed_steps:
+                if loop.step >= seed_steps:
                     self.update()
-                if self.next_eval is not None and self.frame >= self.next_eval:
+                if loop.next_eval is not None and self.frame >= loop.next_eval:
                     self.evaluate()
-                    self.next_eval += cfg.schedule.eval_every_frames
-                if self.next_ckpt is not None and self.frame >= self.next_ckpt:
-                    self.next_ckpt += cfg.checkpoint_every
+                    loop.next_eval += cfg.schedule.eval_every_frames
+                if loop.next_ckpt is not None and self.frame >= loop.next_ckpt:
+                    loop.next_ckpt += cfg.checkpoint_every
                     self.save_checkpoint()
                 if preemption.received is not None:  # a safe point: between batches
                     break
@@ -501,7 +394,6 @@ class Trainer:
             progress.close()
 
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def _say(message: str) -> None:
@@ -522,7 +414,7 @@ def _resume_command() -> str:
 
 def _start_line(trainer: Trainer) -> str:
     cfg = trainer.cfg
-    label = f" ({cfg.label})" if cfg.get("label") not in (None, cfg.agent.name) else ""
+    label = f" ({cfg.label})" if cfg.label not in (None, cfg.agent.name) else ""
     start = "" if trainer.resumed_from is None else f", from frame {trainer.resumed_from}"
     return (f"{cfg.agent.name}{label} on {cfg.task_name} ({cfg.obs}), seed {cfg.seed}, "
             f"{cfg.frames:,} frames{start}; {cfg.device}, {trainer.threads} threads "
@@ -576,9 +468,10 @@ def main(cfg: DictConfig) -> None:
 def cli() -> None:
     """``cp3er-train``: :func:`main`, after the checks Hydra would answer with a traceback or
     a long dump: a config group value that does not exist (``task=cheetah_rn``: one line
-    naming the closest choices) and a ``run_dir=`` that cannot hold a run (Hydra writes
-    ``<run_dir>/.hydra`` first)."""
-    message = check_group_overrides(sys.argv[1:], CONFIG_DIR)
+    naming the closest choices), a value the schema refuses (``obs=rgb``, ``lr=fast``) and
+    a ``run_dir=`` that cannot hold a run (Hydra writes ``<run_dir>/.hydra`` first)."""
+    message = (check_group_overrides(sys.argv[1:], CONFIG_DIR)
+               or check_override_values(sys.argv[1:], CONFIG_DIR))
     if message is not None:
         raise SystemExit(f"cp3er-train: {message}")
     for arg in reversed(sys.argv[1:]):

@@ -10,6 +10,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import pytest
 import torch
 
+import cp3er.config_schema  # noqa: F401  (Hydra's ConfigStore: the run and agent schemas)
+
 
 @pytest.fixture(autouse=True)
 def _torch_threads():

@@ -72,7 +72,8 @@ def test_forward_keys_and_finite_scalars() -> None:
 def test_actor_loss_touches_only_the_actor() -> None:
     loss, _ = _state_loss()
     batch = _state_batch()
-    loss_actor, _ = loss.actor_loss(batch)
+    features, _ = loss.encode_transition(batch)  # with gradient: the actor loss detaches
+    loss_actor, _ = loss.actor_loss(batch, features)
     loss_actor.backward()
     assert _nonzero(_grads(loss.actor))
     assert not _nonzero(_grads(loss.encoder)), "actor loss must not train the encoder"
@@ -82,7 +83,8 @@ def test_actor_loss_touches_only_the_actor() -> None:
 
 def test_critic_loss_touches_critic_and_encoder_not_actor() -> None:
     loss, _ = _state_loss()
-    loss_critic, _ = loss.critic_loss(_state_batch())
+    batch = _state_batch()
+    loss_critic, _ = loss.critic_loss(batch, *loss.encode_transition(batch))
     loss_critic.backward()
     assert _nonzero([p.grad for p in loss.critic_params.values(True, True)])
     assert _nonzero(_grads(loss.encoder))
@@ -101,10 +103,11 @@ def test_pixel_encoder_gets_gradients_from_the_critic_only() -> None:
     batch = TensorDict({"pixels": pixels, "action": torch.rand(4, ACTION_DIM) * 2 - 1,
                         "next": {"pixels": pixels.flip(0), "reward": torch.ones(4, 1),
                                  "discount": torch.full((4, 1), 0.99)}}, [4])
-    loss_actor, _ = loss.actor_loss(batch.clone())
-    loss_actor.backward()
+    features, next_features = loss.encode_transition(batch)
+    loss_actor, _ = loss.actor_loss(batch, features)
+    loss_actor.backward(retain_graph=True)
     assert not _nonzero(_grads(encoder))
-    loss_critic, _ = loss.critic_loss(batch.clone())
+    loss_critic, _ = loss.critic_loss(batch, features, next_features)
     loss_critic.backward()
     assert _nonzero(_grads(encoder))
     policy = make_policy(encoder, actor)
@@ -116,19 +119,18 @@ def test_distillation_teacher_is_trained_by_its_own_loss_only() -> None:
     """With a distillation regulariser the actor loss reaches the actor only (the teacher's
     ODE step runs without gradient) and the teacher's denoising loss the teacher only."""
     loss, _ = _state_loss(distillation=True)
-    assert loss.update_order == ("critic", "teacher", "actor")
     batch = _state_batch()
-    loss.critic_loss(batch)  # writes the detached features
-    loss_actor, _ = loss.actor_loss(batch)
+    features, _ = loss.encode_transition(batch)
+    loss_actor, _ = loss.actor_loss(batch, features)
     loss_actor.backward()
     assert _nonzero(_grads(loss.actor))
     assert all(p.grad is None for p in loss.teacher.parameters()), "actor loss reached teacher"
     assert not _nonzero(_grads(loss.encoder))
     assert all(p.grad is None for p in loss.critic_params.values(True, True))
     loss.zero_grad(set_to_none=True)
-    loss_teacher, metadata = loss.teacher_loss(batch)
+    loss_teacher, _ = loss.teacher_loss(batch, features)
     loss_teacher.backward()
-    assert _nonzero(_grads(loss.teacher)) and "teacher_mse" in metadata
+    assert _nonzero(_grads(loss.teacher))
     assert all(p.grad is None for p in loss.actor.parameters())
     assert all(p.grad is None for p in loss.encoder.parameters())
     assert all(p.grad is None for p in loss.critic_params.values(True, True))
@@ -137,7 +139,7 @@ def test_distillation_teacher_is_trained_by_its_own_loss_only() -> None:
     plain, _ = _state_loss()
     assert plain.teacher is None and "loss_teacher" not in plain(_state_batch()).keys()
     with pytest.raises(ValueError, match="no teacher"):
-        plain.teacher_loss(_state_batch())
+        plain.teacher_loss(batch, features)
 
 
 def test_target_moves_only_through_the_soft_update() -> None:
@@ -145,7 +147,8 @@ def test_target_moves_only_through_the_soft_update() -> None:
     target_before = loss.target_critic_params.clone()
     online_before = loss.critic_params.clone()
     optimizer = torch.optim.SGD(list(loss.critic_params.values(True, True)), lr=0.1)
-    loss_critic, _ = loss.critic_loss(_state_batch())
+    batch = _state_batch()
+    loss_critic, _ = loss.critic_loss(batch, *loss.encode_transition(batch))
     loss_critic.backward()
     optimizer.step()
     assert (loss.target_critic_params == target_before).all(), "optimiser moved the target"
@@ -160,13 +163,16 @@ def test_termination_cuts_bootstrapping_and_truncation_does_not() -> None:
     discount > 0 (time-limit truncation): y depends on the target critic."""
     loss, _ = _state_loss()
     terminal = _state_batch(discount=0.0)
-    _, meta = loss.critic_loss(terminal.clone())
+    def critic_metrics(batch):
+        return loss.critic_loss(batch, *loss.encode_transition(batch))[1]
+
+    meta = critic_metrics(terminal)
     torch.testing.assert_close(meta["target_mean"], terminal["next", "reward"].mean())
     truncated = _state_batch(discount=0.97)
-    _, before = loss.critic_loss(truncated.clone())
+    before = critic_metrics(truncated)
     loss.target_critic_params.apply_(lambda p: p.data.add_(0.5))  # shift the target critic
-    _, after_trunc = loss.critic_loss(truncated.clone())
-    _, after_term = loss.critic_loss(terminal.clone())
+    after_trunc = critic_metrics(truncated)
+    after_term = critic_metrics(terminal)
     assert abs(float(after_trunc["target_mean"] - before["target_mean"])) > 1e-3
     torch.testing.assert_close(after_term["target_mean"], terminal["next", "reward"].mean())
 

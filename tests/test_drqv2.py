@@ -10,7 +10,7 @@ from torchrl.data import Bounded
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import SoftUpdate
 
-from agents.build import Agent
+from agents.agent import Agent
 from agents.cp3er import make_policy
 from agents.drqv2 import (
     DoubleQCritic,
@@ -62,7 +62,8 @@ def test_forward_keys_and_finite_scalars() -> None:
 
 def test_critic_loss_reaches_critic_and_encoder_not_actor() -> None:
     loss = _loss()
-    value, _ = loss.critic_loss(_batch())
+    batch = _batch()
+    value, _ = loss.critic_loss(batch, *loss.encode_transition(batch))
     value.backward()
     assert _touched(loss.encoder) and _touched(loss.critic_params)
     assert not _touched(loss.actor)
@@ -71,7 +72,8 @@ def test_critic_loss_reaches_critic_and_encoder_not_actor() -> None:
 
 def test_actor_loss_reaches_the_actor_only() -> None:
     loss = _loss()
-    value, _ = loss.actor_loss(_batch())
+    batch = _batch()
+    value, _ = loss.actor_loss(batch, loss.encode_transition(batch)[0])
     value.backward()
     assert _touched(loss.actor)
     assert not _touched(loss.encoder) and not _touched(loss.critic_params)
@@ -80,12 +82,12 @@ def test_actor_loss_reaches_the_actor_only() -> None:
 def test_target_is_clipped_double_q_and_termination_cuts_it() -> None:
     loss = _loss()
     batch = _batch(discount=0.0)
-    _, meta = loss.critic_loss(batch.clone())
+    _, meta = loss.critic_loss(batch, *loss.encode_transition(batch))
     torch.testing.assert_close(meta["target_mean"], batch["next", "reward"].mean())
     # with the noise switched off the target is exactly r + d * min(Q1', Q2')(s', mu(s'))
     loss.stddev_clip = 0.0
     batch = _batch(discount=0.9)
-    _, meta = loss.critic_loss(batch.clone())
+    _, meta = loss.critic_loss(batch, *loss.encode_transition(batch))
     with torch.no_grad(), loss.target_critic_params.to_module(loss.critic):
         feats = loss.encoder.module(batch["next", "observation"])
         q1, q2 = loss.critic(feats, loss.actor.module(feats).clamp(-1 + 1e-6, 1 - 1e-6))

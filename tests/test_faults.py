@@ -107,8 +107,8 @@ def test_non_finite_values_stop_the_run_and_keep_the_checkpoint(tmp_path: Path,
     if where == "loss":
         critic_loss = loss.critic_loss
 
-        def poisoned(batch):
-            value, meta = critic_loss(batch)
+        def poisoned(*args):
+            value, meta = critic_loss(*args)
             return (value * float("nan") if trainer.frame > 700 else value), meta
 
         loss.critic_loss = poisoned

@@ -84,9 +84,9 @@ def test_update_order_critic_then_actor_then_polyak(tmp_path: Path, agent: str) 
     seen = {}
     actor_loss = loss.actor_loss
 
-    def spying_actor_loss(batch):
+    def spying_actor_loss(batch, features):
         seen["critic"] = loss.critic_params.clone()
-        return actor_loss(batch)
+        return actor_loss(batch, features)
 
     loss.actor_loss = spying_actor_loss
     trainer.update()
@@ -117,3 +117,17 @@ def test_drqv2_noise_schedule_and_updates_survive_a_resume(tmp_path: Path) -> No
     assert int(restored.agent.exploration.steps) == 500
     assert float(restored.agent.exploration.sigma) == pytest.approx(float(noise.sigma))
     assert [restored.update() for _ in range(3)] == expected
+
+
+def test_run_until_a_frame_then_train_finishes_the_run(tmp_path: Path) -> None:
+    """``Trainer.run(until_frame)`` is the loop alone (no final evaluation or checkpoint);
+    ``train()`` continues from where it stopped and adds them."""
+    trainer = Trainer(_cfg(tmp_path, "frames=600", "checkpoint_every=400",
+                           "schedule.eval_every_frames=400"))
+    assert trainer.run(300) is None and trainer.frame == 300
+    assert trainer.loop.updates == 26  # updates at agent steps 100, 102, ..., 150
+    assert not (tmp_path / "checkpoints").exists() and trainer.loop.last_eval_frame == -1
+    assert trainer.run(500) is None and trainer.frame == 500
+    assert trainer.loop.last_eval_frame == 400 and (tmp_path / "checkpoints").is_dir()
+    assert trainer.train() == "done" and trainer.frame == 600
+    assert trainer.loop.last_eval_frame == 600

@@ -73,7 +73,7 @@ def test_shared_condition_actor_loss_equals_the_plain_one() -> None:
     for share in (False, True):
         loss = _cp3er_loss(share)
         torch.manual_seed(7)
-        value, meta = loss.actor_loss(batch.clone())
+        value, meta = loss.actor_loss(batch, batch["observation"])  # state encoder: identity
         grads = torch.autograd.grad(value, list(loss.actor.parameters()))
         results.append((value, meta, grads))
     (v0, m0, g0), (v1, m1, g1) = results
@@ -173,8 +173,9 @@ def test_compiled_networks_give_the_same_losses_gradients_and_state_dict() -> No
     results = []
     for loss in (eager, compiled):
         torch.manual_seed(11)
-        critic_value, _ = loss.critic_loss(batch.clone())
-        actor_value, _ = loss.actor_loss(batch.clone())
+        features, next_features = loss.encode_transition(batch)
+        critic_value, _ = loss.critic_loss(batch, features, next_features)
+        actor_value, _ = loss.actor_loss(batch, features)
         params = list(loss.parameters())
         grads = torch.autograd.grad(critic_value + actor_value, params, allow_unused=True)
         results.append((critic_value, actor_value, grads))

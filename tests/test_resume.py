@@ -24,6 +24,7 @@ from cp3er.checkpoint import (
     load_checkpoint,
     load_run_checkpoint,
 )
+from cp3er.run_state import LoopState
 from cp3er.train import ResumeError, Trainer
 
 TIMING_COLUMNS = ("seconds", "fps")
@@ -171,7 +172,7 @@ def test_resume_continues_exactly(tmp_path: Path, storage: str) -> None:
     original.train()  # ends with a checkpoint
     expected = [original.update() for _ in range(3)]
     restored = Trainer(_cfg(tmp_path, *args, "resume=true"))
-    assert restored.step == 500 and restored.updates == original.updates - 3
+    assert restored.step == 500 and restored.loop.updates == original.loop.updates - 3
     assert [restored.update() for _ in range(3)] == expected
 
 
@@ -286,3 +287,19 @@ def test_failed_checkpoint_write_keeps_the_previous(finished_run: Path, tmp_path
     state, replay = load_run_checkpoint(run)
     assert state["counters"]["step"] == 200 and (replay / "nstep_buffer.json").is_file()
     trainer.buffer.loads(replay)  # the buffer it names is complete
+
+
+def test_loop_state_is_saved_whole_and_reads_the_older_layout() -> None:
+    """The loop's counters are one object in the checkpoint; a checkpoint written before it
+    (``pending_metrics`` beside ``counters``) loads to the same state; a field this version
+    does not know is refused, not dropped."""
+    state = LoopState(step=5, updates=2, episode=1, next_eval=10, next_ckpt=None,
+                      last_eval_frame=-1, physics_errors=3, seconds=1.5,
+                      pending_metrics={"q_mean": [1.0, 2.0]})
+    saved = state.to_checkpoint()
+    assert LoopState.from_checkpoint({"counters": saved}) == state
+    older = {"counters": {k: v for k, v in saved.items() if k != "pending_metrics"},
+             "pending_metrics": {"q_mean": [1.0, 2.0]}}
+    assert LoopState.from_checkpoint(older) == state
+    with pytest.raises(KeyError, match="bogus"):
+        LoopState.from_checkpoint({"counters": {**saved, "bogus": 1}})

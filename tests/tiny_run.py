@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
+from tensordict import TensorDict
 
 from cp3er.train import CONFIG_DIR
 
@@ -26,3 +28,16 @@ def tiny_cfg(run_dir: Path, *overrides: str):
 def tiny_command(run_dir: Path, *overrides: str) -> list[str]:
     """``cp3er-train`` of a tiny state run, as a subprocess command."""
     return [sys.executable, "-m", "cp3er.train", f"run_dir={run_dir}", *TINY_STATE, *overrides]
+
+
+def random_state_batch(obs_dim: int, action_dim: int = 1, size: int = 8,
+                       seed: int = 1) -> TensorDict:
+    """A replay batch of random states and actions in [-1, 1] (n-step fields filled), for
+    agent updates outside a run."""
+    gen = torch.Generator().manual_seed(seed)
+    return TensorDict({
+        "observation": torch.randn(size, obs_dim, generator=gen),
+        "action": torch.rand(size, action_dim, generator=gen) * 2 - 1,
+        "next": {"observation": torch.randn(size, obs_dim, generator=gen),
+                 "reward": torch.rand(size, 1, generator=gen),
+                 "discount": torch.full((size, 1), 0.97)}}, [size])

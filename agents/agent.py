@@ -1,0 +1,120 @@
+"""The agent: its modules, optimisers and one update, read top to bottom.
+
+:meth:`Agent.update` is DrQ-v2's ``update`` (Yarats et al. 2021, ``drqv2.py``): encode the
+augmented batch once, step the critic (which trains the encoder), step the actor on the
+same features detached (with the updated critic), then move the target critic (Polyak).
+A CP3ER run that distils its regulariser from a diffusion teacher
+(``agent.consistency.loss=distillation``) steps the teacher between critic and actor, so
+the actor distils from the updated teacher. The losses themselves live in the agents'
+``LossModule`` s (``agents.cp3er.CP3ERLoss``, ``agents.drqv2.DrQV2Loss``); the metric
+names they report are registered in ``agents.metrics``. ``agents.build`` builds an
+:class:`Agent` from a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictSequential
+from torchrl.objectives import LossModule, SoftUpdate
+
+from agents.drqv2 import ScheduledGaussianNoise
+from agents.metrics import UPDATE_METRICS
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass
+class Agent:
+    """Everything the training loop and the evaluator need of an agent."""
+
+    policy: TensorDictSequential  # observation -> action (acting)
+    loss: LossModule
+    optimizers: dict[str, torch.optim.Optimizer]
+    updater: SoftUpdate
+    obs_key: str
+    grad_clip: float | None = None  # max global grad norm per optimiser step (None: off)
+    exploration: ScheduledGaussianNoise | None = None  # acting noise (DrQ-v2), None: none
+
+    # -- one update -----------------------------------------------------------------------
+    def update(self, batch: TensorDictBase) -> dict[str, float]:
+        """One update on a replay batch (not modified); returns the registered metrics
+        (``agents.metrics.UPDATE_METRICS``) as floats."""
+        features, next_features = self.loss.encode_transition(batch)
+        metrics = self.update_critic(batch, features, next_features)
+        features = features.detach()
+        if self.loss.teacher is not None:
+            metrics |= self.update_teacher(batch, features)
+        metrics |= self.update_actor(batch, features)
+        self.update_target()
+        unknown = set(metrics) - set(UPDATE_METRICS)
+        if unknown:  # a loss reporting a name the registry, csv and glossary do not know
+            raise KeyError(f"update metrics {sorted(unknown)} are not in "
+                           "agents.metrics.UPDATE_METRICS")
+        return {k: float(v) for k, v in metrics.items()}
+
+    def update_critic(self, batch: TensorDictBase, features: torch.Tensor,
+                      next_features: torch.Tensor) -> Metrics:
+        """Critic step; its gradient also trains the encoder through ``features``."""
+        loss, metrics = self.loss.critic_loss(batch, features, next_features)
+        self._step(("encoder", "critic"), loss)
+        return {"loss_critic": loss.detach(), **metrics}
+
+    def update_teacher(self, batch: TensorDictBase, features: torch.Tensor) -> Metrics:
+        """Diffusion teacher step (distillation only) on detached ``features``."""
+        loss, metrics = self.loss.teacher_loss(batch, features)
+        self._step(("teacher",), loss)
+        return {"loss_teacher": loss.detach(), **metrics}
+
+    def update_actor(self, batch: TensorDictBase, features: torch.Tensor) -> Metrics:
+        """Actor step on detached ``features`` with the (just updated) critic."""
+        loss, metrics = self.loss.actor_loss(batch, features)
+        self._step(("actor",), loss)
+        return {"loss_actor": loss.detach(), **metrics}
+
+    def update_target(self) -> None:
+        """Polyak update of the target critic (TorchRL ``SoftUpdate``, tau
+        ``agent.critic_tau``); reports no metric."""
+        self.updater.step()
+
+    def _step(self, names: tuple[str, ...], loss: torch.Tensor) -> None:
+        """Zero the named optimisers' gradients, backpropagate ``loss``, clip each
+        optimiser's gradient norm to ``grad_clip`` (when set) and step them. The encoder has
+        no optimiser on state tasks (no parameters): names not built are skipped."""
+        optimizers = [self.optimizers[n] for n in names if n in self.optimizers]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            for optimizer in optimizers:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        for optimizer in optimizers:
+            optimizer.step()
+
+    # -- acting ---------------------------------------------------------------------------
+    @property
+    def collect_policy(self) -> TensorDictSequential:
+        """The policy the training collector runs: ``policy`` plus exploration noise."""
+        if self.exploration is None:
+            return self.policy
+        return TensorDictSequential(self.policy, self.exploration)
+
+    def advance(self, steps: int) -> None:
+        """Tell the agent ``steps`` more agent steps were taken (exploration schedule)."""
+        if self.exploration is not None:
+            self.exploration.step(steps)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "loss": self.loss.state_dict(),
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss.load_state_dict(state["loss"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])

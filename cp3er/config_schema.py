@@ -1,0 +1,218 @@
+"""The typed run config: Hydra structured configs (dataclasses in Hydra's ``ConfigStore``).
+
+The YAML files under ``configs/`` hold every value; these dataclasses hold the types and the
+valid choices, so Hydra refuses a wrong type (``batch_size=abc``) or an unknown choice
+(``obs=rgb``, ``replay.sampler=per``) while it composes, naming the key and the choices.
+Choices are the tuples of the modules that implement them (``envs.OBS_TYPES``,
+``cp3er.replay.SAMPLER_MODES``, ...), turned into ``StrEnum`` s: a field reads back as a
+``str`` subclass (``cfg.obs == "pixels"``, f-strings print the value). Range and
+cross-field checks (``batch_size <= replay.capacity``, ``gamma`` in (0, 1]) stay in
+:mod:`cp3er.config_check`.
+
+The schema nodes are ``run_schema`` (``configs/config.yaml``'s first default) and, in the
+``agent`` group, ``cp3er_schema`` / ``drqv2_schema`` (each agent file's first default).
+:func:`register_configs` stores them; importing this module does it once, before any
+composition (``cp3er-train``, ``cp3er.bench``, the tests' ``conftest.py``). Code that
+composes the configs itself with Hydra's compose API imports this module first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from agents.build import AGENTS, COMPILE_MODES, CONSISTENCY_LOSSES, DIFFICULTIES
+from cp3er.consistency import CLIP_MODES, COUPLINGS, ODE_SOLVERS
+from cp3er.replay import SAMPLER_MODES, STORAGES
+from cp3er.runlog import LOGGER_BACKENDS
+from envs import OBS_TYPES
+
+DEVICES = ("cpu", "cuda")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """A ``StrEnum`` whose members are ``values`` (member name = value)."""
+    return StrEnum(name, {value: value for value in values})
+
+
+Obs = choices("Obs", OBS_TYPES)
+Device = choices("Device", DEVICES)
+Difficulty = choices("Difficulty", DIFFICULTIES)
+SamplerMode = choices("SamplerMode", SAMPLER_MODES)
+Storage = choices("Storage", STORAGES)
+LoggerBackend = choices("LoggerBackend", LOGGER_BACKENDS)
+CompileMode = choices("CompileMode", COMPILE_MODES)
+ConsistencyLoss = choices("ConsistencyLoss", CONSISTENCY_LOSSES)
+OdeSolver = choices("OdeSolver", ODE_SOLVERS)
+Coupling = choices("Coupling", COUPLINGS)
+ClipMode = choices("ClipMode", CLIP_MODES)
+
+
+@dataclass
+class EnvConfig:
+    action_repeat: int = MISSING
+    frame_stack: int = MISSING
+    image_size: int = MISSING
+    camera: Any = MISSING  # null (task default), a camera id or a camera name
+
+
+@dataclass
+class OptimConfig:
+    grad_clip: float | None = MISSING
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = MISSING
+    sampler: SamplerMode = MISSING
+    alpha: float = MISSING
+    storage: Storage = MISSING
+
+
+@dataclass
+class ScheduleConfig:
+    seed_frames: int = MISSING
+    explore_frames: int = MISSING
+    update_every_steps: int = MISSING
+    eval_every_frames: int = MISSING
+    eval_episodes: int = MISSING
+
+
+@dataclass
+class LogConfig:
+    backend: LoggerBackend = MISSING
+    video: bool = MISSING
+    progress: bool = MISSING
+
+
+@dataclass
+class PerfConfig:
+    channels_last: bool = MISSING
+    fused_adam: bool = MISSING
+    share_condition: bool = MISSING
+    tune_allocator: bool = MISSING
+    compile: bool = MISSING
+    compile_mode: CompileMode = MISSING
+
+
+@dataclass
+class RunConfig:
+    """``configs/config.yaml``: everything but the agent's own hyper-parameters."""
+
+    task_name: str = MISSING  # a key of envs.TASKS (checked with the closest names)
+    obs: Obs = MISSING
+    seed: int = MISSING
+    device: Device = MISSING
+    frames: int = MISSING
+    difficulty: Difficulty = MISSING
+    run_dir: str = MISSING
+    label: str | None = MISSING
+    checkpoint_every: int = MISSING
+    resume: bool = MISSING
+    trust_checkpoint: bool = MISSING
+    env: EnvConfig = field(default_factory=EnvConfig)
+    lr: float = MISSING
+    batch_size: int = MISSING
+    n_step: int = MISSING
+    gamma: float = MISSING
+    feature_dim: int = MISSING
+    hidden_dim: int = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    threads: Any = MISSING  # auto | an integer >= 1 | null (cp3er.threads.parse_threads)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    agent: Any = MISSING  # the agent group's node (its own schema)
+
+
+@dataclass
+class ConsistencyConfig:
+    loss: ConsistencyLoss = MISSING
+    solver: OdeSolver = MISSING
+    sigma_min: float = MISSING
+    sigma_max: float = MISSING
+    rho: float = MISSING
+    num_steps: int = MISSING
+    sigma_data: float = MISSING
+    coupling: Coupling = MISSING
+    mu: float = MISSING
+    clip_outputs: bool = MISSING
+
+
+@dataclass
+class CP3ERAgentConfig:
+    """``configs/agent/cp3er.yaml``."""
+
+    name: str = MISSING
+    lambda_consistency: float = MISSING
+    critic_tau: float = MISSING
+    num_components: int = MISSING
+    init_scale: float = MISSING
+    target_samples: int = MISSING
+    actor_trunk: bool = MISSING
+    clip: ClipMode = MISSING
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+
+
+@dataclass
+class DrQV2AgentConfig:
+    """``configs/agent/drqv2.yaml``."""
+
+    name: str = MISSING
+    critic_tau: float = MISSING
+    stddev_init: float = MISSING
+    stddev_final: float = MISSING
+    stddev_steps: int | None = MISSING
+    stddev_clip: float = MISSING
+    # DrQ-v2's actor always reads its Linear+LayerNorm+Tanh trunk (its architecture); the
+    # key lets a profile that sets it for CP3ER (configs/profile/cpu_pixels.yaml) compose
+    # with either agent. cp3er.config_check refuses false.
+    actor_trunk: bool = MISSING
+
+
+AGENT_SCHEMAS = {"cp3er": CP3ERAgentConfig, "drqv2": DrQV2AgentConfig}
+assert set(AGENT_SCHEMAS) == set(AGENTS), "every agent needs a schema"
+
+
+def register_configs() -> None:
+    """Store the schema nodes in Hydra's ``ConfigStore`` (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for name, schema in AGENT_SCHEMAS.items():
+        store.store(group="agent", name=f"{name}_schema", node=schema)
+
+
+def complete_run_config(saved: DictConfig | dict) -> DictConfig:
+    """A saved run config (a checkpoint's, a run folder's ``config.yaml``) as a composed,
+    typed config: today's defaults for the agent and task it names (``configs/``), its own
+    values on top; keys it holds that the schema no longer has are dropped (a run written
+    before a key was removed). Raises ``omegaconf.errors.ValidationError`` for a value the
+    schema refuses."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    plain = saved if isinstance(saved, dict) else OmegaConf.to_container(saved, resolve=True)
+    overrides = [f"agent={plain['agent']['name']}", f"task={plain['task_name']}"]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its config dir
+        base = compose(config_name="config", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            base = compose(config_name="config", overrides=overrides)
+    return OmegaConf.merge(base, known_entries(plain, OmegaConf.to_container(base)))
+
+
+def known_entries(values: dict, base: dict) -> dict:
+    """The entries of ``values`` whose keys ``base`` has (recursively): a saved config
+    without the keys removed since it was written."""
+    return {k: known_entries(v, base[k]) if isinstance(v, dict) and isinstance(base[k], dict)
+            else v for k, v in values.items() if k in base}
+
+
+register_configs()

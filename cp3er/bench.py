@@ -44,9 +44,9 @@ one from the straightforward implementation.
   env ms + updates x update ms + evaluation episodes x env ms).
 - ``checkpoint``: a training checkpoint's replay buffer of ``--checkpoint-transitions``
   pixel transitions (100,000; 10,000 with ``--quick``): bytes on disk, seconds to write
-  it (``save_run_checkpoint``: temporary folder, SHA-256 and fsync of every file, rename,
+  it (``save_run_checkpoint``: temporary folder, content hash and fsync of every file, rename,
   atomic ``latest.pt``) and to load it back (``load_run_checkpoint``, which verifies the
-  hashes, and ``NStepReplayBuffer.loads``: what a resume does); ``hash_s``: the SHA-256 of
+  hashes, and ``NStepReplayBuffer.loads``: what a resume does); ``hash_s``: the XXH3-128 of
   every file of the buffer once (page cache warm), the part of ``write_s`` and of
   ``load_s`` the content hashes cost (``hash_frac_write``, ``hash_frac_load``).
   ``--checkpoint-only`` prints this figure alone.
@@ -423,7 +423,7 @@ def bench_checkpoint(transitions: int) -> dict:
         load_s = time.perf_counter() - start
         assert fresh.write_count == buffer.write_count
         start = time.perf_counter()
-        check_manifest(replay)  # SHA-256 of every file once: what a write and a load add
+        check_manifest(replay)  # the hash of every file once: what a write and a load add
         hash_s = time.perf_counter() - start
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -4,7 +4,7 @@ The YAML files under ``configs/`` hold every value; these dataclasses hold the t
 valid choices, so Hydra refuses a wrong type (``batch_size=abc``) or an unknown choice
 (``obs=rgb``, ``replay.sampler=per``) while it composes, naming the key and the choices.
 Choices are the tuples of the modules that implement them (``envs.OBS_TYPES``,
-``cp3er.replay.SAMPLER_MODES``, ...), turned into ``StrEnum`` s: a field reads back as a
+``cp3er.replay.SAMPLER_MODES``, ...), turned into ``str`` enums: a field reads back as a
 ``str`` subclass (``cfg.obs == "pixels"``, f-strings print the value). Range and
 cross-field checks (``batch_size <= replay.capacity``, ``gamma`` in (0, 1]) stay in
 :mod:`cp3er.config_check`.
@@ -19,7 +19,7 @@ composes the configs itself with Hydra's compose API imports this module first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,17 @@ DEVICES = ("cpu", "cuda")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
-    """A ``StrEnum`` whose members are ``values`` (member name = value)."""
-    return StrEnum(name, {value: value for value in values})
+class Choice(str, Enum):
+    """A ``str`` enum that prints as its value (``enum.StrEnum`` of Python 3.11, also on
+    3.10)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+def choices(name: str, values: tuple[str, ...]) -> type[Choice]:
+    """A :class:`Choice` enum whose members are ``values`` (member name = value)."""
+    return Choice(name, {value: value for value in values})
 
 
 Obs = choices("Obs", OBS_TYPES)

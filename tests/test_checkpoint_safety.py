@@ -276,6 +276,48 @@ def test_a_flipped_byte_is_detected(finished_run: Path, tmp_path: Path) -> None:
         Trainer(_cfg(run, "frames=400", "resume=true"))
 
 
+def _rehash_with_sha256(run: Path) -> Path:
+    """Rewrite a run's checkpoint as format 2 was written before XXH3: SHA-256 in the
+    ``latest.pt`` envelope and in the buffer manifest."""
+    import hashlib
+
+    ckpt = run / "checkpoints" / "latest.pt"
+    envelope = torch.load(ckpt, weights_only=True)
+    del envelope["xxh3_128"]
+    envelope["sha256"] = hashlib.sha256(envelope["payload"].numpy()).hexdigest()
+    torch.save(envelope, ckpt)
+    _, replay = load_run_checkpoint(run)
+    manifest = json.loads((replay / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        del entry["xxh3_128"]
+        entry["sha256"] = hashlib.sha256((replay / name).read_bytes()).hexdigest()
+    (replay / "manifest.json").write_text(json.dumps(manifest))
+    return replay
+
+
+def test_sha256_hashed_format_2_checkpoints_still_verify(finished_run: Path,
+                                                         tmp_path: Path) -> None:
+    """Checkpoints hashed with SHA-256 (cp3er before XXH3-128) load without the trust
+    opt-in and their corruption is still detected; a format-2 manifest entry with no hash
+    at all is refused (it would skip verification)."""
+    run = _copy(finished_run, tmp_path)
+    replay = _rehash_with_sha256(run)
+    trainer = Trainer(_cfg(run, "frames=400", "resume=true"))
+    assert trainer.step == 200
+    trainer.lock.release()
+    reward = replay / "storage" / "reward.memmap"
+    good = reward.read_bytes()
+    reward.write_bytes(bytes([good[0] ^ 0x01]) + good[1:])
+    with pytest.raises(CheckpointError, match=r"reward\.memmap'\] does not match its hash"):
+        Trainer(_cfg(run, "frames=400", "resume=true"))
+    reward.write_bytes(good)
+    manifest = json.loads((replay / "manifest.json").read_text())
+    del manifest["files"]["storage/reward.memmap"]["sha256"]
+    (replay / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"reward\.memmap'\] does not match"):
+        Trainer(_cfg(run, "frames=400", "resume=true"))
+
+
 # -- the previous checkpoint format: resumed only when trusted ---------------------------
 def _as_previous_format(run: Path) -> None:
     """Rewrite a run's checkpoint as cp3er wrote it before format 2: ``torch.save`` of the

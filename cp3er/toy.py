@@ -356,8 +356,11 @@ def run(config: ToyConfig, seed: int, quick: bool, couplings: Sequence[str] | No
     return report, samples
 
 
-def plot(samples: dict[str, Tensor], config: ToyConfig, seed: int, path: str) -> None:
-    """Scatter each model's samples (colour) over fresh target samples (grey)."""
+def plot(samples: dict[str, Tensor], config: ToyConfig, seed: int, path: str,
+         swd: dict[str, float] | None = None) -> None:
+    """Scatter each model's samples (colour) over fresh target samples (grey), one panel
+    per ``target/sampler/coupling`` key, titled with its sliced Wasserstein distance
+    (``swd``, by the same keys: :func:`swd_by_key` of a report) when given; one legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,14 +381,26 @@ def plot(samples: dict[str, Tensor], config: ToyConfig, seed: int, path: str) ->
         for col, key in enumerate(keys):
             ax = axes[row, col]
             ax.set_axis_on()
-            ax.scatter(*reference.T, s=1, c="0.75")
-            ax.scatter(*samples[key].T, s=1, c="tab:blue")
+            ax.scatter(*reference.T, s=1, c="0.75", label="target samples")
+            ax.scatter(*samples[key].T, s=1, c="tab:blue", label="model samples")
             ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
             ax.set_aspect("equal")
-            ax.set_title(key.replace("/", "\n", 1), fontsize=7)
-    fig.tight_layout()
+            title = key.replace("/", "\n", 1)
+            if swd is not None and key in swd:
+                title += f"\nSWD {swd[key]:.4f}"
+            ax.set_title(title, fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, markerscale=6,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def swd_by_key(report: dict) -> dict[str, float]:
+    """``{"target/sampler/coupling": swd}`` of a :func:`run` report (the keys of its
+    samples)."""
+    return {f"{r['target']}/{r['sampler']}/{r['coupling']}": r["swd"] for r in report["results"]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -423,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     couplings = None if args.couplings is None else args.couplings.split(",")
     report, samples = run(config, args.seed, args.quick, couplings)
     if args.plot:
-        plot(samples, config, args.seed, args.plot)
+        plot(samples, config, args.seed, args.plot, swd_by_key(report))
     print(json.dumps(report))
 
 

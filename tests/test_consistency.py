@@ -486,3 +486,16 @@ def test_training_is_deterministic(one_thread):
         train(denoiser, make_loss("generator", config), "eight_gaussians", config, gen())
         outputs.append(evaluate(denoiser, "eight_gaussians", "one_step", config, seed=1)[1])
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_an_unconditional_network_builds_without_warnings() -> None:
+    """cond_dim 0 (the toy's unconditional models): a zero-width condition layer, built
+    without torch's zero-element init warning, whose output adds nothing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        network = ConditionalMLP(2, 0, 32, 3)
+    x, t = torch.randn(5, 2), torch.rand(5)
+    assert torch.equal(network.project(torch.zeros(5, 0)).hidden, torch.zeros(5, 32))
+    assert network(x, t, torch.zeros(5, 0)).shape == (5, 2)

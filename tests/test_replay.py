@@ -6,6 +6,7 @@ with distinct frame values so that every rebuilt stack can be checked exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -594,3 +595,57 @@ def test_reference_sampler_assumes_the_tasks_episode_env_steps(task: str, assume
     sampler = make_buffer(cfg, tmp_path).sampler
     assert sampler.mode == "reference"
     assert sampler.weighting.transitions_per_episode == assumed
+
+
+def _state_rows(first: int, count: int, episode: int = 100) -> TensorDict:
+    steps = torch.arange(first, first + count)
+    done = (steps % episode == episode - 1).unsqueeze(-1)
+    gen = torch.Generator().manual_seed(first)
+    return TensorDict({
+        "observation": torch.randn(count, 5, generator=gen),
+        "action": torch.rand(count, 2, generator=gen),
+        "collector": {"traj_ids": steps // episode},
+        "next": {"observation": torch.randn(count, 5, generator=gen),
+                 "reward": torch.rand(count, 1, generator=gen), "done": done,
+                 "terminated": torch.zeros_like(done), "truncated": done.clone()},
+    }, [count])
+
+
+def _storage_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in (folder / "storage").glob("*.memmap"))
+
+
+@pytest.mark.parametrize("storage", ["memory", "memmap"])
+def test_checkpoint_size_grows_with_the_filled_rows_not_the_capacity(storage: str,
+                                                                     tmp_path) -> None:
+    """A buffer of capacity 5,000 holding 100 and then 400 rows dumps 100 and 400 rows'
+    bytes (before: all 5,000 rows); the loaded buffer samples exactly as the original, and
+    a whole-capacity dump (cp3er before filled-row dumps) still loads."""
+    def build(name: str) -> NStepReplayBuffer:
+        return make_replay_buffer(5000, obs_key="observation", frame_stack=1, batch_size=32,
+                                  storage=storage, scratch_dir=tmp_path / name)
+
+    rb = build("a")
+    rb.extend(_state_rows(0, 100))
+    rb.dumps(tmp_path / "small")
+    rb.extend(_state_rows(100, 300))
+    rb.dumps(tmp_path / "large")
+    rows_small, rows_large = (json.loads((tmp_path / f / "storage" / "storage_metadata.json")
+                                         .read_text())["len"] for f in ("small", "large"))
+    per_row = sum(t[0].numel() * t.element_size()
+                  for t in rb.storage._storage.values(True, True))
+    assert _storage_bytes(tmp_path / "small") == rows_small * per_row
+    assert _storage_bytes(tmp_path / "large") == rows_large * per_row
+    assert 100 <= rows_small <= 110 and 400 <= rows_large <= 410  # (+ episode-end frames)
+    assert rb.dump_nbytes() - (1 << 20) == rows_large * per_row
+
+    rb.storage.checkpointer._save_hooks.clear()  # dump the whole capacity, as before
+    rb.dumps(tmp_path / "whole")
+    assert _storage_bytes(tmp_path / "whole") == 5000 * per_row
+    for folder in ("large", "whole"):
+        loaded = build(f"load_{folder}")
+        loaded.loads(tmp_path / folder)
+        torch.manual_seed(3)
+        expected = rb.sample()
+        torch.manual_seed(3)
+        assert (loaded.sample() == expected).all(), folder

@@ -18,9 +18,11 @@ from cp3er.toy import (
     make_loss,
     mode_accuracy,
     network_calls,
+    plot,
     ring_centers,
     sample_target,
     sliced_wasserstein,
+    swd_by_key,
     target_distance,
     train_row,
 )
@@ -123,3 +125,27 @@ def test_distillation_row_teacher_and_student_learn_the_target() -> None:
     assert (network_calls("teacher", config), network_calls("one_step", config)) == (35, 1)
     with pytest.raises(ValueError, match="needs a trained teacher"):
         make_loss("distillation", config)
+
+
+def test_toy_plot_has_a_legend_and_each_panels_swd(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    captured = {}
+    savefig = Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        captured["figure"] = self
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    keys = ["eight_gaussians/one_step/independent", "eight_gaussians/one_step/generator"]
+    samples = {keys[0]: torch.zeros(16, 2), keys[1]: torch.full((16, 2), 0.5)}
+    plot(samples, ToyConfig(eval_samples=64), 0, str(tmp_path / "toy.png"),
+         swd_by_key({"results": [{"target": "eight_gaussians", "sampler": "one_step",
+                                  "coupling": c, "swd": v}
+                                 for c, v in (("independent", 0.1234), ("generator", 0.5))]}))
+    titles = [ax.get_title() for ax in captured["figure"].axes]
+    assert any(t.endswith("SWD 0.1234") for t in titles)
+    assert any(t.endswith("SWD 0.5000") for t in titles)
+    legend = captured["figure"].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["target samples", "model samples"]

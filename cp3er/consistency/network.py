@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,10 @@ class ConditionalMLP(nn.Module):
         first = nn.Linear(action_dim + time_embed_dim + feature_dim, hidden_dim)
         split = action_dim + time_embed_dim
         self.input_layer = nn.Linear(split, hidden_dim)
-        self.cond_layer = nn.Linear(feature_dim, hidden_dim, bias=False)
+        with warnings.catch_warnings():  # an unconditional model (cond_dim 0, the toy's):
+            # a zero-width layer (adds 0), whose init torch reports as a no-op
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.cond_layer = nn.Linear(feature_dim, hidden_dim, bias=False)
         with torch.no_grad():
             self.input_layer.weight.copy_(first.weight[:, :split])
             self.input_layer.bias.copy_(first.bias)

@@ -175,6 +175,12 @@ class NStepReplayBuffer:
             batch_size=self.batch_size,
             generator=generator,
         )
+        # A checkpoint holds the filled rows only (its size grows with the data, not the
+        # capacity): TorchRL's storage-checkpointer hooks cut the storage to its length
+        # on dumps and copy the saved rows back into the allocated storage on loads.
+        # (Registered after ReplayBuffer(), which installs the storage's checkpointer.)
+        backing.register_save_hook(_filled_rows(backing))
+        backing.register_load_hook(_into_storage(backing))
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -491,10 +497,12 @@ class NStepReplayBuffer:
         storage = self._rb.storage
         if not storage.initialized:
             return [0]
-        return [t.numel() * t.element_size() for t in storage._storage.values(True, True)]
+        rows = len(storage)
+        return [t[:rows].numel() * t.element_size() for t in storage._storage.values(True, True)]
 
     def dump_nbytes(self) -> int:
-        """Bytes :meth:`dumps` writes (its memmaps; the metadata files are small)."""
+        """Bytes :meth:`dumps` writes (its memmaps of the filled rows; the metadata files
+        are small)."""
         return sum(self._tensor_nbytes()) + (1 << 20)
 
     def dump_largest(self) -> int:
@@ -514,6 +522,11 @@ class NStepReplayBuffer:
             _check_dump_files(path)
         with open(path / _COUNTERS_FILE) as file:
             self._load_counters(json.load(file))
+        storage = self._rb.storage
+        if not storage.initialized and (path / "storage" / "meta.json").is_file():
+            # allocate the full capacity (under scratch_dir for a memmap storage) from the
+            # saved rows' layout; the load hook then copies the rows into it
+            storage._init(TensorDict.load_memmap(path / "storage")[0])
         self._rb.loads(path)
 
     def cut_episode(self) -> None:
@@ -528,6 +541,29 @@ class NStepReplayBuffer:
         """Drops all data and counters."""
         self._rb.empty()
         self._reset_counters()
+
+
+def _filled_rows(storage: LazyTensorStorage):
+    """TorchRL storage save hook: the storage's filled rows (all of them once it wrapped)."""
+    def hook(data: TensorDictBase, path: Path) -> TensorDictBase:
+        return data[: len(storage)]
+    return hook
+
+
+def _into_storage(storage: LazyTensorStorage):
+    """TorchRL storage load hook: the saved rows (a dump of the filled part, or of the whole
+    capacity by cp3er before filled-row dumps) copied into the storage's first rows; returns
+    the storage's own tensors, which TorchRL then copies onto themselves (a no-op)."""
+    def hook(saved: TensorDictBase, out: TensorDictBase | None = None) -> TensorDictBase:
+        if out is None:  # loads() allocates first; kept for a direct ReplayBuffer.loads
+            return saved
+        rows = saved.shape[0]
+        if rows > out.shape[0]:
+            raise ValueError(f"the saved storage has {rows} rows, more than this buffer's "
+                             f"capacity {out.shape[0]}")
+        out[:rows].update_(saved)
+        return out
+    return hook
 
 
 def _check_dump_files(path: Path) -> None:

@@ -88,6 +88,7 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
                                            lambda: make_denoiser(repr_dim, action_dim, **network)),
         augmentation=augmentation,
         share_condition=cfg.perf.share_condition,
+        ema_decay=acfg.consistency.ema_decay,
     )
     return loss, None
 

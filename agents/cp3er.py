@@ -26,6 +26,7 @@ from cp3er.consistency import (
     DenoisingLoss,
     KarrasSchedule,
     ProjectedCondition,
+    ema_target,
     sample_one_step,
 )
 
@@ -176,6 +177,7 @@ class CP3ERLoss(EncoderActorCriticLoss):
         augmentation: nn.Module | None = None,
         share_condition: bool = True,
         denoising_loss: DenoisingLoss | None = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(encoder, actor, critic, augmentation=augmentation)
         self.share_condition = share_condition
@@ -187,6 +189,17 @@ class CP3ERLoss(EncoderActorCriticLoss):
         self.denoising_loss = None
         if self.teacher is not None:
             self.denoising_loss = denoising_loss or DenoisingLoss()
+        # The consistency target: the online denoiser under no_grad (None: the reference),
+        # or an EMA copy theta^- (Song et al. 2023), moved by update_ema() after each
+        # actor step.
+        self.ema_denoiser = (None if ema_decay is None
+                             else ema_target(self.policy.denoiser, ema_decay))
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Move the EMA target towards the actor's denoiser (no-op without one)."""
+        if self.ema_denoiser is not None:
+            self.ema_denoiser.update_parameters(self.policy.denoiser)
 
     @property
     def policy(self) -> ConsistencyPolicy:
@@ -231,7 +244,7 @@ class CP3ERLoss(EncoderActorCriticLoss):
         with self.critic_params.detach().to_module(self.critic):
             q = self.critic.mean(features, action)
         consistency, _ = self.consistency_loss(
-            self.policy.denoiser, tensordict[keys.action], cond
+            self.policy.denoiser, tensordict[keys.action], cond, target=self.ema_denoiser
         )
         loss = -q.mean() + self.lambda_consistency * consistency.mean()
         samples = self.policy.samples_at(cond, SPREAD_STATES, SPREAD_SAMPLES)

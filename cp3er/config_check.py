@@ -66,6 +66,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg.label is None or cfg.label.strip() != "", "label", cfg.label,
              "null or a non-empty name")
     _require(cfg.replay.alpha > 0, "replay.alpha", cfg.replay.alpha, "a number > 0")
+    ema = cfg.agent.get("consistency", {}).get("ema_decay")  # CP3ER only
+    _require(ema is None or 0 < ema < 1, "agent.consistency.ema_decay", ema,
+             "null or a number in (0, 1)")
     if cfg.agent.name == "drqv2":
         _require(cfg.agent.actor_trunk, "agent.actor_trunk", cfg.agent.actor_trunk,
                  "true for drqv2 (its actor always has the trunk)")

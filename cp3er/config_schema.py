@@ -152,6 +152,7 @@ class ConsistencyConfig:
     coupling: Coupling = MISSING
     mu: float = MISSING
     clip_outputs: bool = MISSING
+    ema_decay: float | None = MISSING
 
 
 @dataclass

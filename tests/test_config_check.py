@@ -42,6 +42,7 @@ def test_default_config_is_valid() -> None:
         ("threads=0", "threads=0 is invalid.*auto, an integer >= 1"),
         ("threads=abc", "threads='abc' is invalid.*auto, an integer >= 1"),
         ("replay.alpha=0", "replay.alpha=0"),
+        ("agent.consistency.ema_decay=1.0", "ema_decay=1.0.*null or a number in \\(0, 1\\)"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(override: str, message: str) -> None:

@@ -136,3 +136,28 @@ def test_distillation_agent_updates_and_its_teacher_survives_a_checkpoint(tmp_pa
     for a, b in zip(agent.loss.teacher.parameters(), restored.loss.teacher.parameters(),
                     strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ema_target_moves_after_each_actor_step_and_is_checkpointed() -> None:
+    """``agent.consistency.ema_decay``: the consistency target is an EMA copy of the actor's
+    denoiser, ``p_ema <- d p_ema + (1 - d) p`` after the actor step; it is part of the
+    agent's state dict. Without it (the reference) there is no copy."""
+    from agents.build import build_agent
+    from envs import make_env
+
+    cfg = _compose("task=cartpole_swingup", "obs=state", "hidden_dim=32", "batch_size=8",
+                   "agent.consistency.ema_decay=0.9")
+    env = make_env("cartpole_swingup", "state")
+    torch.manual_seed(0)
+    agent = build_agent(cfg, env)
+    ema, online = agent.loss.ema_denoiser, agent.loss.policy.denoiser
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    agent.update(random_state_batch(env.observation_spec["observation"].shape[-1]))
+    for old, new, moved in zip(before, online.parameters(), ema.module.parameters(),
+                               strict=True):
+        torch.testing.assert_close(moved, 0.9 * old + 0.1 * new.detach())
+    assert any("ema_denoiser" in k for k in agent.state_dict()["loss"])
+    cfg.agent.consistency.ema_decay = None  # the reference: no copy
+    plain = build_agent(cfg, env)
+    assert plain.loss.ema_denoiser is None
+    assert not any("ema_denoiser" in k for k in plain.state_dict()["loss"])

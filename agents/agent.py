@@ -41,7 +41,14 @@ class Agent:
     # -- one update -----------------------------------------------------------------------
     def update(self, batch: TensorDictBase) -> dict[str, float]:
         """One update on a replay batch (not modified); returns the registered metrics
-        (``agents.metrics.UPDATE_METRICS``) as floats."""
+        (``agents.metrics.UPDATE_METRICS``) as floats (a host read: see
+        :meth:`update_on_device`)."""
+        return {k: float(v) for k, v in self.update_on_device(batch).items()}
+
+    def update_on_device(self, batch: TensorDictBase) -> Metrics:
+        """:meth:`update`, its metrics left as detached 0-d tensors on the agent's device:
+        no host synchronisation (the trainer reads them every
+        ``log.metrics_every_updates`` updates)."""
         features, next_features = self.loss.encode_transition(batch)
         metrics = self.update_critic(batch, features, next_features)
         features = features.detach()
@@ -53,7 +60,7 @@ class Agent:
         if unknown:  # a loss reporting a name the registry, csv and glossary do not know
             raise KeyError(f"update metrics {sorted(unknown)} are not in "
                            "agents.metrics.UPDATE_METRICS")
-        return {k: float(v) for k, v in metrics.items()}
+        return metrics
 
     def update_critic(self, batch: TensorDictBase, features: torch.Tensor,
                       next_features: torch.Tensor) -> Metrics:

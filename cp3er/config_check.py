@@ -48,7 +48,8 @@ def validate_config(cfg: DictConfig) -> None:
                           "on this machine (use device=cpu)")
     for key in ("frames", "batch_size", "n_step", "hidden_dim", "feature_dim",
                 "replay.capacity", "schedule.update_every_steps", "schedule.eval_episodes",
-                "env.action_repeat", "env.frame_stack", "env.image_size"):
+                "env.action_repeat", "env.frame_stack", "env.image_size",
+                "log.metrics_every_updates"):
         _positive_int(cfg, key)
     for key in ("seed", "checkpoint_every", "schedule.seed_frames",
                 "schedule.explore_frames", "schedule.eval_every_frames"):

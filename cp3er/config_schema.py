@@ -97,6 +97,7 @@ class LogConfig:
     backend: LoggerBackend = MISSING
     video: bool = MISSING
     progress: bool = MISSING
+    metrics_every_updates: int = MISSING
 
 
 @dataclass

@@ -148,6 +148,8 @@ class Trainer:
         self.loop = LoopState(next_eval=eval_every if eval_every > 0 else None,
                               next_ckpt=ckpt_every if ckpt_every > 0 else None)
         self.start_time = time.perf_counter()
+        # (update, frame, metrics on the device) of the updates since the last read
+        self._unread: list[tuple[int, int, dict[str, torch.Tensor]]] = []
         self._episode_success = False
         self.last_return = float("nan")
         self.resumed_from: int | None = None  # frame of the checkpoint resumed from
@@ -200,6 +202,8 @@ class Trainer:
 
     def _finish_episodes(self, batch) -> None:
         done = batch["next", "done"].reshape(-1)
+        if done.any():  # a train row takes the metrics so far
+            self.read_metrics()
         success = batch.get(("next", "success"), None)
         for t in range(done.shape[0]):
             if success is not None:
@@ -230,17 +234,36 @@ class Trainer:
                                if isinstance(v, (int, float)) and k != "frame"})
             self.last_return = row["episode_return"]
 
-    def update(self) -> dict[str, float]:
-        """One agent update; stops the run (:class:`NumericalError`) on a NaN/inf loss or
-        parameter, before anything else is written."""
+    def update(self) -> dict[str, torch.Tensor]:
+        """One agent update; its metrics stay on the device until :meth:`read_metrics`,
+        every ``log.metrics_every_updates`` updates (1: after each). Returns them."""
         batch = self.buffer.sample().to(self.device)
-        metrics = self.agent.update(batch)
+        metrics = self.agent.update_on_device(batch)
         self.loop.updates += 1
-        check_finite_losses(metrics, LOSS_METRICS, update=self.loop.updates, frame=self.frame)
-        check_finite_parameters(self.agent.loss, update=self.loop.updates, frame=self.frame)
-        for name, value in metrics.items():
-            self.loop.pending_metrics.setdefault(name, []).append(value)
+        self._unread.append((self.loop.updates, self.frame, metrics))
+        if len(self._unread) >= self.cfg.log.metrics_every_updates:
+            self.read_metrics()
         return metrics
+
+    def read_metrics(self) -> None:
+        """Read the metrics of the updates since the last read in one host transfer, stop
+        the run (:class:`NumericalError`, naming the loss and the update) on a NaN/inf loss
+        or parameter, and queue the values for the next train row of ``metrics.csv``.
+        Called every ``log.metrics_every_updates`` updates and before anything is written
+        (a train row, a checkpoint), so a checkpoint follows a clean read only."""
+        if not self._unread:
+            return
+        names = list(self._unread[-1][2])
+        values = torch.stack([torch.stack([m[n].float() for n in names])
+                              for _, _, m in self._unread]).cpu()  # [updates, metrics]
+        for (update, frame, _), row in zip(self._unread, values.tolist(), strict=True):
+            check_finite_losses(dict(zip(names, row, strict=True)), LOSS_METRICS,
+                                update=update, frame=frame)
+        last_update, last_frame, _ = self._unread[-1]
+        check_finite_parameters(self.agent.loss, update=last_update, frame=last_frame)
+        for name, column in zip(names, values.T.tolist(), strict=True):
+            self.loop.pending_metrics.setdefault(name, []).extend(column)
+        self._unread.clear()
 
     def evaluate(self) -> dict:
         cfg = self.cfg
@@ -269,6 +292,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Agent, replay buffer, RNG states, counters and loop state (see
         :func:`~cp3er.checkpoint.save_run_checkpoint` for the write order)."""
+        self.read_metrics()  # a checkpoint only after a clean read
         check_finite_parameters(self.agent.loss, update=self.loop.updates, frame=self.frame)
         self._check_policy_acts()
         config = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
@@ -369,8 +393,12 @@ class Trainer:
         try:
             for batch in collector:
                 batch = batch.reshape(-1)
-                check_finite_actions(batch["action"], f"collection, frame "
-                                     f"{self.frame + batch.shape[0] * self.repeat}")
+                try:
+                    check_finite_actions(batch["action"], f"collection, frame "
+                                         f"{self.frame + batch.shape[0] * self.repeat}")
+                except NumericalError:
+                    self.read_metrics()  # a non-finite loss not read yet: name it instead
+                    raise
                 self._last_obs = batch[self.agent.obs_key][-1:].clone()
                 self.buffer.extend(batch)
                 loop.step += batch.shape[0]

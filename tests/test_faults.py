@@ -216,3 +216,47 @@ def test_eval_refuses_a_policy_emitting_non_finite_actions(tmp_path: Path, capsy
     err = capsys.readouterr().err.strip()
     assert err == ("cp3er-eval: the policy emitted non-finite actions (evaluation episode 1): "
                    "the checkpoint's policy is broken")
+
+
+def test_metrics_read_every_k_updates_are_the_same_rows(tmp_path: Path) -> None:
+    """``log.metrics_every_updates=10`` reads the update metrics from the device every 10
+    updates (and before every train row and checkpoint): metrics.csv holds exactly the rows
+    of a run that reads them after each update."""
+    rows = {}
+    for k in (1, 10):
+        run = tmp_path / f"k{k}"
+        Trainer(_cfg(run, "frames=2400", "checkpoint_every=0",
+                     f"log.metrics_every_updates={k}")).train()
+        rows[k] = [{c: v for c, v in r.items() if c not in ("seconds", "fps")}
+                   for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert len(rows[1]) >= 2 and rows[10] == rows[1]
+
+
+@pytest.mark.parametrize("poison", ["gradients", "value"])
+def test_a_nan_between_reads_stops_the_run_before_the_next_checkpoint(tmp_path: Path,
+                                                                      poison: str) -> None:
+    """With K=10 a NaN loss at update 127 (frame 704) is found at the next read, before
+    anything is written: the run stops naming the loss and the update, and the last
+    checkpoint is the clean one before (frame 356), not the one due at frame 708. A NaN
+    that reaches the weights (``gradients``) is read when the next batch's actions come
+    out non-finite; one in the loss value only (``value``: finite gradients) when the
+    checkpoint at frame 708 forces the read."""
+    trainer = Trainer(_cfg(tmp_path, "frames=2000", "checkpoint_every=354",
+                           "log.metrics_every_updates=10"))
+    loss = trainer.agent.loss
+    critic_loss = loss.critic_loss
+
+    def poisoned(*args):
+        value, meta = critic_loss(*args)
+        if trainer.frame > 700:
+            nan = value * float("nan")
+            value = nan if poison == "gradients" else value + nan.detach()
+        return value, meta
+
+    loss.critic_loss = poisoned
+    with pytest.raises(NumericalError, match=r"non-finite loss_critic=nan at update 127 "
+                                             r"\(frame 704\)"):
+        trainer.train()
+    assert trainer.frame == (704 if poison == "gradients" else 708)
+    state, _ = load_run_checkpoint(tmp_path)
+    assert state["counters"]["step"] == 178  # frame 356: the checkpoint before the NaN

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp3er.plot import PlotError, load_run, summarize
+from cp3er.plot import PlotError, find_run_dirs, load_run, summarize
 from cp3er.stats import bootstrap_mean_ci
 
 COLUMNS = ["task", "agent", "obs", "seed", "frames", "final_return", "best_return",
@@ -50,11 +50,7 @@ def run_command(path: Path) -> str:
 
 def run_dirs(grid_dir: Path) -> list[Path]:
     """Every run folder under ``grid_dir`` (sorted), skipping Hydra's own folders."""
-    found = sorted(p.parent for p in grid_dir.rglob("metrics.csv")
-                   if (p.parent / "config.yaml").is_file())
-    if not found:
-        raise PlotError(f"no run folders (metrics.csv + config.yaml) under {grid_dir}")
-    return found
+    return find_run_dirs(grid_dir)
 
 
 def run_row(path: Path) -> dict:

@@ -67,6 +67,8 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg.label is None or cfg.label.strip() != "", "label", cfg.label,
              "null or a non-empty name")
     _require(cfg.replay.alpha > 0, "replay.alpha", cfg.replay.alpha, "a number > 0")
+    _require(isinstance(cfg.resume, bool) or cfg.resume == "auto", "resume", cfg.resume,
+             "true, false or auto")
     ema = cfg.agent.get("consistency", {}).get("ema_decay")  # CP3ER only
     _require(ema is None or 0 < ema < 1, "agent.consistency.ema_decay", ema,
              "null or a number in (0, 1)")
@@ -105,12 +107,17 @@ def check_group_overrides(argv: Sequence[str], config_dir: str | Path) -> str | 
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.lstrip("+~").split("=", 1)
+        if key.startswith("hydra/"):  # Hydra's own groups (plugins add choices): its check
+            continue
         group = config_dir / key
         if not group.is_dir() or value in ("", "null"):
             continue
+        if "(" in value:  # a sweep function (glob(...), choice(...)): Hydra expands it
+            continue
         choices = sorted(p.stem for p in group.glob("*.yaml"))
-        if value not in choices:
-            return _unknown(key, value, choices)
+        for name in value.split(","):  # a multirun sweep list: task=cartpole_balance,walker_walk
+            if name not in choices:
+                return _unknown(key, name, choices)
     return None
 
 

@@ -123,7 +123,7 @@ class RunConfig:
     run_dir: str = MISSING
     label: str | None = MISSING
     checkpoint_every: int = MISSING
-    resume: bool = MISSING
+    resume: Any = MISSING  # true | false | auto (cp3er.config_check)
     trust_checkpoint: bool = MISSING
     env: EnvConfig = field(default_factory=EnvConfig)
     lr: float = MISSING

@@ -378,6 +378,26 @@ def _run_title(run_dir: Path) -> str:
 # -- command line -----------------------------------------------------------------------
 
 
+def find_run_dirs(folder: str | Path) -> list[Path]:
+    """Every run folder (``metrics.csv`` + ``config.yaml``) under ``folder``, sorted: a
+    grid's or a Hydra sweep's output folder."""
+    found = sorted(p.parent for p in Path(folder).rglob("metrics.csv")
+                   if (p.parent / "config.yaml").is_file())
+    if not found:
+        raise PlotError(f"no run folders (metrics.csv + config.yaml) under {folder}")
+    return found
+
+
+def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """``paths`` with each folder that is not a run folder itself (no ``metrics.csv``)
+    replaced by the run folders under it (:func:`find_run_dirs`)."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        out += [path] if (path / "metrics.csv").is_file() or not path.is_dir() \
+            else find_run_dirs(path)
+    return out
+
+
 def summarize(run_dirs: Sequence[str | Path], out_png: str | Path,
               metric: str = "episode_return", phase: str = "eval", reps: int = 2000,
               seed: int = 0) -> dict:
@@ -385,7 +405,7 @@ def summarize(run_dirs: Sequence[str | Path], out_png: str | Path,
     _check_choice("metric", metric, METRICS)
     _check_choice("phase", phase, PHASES)
     unique: dict[Path, Path] = {}  # a folder given twice counts once
-    for path in run_dirs:
+    for path in expand_run_dirs(run_dirs):
         unique.setdefault(Path(path).resolve(), Path(path))
     if not unique:
         raise PlotError("no run folders given")
@@ -441,7 +461,8 @@ def _table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cp3er-plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="run_dir", help="run folders")
+    parser.add_argument("run_dirs", nargs="+", metavar="run_dir",
+                        help="run folders, or folders holding them (a grid, a sweep)")
     parser.add_argument("--out", required=True, help="the PNG to write")
     parser.add_argument("--metric", default="episode_return", help=" | ".join(METRICS))
     parser.add_argument("--phase", default="eval", help=" | ".join(PHASES) + " (curves only)")

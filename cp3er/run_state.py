@@ -129,10 +129,12 @@ def resolve_run_config(
     :data:`MACHINE_KEYS` and :data:`RESUME_MAY_CHANGE` entries (``frames`` no lower than
     the checkpoint's frame) and the entries the saved file predates; any other difference
     is refused. ``resume=false``: refuses a run folder that already holds a checkpoint
-    (never overwrites a run silently).
+    (never overwrites a run silently). ``resume=auto``: ``true`` when the run folder holds
+    a checkpoint, else ``false`` (a job that a cluster requeues runs the same command).
     """
     run_dir = Path(cfg.run_dir)
-    if not cfg.resume:
+    resume = has_checkpoint(run_dir) if cfg.resume == "auto" else cfg.resume
+    if not resume:
         if has_checkpoint(run_dir):
             raise ResumeError(
                 f"run_dir={run_dir} already holds a run with checkpoints; pass resume=true to "

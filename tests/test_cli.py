@@ -56,6 +56,11 @@ def test_mistyped_config_names_get_the_closest_choices() -> None:
     assert "demo" in check_group_overrides(["--config-name", "demoo"], CONFIG_DIR)
     assert check_group_overrides(["task=cheetah_run", "agent=drqv2", "seed=3", "--config-name",
                                   "demo", "+profile=cpu_pixels"], CONFIG_DIR) is None
+    # a multirun's sweep list is checked name by name; Hydra's own groups are Hydra's
+    assert check_group_overrides(["-m", "task=cartpole_balance,walker_walk"], CONFIG_DIR) is None
+    message = check_group_overrides(["-m", "task=cartpole_balance,walker_wlk"], CONFIG_DIR)
+    assert message.startswith("unknown task 'walker_wlk'")
+    assert check_group_overrides(["hydra/launcher=submitit_slurm"], CONFIG_DIR) is None
 
 
 def test_mistyped_task_on_the_command_line_is_one_line() -> None:

@@ -42,6 +42,8 @@ def test_default_config_is_valid() -> None:
         ("threads=0", "threads=0 is invalid.*auto, an integer >= 1"),
         ("threads=abc", "threads='abc' is invalid.*auto, an integer >= 1"),
         ("replay.alpha=0", "replay.alpha=0"),
+        ("resume=maybe", "resume='maybe'.*true, false or auto"),
+        ("resume=1", "resume=1.*true, false or auto"),
         ("agent.consistency.ema_decay=1.0", "ema_decay=1.0.*null or a number in \\(0, 1\\)"),
     ],
 )
@@ -61,7 +63,6 @@ def test_bad_values_name_key_value_and_choices(override: str, message: str) -> N
          r"expected one of \[proximal, reference, uniform\]"),
         (["replay.storage=disk"], r"expected one of \[memory, memmap\]"),
         (["log.backend=mlflow"], r"expected one of \[csv, tensorboard, wandb\]"),
-        (["resume=maybe"], "'maybe' is not a valid bool"),
         (["perf.compile_mode=fast"], "expected one of .*reduce-overhead"),
         (["agent.consistency.loss=distill"], r"expected one of \[training, distillation\]"),
         (["agent.consistency.solver=rk4"], r"expected one of \[euler, heun\]"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cp3er.plot import PlotError, main, plot_learning_curve
+from cp3er.plot import PlotError, main, plot_learning_curve, summarize
 
 COLUMNS = [
     "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
@@ -189,7 +189,8 @@ def test_clear_errors(dmc_runs, tmp_path, capsys):
     missing.mkdir()
     code, _, err = run_main([str(dmc_runs[0]), str(missing), "--out", out], capsys)
     assert code == 2
-    assert err.startswith("cp3er-plot: no metrics.csv in") and str(missing) in err
+    assert err.startswith("cp3er-plot: no run folders (metrics.csv + config.yaml) under")
+    assert str(missing) in err
     assert "Traceback" not in err
     with pytest.raises(PlotError, match=r"no metrics\.csv"):
         plot_learning_curve(missing)
@@ -272,3 +273,12 @@ def test_cp3er_plot_of_one_run_draws_its_own_curves(tmp_path, capsys):
                                                           1, ramp(600.0, FRAMES))),
                                 "--out", str(out), "--json"], capsys)
     assert report["figure"] == "comparison"
+
+
+def test_a_folder_of_runs_stands_for_its_runs(dmc_runs, tmp_path) -> None:
+    """A grid's or sweep's folder given to ``cp3er-plot`` is read as the run folders
+    under it (the same report as listing them)."""
+    grid = dmc_runs[0].parent
+    listed = summarize(dmc_runs, tmp_path / "listed.png")
+    folder = summarize([grid], tmp_path / "folder.png")
+    assert folder["curves"] == listed["curves"] and folder["aggregate"] == listed["aggregate"]

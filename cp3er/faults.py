@@ -50,15 +50,17 @@ def check_finite_actions(actions: torch.Tensor, context: str) -> None:
 
 
 class Preemption:
-    """Context manager turning SIGTERM/SIGINT into a flag the training loop polls.
+    """Context manager turning SIGTERM/SIGINT/SIGUSR2 into a flag the training loop polls.
 
     The first signal sets :attr:`received` (the loop then checkpoints at its next safe
     point and returns); a second SIGINT interrupts at once (``KeyboardInterrupt``).
-    Previous handlers are restored on exit. Only installable from the main thread;
-    elsewhere it does nothing.
+    SIGUSR2 is what Slurm sends before a time limit and what submitit's requeue handler
+    listens to (docs/scale.md): the caller checkpoints, then passes the signal on to that
+    handler (:func:`pass_on`). Previous handlers are restored on exit. Only installable
+    from the main thread; elsewhere it does nothing.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
@@ -81,3 +83,11 @@ class Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def pass_on(signum: signal.Signals) -> None:
+    """Call the Python handler installed for ``signum`` (after :class:`Preemption` restored
+    it), if any: submitit's SIGUSR2 handler then requeues the job and exits the process."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)

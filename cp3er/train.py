@@ -64,6 +64,7 @@ from cp3er.faults import (
     check_finite_actions,
     check_finite_losses,
     check_finite_parameters,
+    pass_on,
 )
 from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
@@ -91,7 +92,8 @@ from cp3er.threads import apply_threads
 from envs import physics_errors
 from envs.registry import UnknownTaskError
 
-EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}  # after a preemption checkpoint
+# after a preemption checkpoint (SIGUSR2: a cluster's requeue handler, if any, exits first)
+EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130, signal.SIGUSR2: 0}
 # Refusals that are not the run's fault (benchmarks/cpu_pixel_suite.sh tells them apart
 # from errors, exit code 1): the run folder is held by a live process (EX_TEMPFAIL), the
 # checkpoint needs trust_checkpoint=true.
@@ -489,6 +491,7 @@ def main(cfg: DictConfig) -> None:
     if result != "done":
         _say(f"{result.name} received: checkpoint written at frame {trainer.frame:,}; "
              f"continue with: {_resume_command()}")
+        pass_on(result)  # submitit (SIGUSR2): requeue the job, which resumes from here
         raise SystemExit(EXIT_CODES[result])
     _say(_end_line(trainer))
 

@@ -260,3 +260,27 @@ def test_a_nan_between_reads_stops_the_run_before_the_next_checkpoint(tmp_path: 
     assert trainer.frame == (704 if poison == "gradients" else 708)
     state, _ = load_run_checkpoint(tmp_path)
     assert state["counters"]["step"] == 178  # frame 356: the checkpoint before the NaN
+
+
+def test_sigusr2_is_a_preemption_then_goes_to_the_previous_handler() -> None:
+    """SIGUSR2 (Slurm's warning before a time limit) sets the flag like SIGTERM while the
+    loop runs; afterwards ``pass_on`` hands it to the handler installed before (submitit's
+    requeue handler in a cluster job), and does nothing when there is none."""
+    import os
+    import signal
+
+    from cp3er.faults import Preemption, pass_on
+
+    seen = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        with Preemption() as preemption:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert preemption.received == signal.SIGUSR2 and not seen
+        pass_on(signal.SIGUSR2)
+        assert seen == [signal.SIGUSR2]
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        pass_on(signal.SIGUSR2)  # not a Python handler: nothing to call
+        assert seen == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

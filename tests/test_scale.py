@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,10 +58,10 @@ def test_a_local_sweep_completes_every_run_and_plots_as_one_folder(tmp_path: Pat
 
 
 def test_a_requeued_job_continues_from_its_checkpoint(tmp_path: Path) -> None:
-    """A job interrupted the way a cluster preempts it (SIGUSR2 to the job: submitit
-    checkpoints the submission and requeues it) runs again with the same command, and
-    ``resume=auto`` continues the run from its last checkpoint: it ends at the requested
-    frame with no duplicated metrics rows."""
+    """A job interrupted the way a cluster preempts it (SIGUSR2 to the job) checkpoints the
+    run where the signal found it, then hands the signal to submitit, which requeues the
+    job with the same command; ``resume=auto`` continues from that checkpoint: the run ends
+    at the requested frame with no duplicated metrics rows."""
     sweep = subprocess.Popen(_sweep(tmp_path, "task=cartpole_balance", "seed=1", "frames=3000",
                                     "schedule.eval_every_frames=1000"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -76,7 +77,12 @@ def test_a_requeued_job_continues_from_its_checkpoint(tmp_path: Path) -> None:
     output, _ = sweep.communicate(timeout=900)
     assert sweep.returncode == 0, output[-2000:]
     logs = "".join(p.read_text() for p in (jobs / job_id).glob("*_log.*"))
-    assert "Requeued job" in logs and "resumed" in logs
+    assert "Requeued job" in logs
+    # the trainer checkpointed where the signal found it, and the requeued job went on
+    # from that frame (nothing redone)
+    stopped = re.search(r"SIGUSR2 received: checkpoint written at frame ([\d,]+)", logs)
+    assert stopped is not None, logs[-3000:]
+    assert f"from frame {stopped.group(1).replace(',', '')}" in logs
     rows = _rows(run)
     train = [int(r["frame"]) for r in rows if r["phase"] == "train"]
     assert train == sorted(set(train)) and train  # no row twice, in order

@@ -98,6 +98,9 @@ class EncoderActorCriticLoss(LossModule):
         diffusion teacher), else ``None``."""
         return None
 
+    def update_ema(self) -> None:
+        """Move EMA copies after the actor step (CP3ER's ``ema_decay``); none here."""
+
     def critic_loss(self, tensordict: TensorDictBase, features: torch.Tensor,
                     next_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``(loss, metrics)`` of the critic on ``features`` (with gradient: the encoder

@@ -79,9 +79,7 @@ class Agent:
         """Actor step on detached ``features`` with the (just updated) critic."""
         loss, metrics = self.loss.actor_loss(batch, features)
         self._step(("actor",), loss)
-        update_ema = getattr(self.loss, "update_ema", None)
-        if update_ema is not None:  # CP3ER with agent.consistency.ema_decay
-            update_ema()
+        self.loss.update_ema()  # CP3ER's EMA consistency target, when it has one
         return {"loss_actor": loss.detach(), **metrics}
 
     def update_target(self) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from tensordict.nn import TensorDictModule
+from tiny_run import floats
 from torch import nn
 
 from cp3er.train import CONFIG_DIR, Trainer
@@ -112,11 +113,11 @@ def test_drqv2_noise_schedule_and_updates_survive_a_resume(tmp_path: Path) -> No
     noise = original.agent.exploration
     assert int(noise.steps) == 500
     assert float(noise.sigma) == pytest.approx(1.0 + (0.1 - 1.0) * 500 / 2000)
-    expected = [_floats(original.update()) for _ in range(3)]
+    expected = [floats(original.update()) for _ in range(3)]
     restored = Trainer(_cfg(tmp_path, *args, "resume=true"))
     assert int(restored.agent.exploration.steps) == 500
     assert float(restored.agent.exploration.sigma) == pytest.approx(float(noise.sigma))
-    assert [_floats(restored.update()) for _ in range(3)] == expected
+    assert [floats(restored.update()) for _ in range(3)] == expected
 
 
 def test_run_until_a_frame_then_train_finishes_the_run(tmp_path: Path) -> None:
@@ -131,7 +132,3 @@ def test_run_until_a_frame_then_train_finishes_the_run(tmp_path: Path) -> None:
     assert trainer.loop.last_eval_frame == 400 and (tmp_path / "checkpoints").is_dir()
     assert trainer.train() == "done" and trainer.frame == 600
     assert trainer.loop.last_eval_frame == 600
-
-
-def _floats(metrics: dict) -> dict[str, float]:
-    return {name: float(value) for name, value in metrics.items()}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import floats
 from tiny_run import tiny_cfg as _cfg
 from tiny_run import tiny_command as _command
 
@@ -170,10 +171,10 @@ def test_resume_continues_exactly(tmp_path: Path, storage: str) -> None:
     args = ("frames=1000", f"replay.storage={storage}", "checkpoint_every=0")
     original = Trainer(_cfg(tmp_path, *args))
     original.train()  # ends with a checkpoint
-    expected = [_floats(original.update()) for _ in range(3)]
+    expected = [floats(original.update()) for _ in range(3)]
     restored = Trainer(_cfg(tmp_path, *args, "resume=true"))
     assert restored.step == 500 and restored.loop.updates == original.loop.updates - 3
-    assert [_floats(restored.update()) for _ in range(3)] == expected
+    assert [floats(restored.update()) for _ in range(3)] == expected
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +304,3 @@ def test_loop_state_is_saved_whole_and_reads_the_older_layout() -> None:
     assert LoopState.from_checkpoint(older) == state
     with pytest.raises(KeyError, match="bogus"):
         LoopState.from_checkpoint({"counters": {**saved, "bogus": 1}})
-
-
-def _floats(metrics: dict) -> dict[str, float]:
-    return {name: float(value) for name, value in metrics.items()}

@@ -41,3 +41,8 @@ def random_state_batch(obs_dim: int, action_dim: int = 1, size: int = 8,
         "next": {"observation": torch.randn(size, obs_dim, generator=gen),
                  "reward": torch.rand(size, 1, generator=gen),
                  "discount": torch.full((size, 1), 0.97)}}, [size])
+
+
+def floats(metrics: dict) -> dict[str, float]:
+    """An update's metrics (0-d tensors) as floats, to compare updates."""
+    return {name: float(value) for name, value in metrics.items()}

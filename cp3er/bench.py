@@ -29,6 +29,11 @@ one from the straightforward implementation.
   ``cheetah_run`` at the reference configuration (collector, rendering, replay writes and
   sampling, one update every 2 agent steps), timed after the seed phase over
   ``--fps-updates`` updates.
+- ``train_fps_workers``: ``train_fps`` (reference actor) per ``collector.workers``
+  (``--workers``: 1,2 on a CPU, 1,4,8 on a GPU) and collector mode (``--collector-modes``:
+  sync on a CPU, sync and async on a GPU), from the first timed update to the last (worker
+  start-up not timed), with ``updates_per_frame``: updates made per frame collected after
+  the seed phase (the schedule's 0.25, however the workers deliver the frames).
 - ``sample_ms``: one batch of 256 indices from a full 1e6-capacity proximal sampler.
 - ``replay_bytes_per_transition``: storage bytes per stored pixel transition.
 - ``replay_1e6`` (``--replay-1e6``): a 1e6-capacity pixel buffer memory-mapped on disk
@@ -275,30 +280,48 @@ def bench_memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def bench_train_fps(trunk: bool, device: torch.device, updates: int) -> float:
-    """Frames per second of ``Trainer`` on pixel cheetah_run after its seed phase."""
+def bench_train_fps(trunk: bool, device: torch.device, updates: int, workers: int = 1,
+                    sync: bool = True) -> dict[str, float]:
+    """End-to-end training speed of ``Trainer`` on pixel cheetah_run after its seed phase,
+    with ``collector.workers=workers`` and ``collector.sync=sync``: ``fps``, frames per
+    second from the first timed update to the last (``updates`` of them, at the paper's
+    ratio: one per 4 frames), and ``updates_per_frame``, the updates the run made per frame
+    collected after its seed phase (0.25 at that ratio, however the frames arrived)."""
     import tempfile
 
     from cp3er.train import Trainer
 
     seed_frames = 600  # enough transitions for a batch of 256 with n-step and stacks
+    frames = seed_frames + 4 * (updates + 1)
     with tempfile.TemporaryDirectory(prefix="cp3er-bench-fps-") as run_dir:
         cfg = _reference_cfg(trunk, f"run_dir={run_dir}", f"device={device.type}",
                              f"schedule.seed_frames={seed_frames}",
                              f"schedule.explore_frames={seed_frames}",
-                             f"frames={seed_frames}", "schedule.eval_every_frames=0",
+                             f"frames={frames}", "schedule.eval_every_frames=0",
                              "checkpoint_every=0", "log.progress=false", "log.video=false",
-                             "replay.capacity=100000")
+                             "replay.capacity=100000", f"collector.workers={workers}",
+                             f"collector.sync={str(sync).lower()}")
         trainer = Trainer(cfg)
-        trainer.run(seed_frames)  # the seed phase: random actions, no updates
-        start = time.perf_counter()
-        frame0 = trainer.frame
-        trainer.run(seed_frames + 4 * updates)  # an update every 2 agent steps
-        elapsed = time.perf_counter() - start
-        fps = (trainer.frame - frame0) / elapsed
+        stamps: list[tuple[int, float]] = []  # (updates made, time) at each update
+        update = trainer.update
+
+        def timed_update() -> dict[str, torch.Tensor]:
+            metrics = update()
+            stamps.append((trainer.loop.updates, time.perf_counter()))
+            return metrics
+
+        trainer.update = timed_update  # the collector's start-up (spawning) is not timed
+        trainer.run(frames)
+        trainer.read_metrics()
+        (first, start), (last, end) = stamps[0], stamps[-1]
+        result = {
+            "fps": (last - first) * 4 / (end - start) if end > start else float("nan"),
+            "updates_per_frame": trainer.loop.updates / max(trainer.frame - seed_frames, 1),
+        }
+        trainer.lock.release()
         trainer.env.close()
         trainer.eval_env.close()
-    return fps
+    return result
 
 
 def _rss_gb() -> dict[str, float]:
@@ -483,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="update ms with torch.compile (and CUDA graphs on a GPU)")
     parser.add_argument("--fps-updates", type=int, default=8,
                         help="updates timed in train_fps (4 frames each)")
+    parser.add_argument("--workers", default=None,
+                        help="collector.workers values of train_fps_workers (default 1,2 on "
+                             "a CPU, 1,4,8 on a GPU)")
+    parser.add_argument("--collector-modes", default=None,
+                        help="collector modes of train_fps_workers: sync, async or sync,async "
+                             "(default sync on a CPU, sync,async on a GPU)")
     parser.add_argument("--profile-sizes", action="store_true",
                         help="only the CPU pixel profile's sizing figures (update ms per "
                              "agent and size, env ms, estimated run minutes; threads 1)")
@@ -548,8 +577,16 @@ def main(argv: list[str] | None = None) -> int:
     result["sample_ms"] = round(bench_sampler(min(repeats, 5)), 3)
     result["replay_bytes_per_transition"] = round(bench_replay_bytes(), 1)
     for key, trunk_on in (("train_fps", False), ("train_fps_trunk", True)):
-        result[key] = (None if args.quick
-                       else round(bench_train_fps(trunk_on, device, args.fps_updates), 2))
+        result[key] = (None if args.quick else
+                       round(bench_train_fps(trunk_on, device, args.fps_updates)["fps"], 2))
+    result["train_fps_workers"] = None
+    if not args.quick:
+        workers = args.workers or ("1,4,8" if device.type == "cuda" else "1,2")
+        modes = args.collector_modes or ("sync,async" if device.type == "cuda" else "sync")
+        result["train_fps_workers"] = {
+            f"workers{n}_{mode}": {k: round(v, 3) for k, v in bench_train_fps(
+                False, device, args.fps_updates, int(n), mode == "sync").items()}
+            for n in workers.split(",") for mode in modes.split(",")}
     result["replay_rss_gb_1e6"] = None
     if args.replay_1e6:
         result["replay_1e6"] = bench_replay_1e6()

@@ -49,13 +49,17 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("frames", "batch_size", "n_step", "hidden_dim", "feature_dim",
                 "replay.capacity", "schedule.update_every_steps", "schedule.eval_episodes",
                 "env.action_repeat", "env.frame_stack", "env.image_size",
-                "log.metrics_every_updates"):
+                "log.metrics_every_updates", "collector.workers", "collector.sync_every"):
         _positive_int(cfg, key)
     for key in ("seed", "checkpoint_every", "schedule.seed_frames",
                 "schedule.explore_frames", "schedule.eval_every_frames"):
         _positive_int(cfg, key, minimum=0)
     _require(cfg.batch_size <= cfg.replay.capacity, "batch_size", cfg.batch_size,
              f"at most replay.capacity={cfg.replay.capacity}")
+    workers = cfg.collector.workers
+    _require(cfg.batch_size <= cfg.replay.capacity // workers, "replay.capacity",
+             cfg.replay.capacity, f"at least batch_size x collector.workers = "
+             f"{cfg.batch_size * workers} (one replay stream per worker)")
     _require(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
     _require(0 < cfg.gamma <= 1, "gamma", cfg.gamma, "a number in (0, 1]")
     clip = cfg.optim.grad_clip

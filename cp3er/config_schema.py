@@ -93,6 +93,13 @@ class ScheduleConfig:
 
 
 @dataclass
+class CollectorConfig:
+    workers: int = MISSING
+    sync: bool = MISSING
+    sync_every: int = MISSING
+
+
+@dataclass
 class LogConfig:
     backend: LoggerBackend = MISSING
     video: bool = MISSING
@@ -135,6 +142,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
     log: LogConfig = field(default_factory=LogConfig)
     threads: Any = MISSING  # auto | an integer >= 1 | null (cp3er.threads.parse_threads)
     perf: PerfConfig = field(default_factory=PerfConfig)

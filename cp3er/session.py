@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,9 +13,13 @@ from agents.build import build_agent
 from cp3er.checkpoint import CheckpointError, first_line, load_checkpoint
 from cp3er.config_schema import complete_run_config
 from cp3er.replay import make_replay_buffer
+from cp3er.run_state import seed_everything
 from envs import TASKS, make_env
 
 EVAL_SEED_OFFSET = 10_000
+#: collector worker ``k`` (``collector.workers > 1``) seeds its env and RNGs with
+#: ``seed + k * WORKER_SEED_OFFSET`` (plus the agent step when a run resumes).
+WORKER_SEED_OFFSET = 100_000
 
 
 def env_overrides(cfg: DictConfig) -> dict:
@@ -25,6 +30,23 @@ def make_train_env(cfg: DictConfig):
     return make_env(cfg.task_name, str(cfg.obs), seed=cfg.seed, **env_overrides(cfg))
 
 
+def worker_env_factories(cfg: DictConfig, seed: int) -> list[functools.partial]:
+    """One picklable env factory per collector worker (``collector.workers``): worker ``k``
+    builds the training env seeded ``seed + k * WORKER_SEED_OFFSET`` in its own process."""
+    return [functools.partial(_worker_env, cfg.task_name, str(cfg.obs),
+                              seed + k * WORKER_SEED_OFFSET, env_overrides(cfg))
+            for k in range(cfg.collector.workers)]
+
+
+def _worker_env(task: str, obs: str, seed: int, overrides: dict):
+    """A collector worker's env (called in the worker process, spawned). It also seeds the
+    worker's torch, NumPy and ``random`` RNGs, which draw its exploration noise and random
+    actions: a spawned process would otherwise start every worker from torch's same
+    default seed."""
+    seed_everything(seed)
+    return make_env(task, obs, seed=seed, **overrides)
+
+
 def make_eval_env(cfg: DictConfig, seed: int | None = None):
     """A separate environment whose transitions never enter the replay buffer."""
     seed = cfg.seed + EVAL_SEED_OFFSET if seed is None else seed
@@ -32,13 +54,15 @@ def make_eval_env(cfg: DictConfig, seed: int | None = None):
 
 
 def make_buffer(cfg: DictConfig, run_dir: Path):
-    """The run's replay buffer. ``replay.sampler=reference`` assumes, like the reference
+    """The run's replay buffer (one ring per collector worker: ``collector.workers``).
+    ``replay.sampler=reference`` assumes, like the reference
     code, an episode's environment steps as its transitions (1000 on DMC, 500 on
     Meta-World), whatever the action repeat."""
     obs_key = "pixels" if cfg.obs == "pixels" else "observation"
     frame_stack = cfg.env.frame_stack if cfg.obs == "pixels" else 1
     return make_replay_buffer(
         cfg.replay.capacity,
+        streams=cfg.collector.workers,
         obs_key=obs_key,
         frame_stack=frame_stack,
         n_step=cfg.n_step,

@@ -21,6 +21,7 @@ at a time trains a run folder (an ``flock`` on ``<run_dir>/.lock``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import shutil
@@ -34,7 +35,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
-from torchrl.collectors import Collector
+from tensordict.nn import TensorDictSequential
+from torchrl.collectors import (
+    BaseCollector,
+    Collector,
+    MultiAsyncCollector,
+    MultiSyncCollector,
+)
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
@@ -87,7 +94,13 @@ from cp3er.runlog import (
     make_logger,
     quiet_torchrl,
 )
-from cp3er.session import EVAL_SEED_OFFSET, make_buffer, make_eval_env, make_train_env
+from cp3er.session import (
+    EVAL_SEED_OFFSET,
+    make_buffer,
+    make_eval_env,
+    make_train_env,
+    worker_env_factories,
+)
 from cp3er.threads import apply_threads
 from envs import physics_errors
 from envs.registry import UnknownTaskError
@@ -152,7 +165,8 @@ class Trainer:
         self.start_time = time.perf_counter()
         # (update, frame, metrics on the device) of the updates since the last read
         self._unread: list[tuple[int, int, dict[str, torch.Tensor]]] = []
-        self._episode_success = False
+        self._episode_success: set[int] = set()  # traj ids of episodes that succeeded so far
+        self.worker_policy: TensorDictSequential | None = None  # workers' copy (make_collector)
         self.last_return = float("nan")
         self.resumed_from: int | None = None  # frame of the checkpoint resumed from
         self._last_obs: torch.Tensor | None = None  # newest collected observation
@@ -177,64 +191,116 @@ class Trainer:
         return self.loop.step * self.repeat
 
     # -- pieces --------------------------------------------------------------------------
-    def make_collector(self, until_frame: int) -> Collector:
-        """A collector for the agent steps from here to ``until_frame``."""
+    def make_collector(self, until_frame: int) -> BaseCollector:
+        """A collector for the agent steps from here to ``until_frame``: TorchRL's
+        ``Collector`` stepping ``self.env`` here (``collector.workers=1``, ``sync``), else a
+        ``MultiSyncCollector`` (``sync``: one ``[workers, update_every_steps]`` batch an
+        iteration, the workers idle while the learner updates) or ``MultiAsyncCollector``
+        (each worker's ``update_every_steps`` chunks as they come, collecting while the
+        learner updates), whose workers (spawned processes) act with a copy of the policy
+        that :meth:`push_weights` refreshes every ``collector.sync_every`` updates."""
         cfg = self.cfg
-        return Collector(
-            self.env,
-            self.agent.collect_policy,
-            frames_per_batch=cfg.schedule.update_every_steps,
-            total_frames=self._steps(until_frame) - self.step,
-            init_random_frames=max(0, self._steps(cfg.schedule.explore_frames) - self.step),
-            device=self.device,
-            storing_device="cpu",
+        workers, chunk = cfg.collector.workers, cfg.schedule.update_every_steps
+        common = {
+            "total_frames": self._steps(until_frame) - self.step,
+            "init_random_frames": max(0, self._steps(cfg.schedule.explore_frames) - self.step),
+            "device": self.device,
+            "storing_device": "cpu",
             # the policies are feed-forward: no InitTracker/primer to add to the env (said
             # explicitly: TorchRL 0.14 warns when unset, and 0.15 changes the default)
-            auto_register_policy_transforms=False,
-        )
+            "auto_register_policy_transforms": False,
+        }
+        if workers == 1 and cfg.collector.sync:
+            return Collector(self.env, self.agent.collect_policy, frames_per_batch=chunk,
+                             **common)
+        # The workers' policy: a copy (TorchRL shares its CPU weights with the workers in
+        # place, so the learner's own would reach them mid-update, at every step).
+        self.worker_policy = copy.deepcopy(self.agent.collect_policy)
+        # new initial states on each call (a resumed run, a bench's second run() call)
+        factories = worker_env_factories(cfg, cfg.seed + self.step)
+        if cfg.collector.sync:
+            return MultiSyncCollector(factories, self.worker_policy,
+                                      frames_per_batch=workers * chunk, cat_results="stack",
+                                      update_at_each_batch=False, **common)
+        return MultiAsyncCollector(factories, self.worker_policy, frames_per_batch=chunk,
+                                   update_at_each_batch=False, **common)
+
+    def push_weights(self, collector: BaseCollector) -> None:
+        """Copy the learner's policy (weights and buffers, e.g. DrQ-v2's noise schedule)
+        into the workers' (``collector.workers > 1`` or ``sync=false``)."""
+        self.worker_policy.load_state_dict(self.agent.collect_policy.state_dict())
+        collector.update_policy_weights_()
+
+    def due_updates(self) -> int:
+        """Updates the schedule calls for by the current agent step: one per
+        ``schedule.update_every_steps`` agent steps collected from ``schedule.seed_frames``
+        on, however the steps arrive (one worker's chunk, several workers' stack)."""
+        every = self.cfg.schedule.update_every_steps
+        first = max(1, math.ceil(self._steps(self.cfg.schedule.seed_frames) / every))
+        return max(0, self.step // every - first + 1)
 
     @property
     def physics_errors(self) -> int:
-        """Training-env steps whose physics failed (episode truncated), whole run."""
+        """Training-env steps whose physics failed (episode truncated), whole run. With
+        ``collector.workers > 1`` or ``collector.sync=false`` the envs live in the worker
+        processes, whose counters are not read: 0 there."""
         return self.loop.physics_errors + physics_errors(self.env)
 
     def _log_scalars(self, values: dict[str, float]) -> None:
         for name, value in values.items():
             self.logger.log_scalar(name, value, step=self.frame)
 
-    def _finish_episodes(self, batch) -> None:
-        done = batch["next", "done"].reshape(-1)
+    def _finish_episodes(self, rows: TensorDict, step_before: int) -> None:
+        """A train row of ``metrics.csv`` for each episode ending in ``rows`` (``[W, T]``:
+        ``W`` workers stepping in lockstep, or one worker's chunk), in step order; an
+        episode ending at step ``t`` of the chunk gets ``step_before + (t + 1) * W``."""
+        workers, steps = rows.shape
+        done = rows["next", "done"].reshape(workers, steps)
         if done.any():  # a train row takes the metrics so far
             self.read_metrics()
-        success = batch.get(("next", "success"), None)
-        for t in range(done.shape[0]):
-            if success is not None:
-                self._episode_success |= bool(success.reshape(-1)[t])
-            if not done[t]:
-                continue
-            self.loop.episode += 1
-            elapsed = time.perf_counter() - self.start_time
-            row = {
-                "frame": (self.step - done.shape[0] + t + 1) * self.repeat,
-                "step": self.step - done.shape[0] + t + 1,
-                "phase": "train",
-                "episode": self.loop.episode,
-                "episode_return": float(batch["next", "episode_reward"].reshape(-1)[t]),
-                "episode_length": int(batch["next", "step_count"].reshape(-1)[t]),
-                "seconds": elapsed,
-                "fps": self.frame / max(elapsed, 1e-9),
-                "physics_errors": self.physics_errors,
-            }
-            if success is not None:
-                row["success"] = self._episode_success
-            for name, values in self.loop.pending_metrics.items():
-                row[name] = float(np.mean(values))
-            self.loop.pending_metrics.clear()
-            self._episode_success = False
-            self.metrics.write(row)
-            self._log_scalars({f"train/{k}": v for k, v in row.items()
-                               if isinstance(v, (int, float)) and k != "frame"})
-            self.last_return = row["episode_return"]
+        success = rows.get(("next", "success"), None)
+        success = None if success is None else success.reshape(workers, steps)
+        traj = rows.get(("collector", "traj_ids"), None)
+        traj = (torch.zeros(workers, steps, dtype=torch.long) if traj is None
+                else traj.reshape(workers, steps))
+        returns = rows["next", "episode_reward"].reshape(workers, steps)
+        lengths = rows["next", "step_count"].reshape(workers, steps)
+        for t in range(steps):
+            for w in range(workers):
+                episode = int(traj[w, t])
+                if success is not None and bool(success[w, t]):
+                    self._episode_success.add(episode)
+                if done[w, t]:
+                    self._write_train_row(step_before + (t + 1) * workers,
+                                          float(returns[w, t]), int(lengths[w, t]),
+                                          None if success is None
+                                          else episode in self._episode_success)
+                    self._episode_success.discard(episode)
+
+    def _write_train_row(self, step: int, episode_return: float, length: int,
+                         success: bool | None) -> None:
+        self.loop.episode += 1
+        elapsed = time.perf_counter() - self.start_time
+        row = {
+            "frame": step * self.repeat,
+            "step": step,
+            "phase": "train",
+            "episode": self.loop.episode,
+            "episode_return": episode_return,
+            "episode_length": length,
+            "seconds": elapsed,
+            "fps": self.frame / max(elapsed, 1e-9),
+            "physics_errors": self.physics_errors,
+        }
+        if success is not None:
+            row["success"] = success
+        for name, values in self.loop.pending_metrics.items():
+            row[name] = float(np.mean(values))
+        self.loop.pending_metrics.clear()
+        self.metrics.write(row)
+        self._log_scalars({f"train/{k}": v for k, v in row.items()
+                           if isinstance(v, (int, float)) and k != "frame"})
+        self.last_return = row["episode_return"]
 
     def update(self) -> dict[str, torch.Tensor]:
         """One agent update; its metrics stay on the device until :meth:`read_metrics`,
@@ -388,27 +454,35 @@ class Trainer:
 
     def _collect(self, until_frame: int, preemption: Preemption) -> None:
         cfg, loop = self.cfg, self.loop
-        seed_steps = self._steps(cfg.schedule.seed_frames)
         collector = self.make_collector(until_frame)
+        pushed = loop.updates  # the update count the workers' weights are from
         progress = tqdm(total=until_frame, initial=self.frame, unit="frame",
                         disable=not cfg.log.progress, dynamic_ncols=True)
         try:
             for batch in collector:
-                batch = batch.reshape(-1)
+                # [workers, T] (a MultiSyncCollector's stack) or one worker's [T] chunk
+                rows = batch.reshape(-1, batch.shape[-1])
+                steps = rows.numel()
                 try:
-                    check_finite_actions(batch["action"], f"collection, frame "
-                                         f"{self.frame + batch.shape[0] * self.repeat}")
+                    check_finite_actions(rows["action"], f"collection, frame "
+                                         f"{self.frame + steps * self.repeat}")
                 except NumericalError:
                     self.read_metrics()  # a non-finite loss not read yet: name it instead
                     raise
-                self._last_obs = batch[self.agent.obs_key][-1:].clone()
-                self.buffer.extend(batch)
-                loop.step += batch.shape[0]
-                self.agent.advance(batch.shape[0])
-                progress.update(batch.shape[0] * self.repeat)
-                self._finish_episodes(batch)
-                if loop.step >= seed_steps:
-                    self.update()
+                self._last_obs = rows[-1, -1:][self.agent.obs_key].clone()
+                self.buffer.extend(rows)
+                step_before = loop.step
+                loop.step += steps
+                self.agent.advance(steps)
+                progress.update(steps * self.repeat)
+                self._finish_episodes(rows, step_before)
+                if self.due_updates() > loop.updates:
+                    while loop.updates < self.due_updates():
+                        self.update()
+                    if (self.worker_policy is not None
+                            and loop.updates - pushed >= cfg.collector.sync_every):
+                        self.push_weights(collector)
+                        pushed = loop.updates
                 if loop.next_eval is not None and self.frame >= loop.next_eval:
                     self.evaluate()
                     loop.next_eval += cfg.schedule.eval_every_frames
@@ -458,7 +532,13 @@ def _end_line(trainer: Trainer) -> str:
              f"(mean of {trainer.cfg.schedule.eval_episodes} episodes) at frame "
              f"{trainer.frame:,}; " if evals else "")
     videos = "" if not (run_dir / "eval").is_dir() else f", videos {run_dir / 'eval'}"
-    return (f"done: {final}curve {run_dir / 'learning_curve.png'}, metrics "
+    cfg = trainer.cfg
+    after_seed = trainer.frame - cfg.schedule.seed_frames
+    ratio = (f"{trainer.loop.updates:,} updates, {trainer.loop.updates / after_seed:.4f} per "
+             f"frame after the seed frames (schedule: "
+             f"{1 / (cfg.schedule.update_every_steps * trainer.repeat):.4f}); "
+             if after_seed > 0 else "")
+    return (f"done: {final}{ratio}curve {run_dir / 'learning_curve.png'}, metrics "
             f"{run_dir / 'metrics.csv'}{videos}, checkpoint {run_dir / 'checkpoints'}")
 
 

@@ -9,7 +9,7 @@ import torch
 from cp3er.bench import main
 
 FIGURES = ("update_ms", "update_trunk_ms", "act_ms", "act_trunk_ms", "sample_ms",
-           "replay_bytes_per_transition", "replay_rss_gb_1e6", "train_fps",
+           "replay_bytes_per_transition", "replay_rss_gb_1e6", "train_fps", "train_fps_workers",
            "flops_floor_ms", "update_gflop", "matmul_gflops", "machine", "env_ms")
 
 

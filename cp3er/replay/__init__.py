@@ -5,6 +5,8 @@
   code's episode weighting; ``uniform``); :class:`ProximalSampler` is the PPE one.
 - :class:`NStepReplayBuffer` / :func:`make_replay_buffer`: DrQ-v2-style storage of
   each frame once, with frame stacks and n-step targets rebuilt at sampling time.
+- :class:`StreamedReplayBuffer`: one such ring per collector worker (``collector.workers``),
+  so that no frame stack or n-step window mixes two workers' transitions.
 """
 
 from cp3er.replay.buffer import STORAGES, NStepReplayBuffer, UnsafeBufferError, make_replay_buffer
@@ -15,6 +17,7 @@ from cp3er.replay.sampler import (
     make_sampler,
     proximal_weight,
 )
+from cp3er.replay.streams import StreamedReplayBuffer
 
 __all__ = [
     "SAMPLER_MODES",
@@ -22,6 +25,7 @@ __all__ = [
     "NStepReplayBuffer",
     "ProximalSampler",
     "RingSampler",
+    "StreamedReplayBuffer",
     "UnsafeBufferError",
     "make_replay_buffer",
     "make_sampler",

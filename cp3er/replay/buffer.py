@@ -200,6 +200,18 @@ class NStepReplayBuffer:
         """Rows written since creation (transitions plus final-frame rows)."""
         return self._written
 
+    @property
+    def pending_traj(self) -> int | None:
+        """The collector trajectory id of the episode still being collected (``None``
+        when the last write ended an episode, or nothing was written; -1 when written
+        without trajectory ids): the next batch continues it if it starts with that id."""
+        return None if self._pending is None else self._pending["traj"]
+
+    def sampling_mass(self) -> float:
+        """The summed sampling weight of the stored rows (see
+        :meth:`~cp3er.replay.sampler.RingSampler.total_weight`)."""
+        return self.sampler.total_weight(self._rb.storage)
+
     def __len__(self) -> int:
         """Rows stored (transitions plus one final-frame row per finished episode)."""
         return len(self._rb)
@@ -518,6 +530,9 @@ class NStepReplayBuffer:
         the module it names) is refused too.
         """
         path = Path(path)
+        if (path / "streams.json").is_file():  # cp3er.replay.streams' layout
+            raise ValueError(f"replay buffer folder {path} holds one stream per collector "
+                             "worker (a run with collector.workers > 1); this run has one")
         if not trusted:
             _check_dump_files(path)
         with open(path / _COUNTERS_FILE) as file:
@@ -594,11 +609,17 @@ def _take(column: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.reshape(*index.shape, *column.shape[1:])
 
 
-def make_replay_buffer(capacity: int, **kwargs: Any) -> NStepReplayBuffer:
+def make_replay_buffer(capacity: int, *, streams: int = 1, **kwargs: Any):
     """The CP3ER/DrQ-v2 replay buffer; keyword arguments as :class:`NStepReplayBuffer`.
+    ``streams > 1``: a :class:`~cp3er.replay.streams.StreamedReplayBuffer`, one ring per
+    collector worker.
 
     Examples:
         >>> rb = make_replay_buffer(100_000, obs_key="pixels", frame_stack=3, n_step=3)
         >>> # for batch in collector: rb.extend(batch); batch = rb.sample()
     """
-    return NStepReplayBuffer(capacity, **kwargs)
+    if streams == 1:
+        return NStepReplayBuffer(capacity, **kwargs)
+    from cp3er.replay.streams import StreamedReplayBuffer  # imports this module
+
+    return StreamedReplayBuffer(capacity, streams, **kwargs)

@@ -108,6 +108,11 @@ class AgeWeighting:
         ages = torch.arange(1, ring.stored + 1, dtype=torch.long)
         return ages[_inverse_cdf(torch.cumsum(self.weights(ages, ring), 0), count, gen)]
 
+    def total(self, ring: RingPosition) -> float:
+        """The summed weight of the ``ring.stored`` rows (default: ``O(stored)``)."""
+        ages = torch.arange(1, ring.stored + 1, dtype=torch.long)
+        return float(self.weights(ages, ring).sum())
+
     def hyper_parameters(self) -> dict[str, Any]:
         """The law's settings, saved with the state and compared on load."""
         return {}
@@ -130,6 +135,9 @@ class UniformAges(AgeWeighting):
     def draw(self, count: int, ring: RingPosition, gen: torch.Generator | None,
              ) -> torch.Tensor:
         return torch.randint(1, ring.stored + 1, (count,), generator=gen)
+
+    def total(self, ring: RingPosition) -> float:
+        return float(ring.stored)
 
 
 class ProximalAges(AgeWeighting):
@@ -163,6 +171,9 @@ class ProximalAges(AgeWeighting):
     def draw(self, count: int, ring: RingPosition, gen: torch.Generator | None,
              ) -> torch.Tensor:
         return _inverse_cdf(self._table(ring.capacity)[:ring.stored], count, gen) + 1
+
+    def total(self, ring: RingPosition) -> float:
+        return float(self._table(ring.capacity)[ring.stored - 1]) if ring.stored else 0.0
 
     def hyper_parameters(self) -> dict[str, Any]:
         return {"alpha": self.alpha}
@@ -369,6 +380,17 @@ class RingSampler(Sampler):
             filled += taken
             rounds += 1
         return index, {"age": age}
+
+    def total_weight(self, storage: Storage) -> float:
+        """The summed sampling weight of the stored rows (0 when empty), invalid slots
+        included: how much mass this storage holds next to others sampled with the same
+        law (:class:`~cp3er.replay.streams.StreamedReplayBuffer`)."""
+        stored = len(storage)
+        if stored == 0 or self._newest < 0:
+            return 0.0
+        ring = RingPosition(self._write_total, self._newest, stored, storage.max_size)
+        self.weighting.observe(storage, ring)
+        return self.weighting.total(ring)
 
     def _sampleable_count(self, storage: Storage, batch_size: int) -> int:
         return len(storage)

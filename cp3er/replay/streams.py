@@ -1,0 +1,231 @@
+"""Replay fed by several collector workers: one n-step buffer (a "stream") per worker.
+
+:class:`~cp3er.replay.buffer.NStepReplayBuffer` rebuilds frame stacks and n-step targets
+from consecutive rows of one episode, so an episode's rows must be contiguous in its ring.
+Workers that collect in parallel (``collector.workers``, TorchRL's ``MultiSyncCollector``
+/ ``MultiAsyncCollector``) deliver their episodes in interleaved chunks; written into one
+ring, a frame stack or an n-step window would mix two workers' transitions.
+:class:`StreamedReplayBuffer` keeps ``streams`` rings of ``capacity // streams`` rows each.
+A synchronous collector's ``[workers, T]`` stack writes worker ``k``'s row into ring ``k``:
+each ring is one worker's stream, exactly as that worker alone would have written it. An
+asynchronous collector's chunks do not name their worker: a chunk goes to the ring whose
+episode in progress it continues (matched by the collector's
+``("collector", "traj_ids")``), and a chunk that starts a new episode to the emptiest ring
+with no episode in progress, so a ring holds whole episodes (of one worker or several)
+and no frame stack or n-step window crosses from one worker's transitions to another's.
+
+Sampling draws the batch's rows across the rings in proportion to each ring's summed
+sampling weight (:meth:`~cp3er.replay.buffer.NStepReplayBuffer.sampling_mass`), then
+each ring draws its share with its own law (PPE, uniform, ...): the batch follows the
+sampler's law over all stored rows. A ring's ages and capacity are both ``1/streams`` of
+the whole buffer's when the workers collect at the same rate, so PPE's ``T / dt`` is the
+same as in one ring. (Exact up to the rows no ring samples: each ring's newest row, the
+final-frame rows and the stack rows past an overwrite, about one in an episode's length;
+they count in the ring's mass.)
+
+TorchRL's ``ReplayBufferEnsemble`` samples several buffers with fixed probabilities; the
+mass-proportional split and the per-ring episode routing are what it does not do, hence
+this class.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+
+from cp3er.replay.buffer import NStepReplayBuffer, UnsafeBufferError
+
+__all__ = ["StreamedReplayBuffer"]
+
+_LAYOUT_FILE = "streams.json"
+_STREAM_DIR = "stream_{}"
+
+
+class StreamedReplayBuffer:
+    """``streams`` n-step ring buffers behind the interface of one (see module docstring).
+
+    Args:
+        capacity: storage rows in all; each stream holds ``capacity // streams``.
+        streams: number of rings (one per collector worker).
+
+    Keyword Args:
+        generator: optional ``torch.Generator`` for the split of a batch between streams
+            and for each stream's draws (the global RNG otherwise).
+        **kwargs: the other arguments of :class:`NStepReplayBuffer`, the same for every
+            stream.
+
+    Examples:
+        >>> rb = StreamedReplayBuffer(100_000, streams=2, obs_key="observation",
+        ...                           frame_stack=1, n_step=3, batch_size=256)
+        >>> # for batch in multi_sync_collector: rb.extend(batch)   # [workers, T]
+        >>> # batch = rb.sample()
+    """
+
+    def __init__(self, capacity: int, streams: int, *,
+                 generator: torch.Generator | None = None, **kwargs: Any) -> None:
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        per_stream = int(capacity) // int(streams)
+        if per_stream < 2:
+            raise ValueError(f"capacity {capacity} leaves {per_stream} rows to each of the "
+                             f"{streams} streams; each needs >= 2")
+        self.streams = [NStepReplayBuffer(per_stream, generator=generator, **kwargs)
+                        for _ in range(streams)]
+        self.stream_capacity = per_stream
+        self.capacity = per_stream * streams
+        self.batch_size = self.streams[0].batch_size
+        self.device = self.streams[0].device
+        self._generator = generator
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.streams)
+
+    @property
+    def write_count(self) -> int:
+        """Rows written since creation, all streams."""
+        return sum(s.write_count for s in self.streams)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(streams={len(self.streams)}, capacity={self.capacity}, "
+                f"rows={len(self)}, stream={self.streams[0]!r})")
+
+    # ------------------------------------------------------------------------ write
+    def extend(self, batch: TensorDictBase) -> torch.Tensor:
+        """Writes a collector batch: ``[workers, T]`` (a ``MultiSyncCollector``'s stack:
+        worker ``k``'s row goes to stream ``k``) or ``[T]`` (one worker's chunk, as a
+        ``MultiAsyncCollector`` yields it, which does not say which worker: the chunk goes
+        to the stream whose episode in progress it continues, else to the emptiest stream
+        with none, so a stream holds whole episodes, possibly of several workers). Returns
+        the written slots in the whole buffer's numbering (stream ``k``'s slot ``i`` is
+        ``k * stream_capacity + i``)."""
+        if batch.batch_dims == 1:
+            batch = batch.unsqueeze(0)
+        if batch.batch_dims != 2:
+            raise ValueError(f"{type(self).__name__} takes [T] or [workers, T] batches; got "
+                             f"batch shape {batch.shape}")
+        stacked = batch.shape[0] > 1
+        if stacked and batch.shape[0] != len(self.streams):
+            raise ValueError(f"a [workers, T] batch of {batch.shape[0]} workers for "
+                             f"{len(self.streams)} streams (collector.workers)")
+        slots = []
+        for row, chunk in enumerate(batch.unbind(0)):
+            if chunk.shape[0] == 0:
+                continue
+            k = row if stacked else self._route(chunk)
+            slots.append(self.streams[k].extend(chunk) + k * self.stream_capacity)
+        return torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
+
+    def _route(self, chunk: TensorDictBase) -> int:
+        """The stream a worker's chunk goes to: the one whose episode in progress it
+        continues, else the emptiest stream with no episode in progress."""
+        traj = chunk.get(("collector", "traj_ids"), None)
+        if traj is None:
+            if len(self.streams) == 1:
+                return 0
+            raise ValueError("a StreamedReplayBuffer needs the collector's "
+                             "('collector', 'traj_ids') to keep workers' episodes apart")
+        first = int(traj.reshape(-1)[0])
+        for k, stream in enumerate(self.streams):
+            if stream.pending_traj == first:
+                return k
+        free = [k for k, stream in enumerate(self.streams) if stream.pending_traj is None]
+        if not free:
+            raise ValueError(
+                f"a chunk starting trajectory {first} continues none of the "
+                f"{len(self.streams)} streams' episodes in progress and no stream is free: "
+                "more collector workers than replay streams?")
+        return min(free, key=lambda k: (self.streams[k].write_count, k))
+
+    def cut_episode(self) -> None:
+        """Ends every stream's episode in progress (see
+        :meth:`NStepReplayBuffer.cut_episode`)."""
+        for stream in self.streams:
+            stream.cut_episode()
+
+    def empty(self) -> None:
+        for stream in self.streams:
+            stream.empty()
+
+    # ------------------------------------------------------------------------- read
+    def sample(self, batch_size: int | None = None) -> TensorDictBase:
+        """Draws a batch across the streams (module docstring); keys as
+        :meth:`NStepReplayBuffer.sample`, plus ``stream`` (the ring each row came from);
+        ``index`` is the slot in the whole buffer's numbering, ``age`` the row's age in its
+        ring."""
+        batch_size = self.batch_size if batch_size is None else int(batch_size)
+        masses = torch.tensor([s.sampling_mass() for s in self.streams], dtype=torch.float64)
+        if not bool(masses.sum() > 0):
+            raise RuntimeError("The replay buffer is empty.")
+        pick = torch.multinomial(masses, batch_size, replacement=True,
+                                 generator=self._generator)
+        counts = torch.bincount(pick, minlength=len(self.streams)).tolist()
+        parts = []
+        for k, (stream, count) in enumerate(zip(self.streams, counts, strict=True)):
+            if count == 0:
+                continue
+            part = stream.sample(count)
+            part["index"] = part["index"] + k * self.stream_capacity
+            part["stream"] = torch.full((count,), k, dtype=torch.long, device=part.device)
+            parts.append(part)
+        return torch.cat(parts, 0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _layout(self) -> dict[str, int]:
+        return {"streams": len(self.streams), "stream_capacity": self.stream_capacity}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"layout": self._layout(), "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_layout(state_dict.get("layout"), "state")
+        for stream, state in zip(self.streams, state_dict["streams"], strict=True):
+            stream.load_state_dict(state)
+
+    def dumps(self, path: str | Path) -> None:
+        """Each stream under ``path/stream_<k>`` (:meth:`NStepReplayBuffer.dumps`) and the
+        layout in ``path/streams.json``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for k, stream in enumerate(self.streams):
+            stream.dumps(path / _STREAM_DIR.format(k))
+        with open(path / _LAYOUT_FILE, "w") as file:
+            json.dump(self._layout(), file)
+
+    def loads(self, path: str | Path, *, trusted: bool = False) -> None:
+        """Restores a buffer written by :meth:`dumps` with the same number of streams and
+        capacity; each stream's folder is checked as :meth:`NStepReplayBuffer.loads` does
+        (a file the dump does not write is refused unless ``trusted``)."""
+        path = Path(path)
+        layout_file = path / _LAYOUT_FILE
+        if not layout_file.is_file():
+            raise ValueError(f"replay buffer folder {path} holds one stream (a run with "
+                             f"collector.workers=1); this run has {len(self.streams)}")
+        with open(layout_file) as file:
+            self._check_layout(json.load(file), str(path))
+        if not trusted:
+            allowed = re.compile(r"(manifest\.json|streams\.json|stream_\d+)")
+            unknown = [p.name for p in path.iterdir() if not allowed.fullmatch(p.name)]
+            if unknown:
+                raise UnsafeBufferError(f"replay buffer folder {path} holds files a cp3er "
+                                        f"buffer does not write ({', '.join(sorted(unknown))})")
+        for k, stream in enumerate(self.streams):
+            stream.loads(path / _STREAM_DIR.format(k), trusted=trusted)
+
+    def _check_layout(self, saved: dict[str, int] | None, where: str) -> None:
+        if saved != self._layout():
+            raise ValueError(f"replay buffer {where} was written with {saved}, this buffer "
+                             f"has {self._layout()} (collector.workers and replay.capacity "
+                             "must match the run's)")
+
+    def dump_nbytes(self) -> int:
+        """Bytes :meth:`dumps` writes (about)."""
+        return sum(s.dump_nbytes() for s in self.streams)
+
+    def dump_largest(self) -> int:
+        """Bytes of the largest file :meth:`dumps` writes."""
+        return max(s.dump_largest() for s in self.streams)

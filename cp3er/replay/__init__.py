@@ -7,7 +7,13 @@
   each frame once, with frame stacks and n-step targets rebuilt at sampling time.
 """
 
-from cp3er.replay.buffer import STORAGES, NStepReplayBuffer, UnsafeBufferError, make_replay_buffer
+from cp3er.replay.buffer import (
+    STORAGE_DEVICES,
+    STORAGES,
+    NStepReplayBuffer,
+    UnsafeBufferError,
+    make_replay_buffer,
+)
 from cp3er.replay.sampler import (
     SAMPLER_MODES,
     ProximalSampler,
@@ -19,6 +25,7 @@ from cp3er.replay.sampler import (
 __all__ = [
     "SAMPLER_MODES",
     "STORAGES",
+    "STORAGE_DEVICES",
     "NStepReplayBuffer",
     "ProximalSampler",
     "RingSampler",

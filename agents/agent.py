@@ -9,10 +9,20 @@ the actor distils from the updated teacher. The losses themselves live in the ag
 ``LossModule`` s (``agents.cp3er.CP3ERLoss``, ``agents.drqv2.DrQV2Loss``); the metric
 names they report are registered in ``agents.metrics``. ``agents.build`` builds an
 :class:`Agent` from a config.
+
+Precision (``perf.precision``), of the update only (acting, :attr:`Agent.policy`, stays
+float32): ``fp32`` leaves PyTorch's settings alone. ``tf32`` runs the whole update
+(forward, backward, optimiser steps) with CUDA matmuls and cuDNN convolutions allowed
+TF32 (:func:`tf32_allowed`; a no-op on a CPU). ``bf16`` runs the update's forward
+computations (encoder, critic, teacher and actor losses with their targets) under
+``torch.autocast`` in bfloat16; the losses are cast back to float32 before ``backward``,
+and the parameters, gradients and optimiser steps stay float32.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +34,22 @@ from agents.drqv2 import ScheduledGaussianNoise
 from agents.metrics import UPDATE_METRICS
 
 Metrics = dict[str, torch.Tensor]
+#: ``perf.precision`` (module docstring).
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def tf32_allowed() -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions may use TF32 inside the block
+    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``; the
+    previous values are restored after it). The flags concern CUDA only: no-op on a CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 @dataclass
@@ -37,6 +63,11 @@ class Agent:
     obs_key: str
     grad_clip: float | None = None  # max global grad norm per optimiser step (None: off)
     exploration: ScheduledGaussianNoise | None = None  # acting noise (DrQ-v2), None: none
+    precision: str = "fp32"  # PRECISIONS: the update's (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"perf.precision={self.precision!r}; valid: {PRECISIONS}")
 
     # -- one update -----------------------------------------------------------------------
     def update(self, batch: TensorDictBase) -> dict[str, float]:
@@ -49,13 +80,15 @@ class Agent:
         """:meth:`update`, its metrics left as detached 0-d tensors on the agent's device:
         no host synchronisation (the trainer reads them every
         ``log.metrics_every_updates`` updates)."""
-        features, next_features = self.loss.encode_transition(batch)
-        metrics = self.update_critic(batch, features, next_features)
-        features = features.detach()
-        if self.loss.teacher is not None:
-            metrics |= self.update_teacher(batch, features)
-        metrics |= self.update_actor(batch, features)
-        self.update_target()
+        with tf32_allowed() if self.precision == "tf32" else contextlib.nullcontext():
+            with self._forward():
+                features, next_features = self.loss.encode_transition(batch)
+            metrics = self.update_critic(batch, features, next_features)
+            features = features.detach()
+            if self.loss.teacher is not None:
+                metrics |= self.update_teacher(batch, features)
+            metrics |= self.update_actor(batch, features)
+            self.update_target()
         unknown = set(metrics) - set(UPDATE_METRICS)
         if unknown:  # a loss reporting a name the registry, csv and glossary do not know
             raise KeyError(f"update metrics {sorted(unknown)} are not in "
@@ -65,19 +98,19 @@ class Agent:
     def update_critic(self, batch: TensorDictBase, features: torch.Tensor,
                       next_features: torch.Tensor) -> Metrics:
         """Critic step; its gradient also trains the encoder through ``features``."""
-        loss, metrics = self.loss.critic_loss(batch, features, next_features)
+        loss, metrics = self._losses(self.loss.critic_loss, batch, features, next_features)
         self._step(("encoder", "critic"), loss)
         return {"loss_critic": loss.detach(), **metrics}
 
     def update_teacher(self, batch: TensorDictBase, features: torch.Tensor) -> Metrics:
         """Diffusion teacher step (distillation only) on detached ``features``."""
-        loss, metrics = self.loss.teacher_loss(batch, features)
+        loss, metrics = self._losses(self.loss.teacher_loss, batch, features)
         self._step(("teacher",), loss)
         return {"loss_teacher": loss.detach(), **metrics}
 
     def update_actor(self, batch: TensorDictBase, features: torch.Tensor) -> Metrics:
         """Actor step on detached ``features`` with the (just updated) critic."""
-        loss, metrics = self.loss.actor_loss(batch, features)
+        loss, metrics = self._losses(self.loss.actor_loss, batch, features)
         self._step(("actor",), loss)
         self.loss.update_ema()  # CP3ER's EMA consistency target, when it has one
         return {"loss_actor": loss.detach(), **metrics}
@@ -86,6 +119,23 @@ class Agent:
         """Polyak update of the target critic (TorchRL ``SoftUpdate``, tau
         ``agent.critic_tau``); reports no metric."""
         self.updater.step()
+
+    def _forward(self) -> contextlib.AbstractContextManager:
+        """The context of the update's forward computations: bfloat16 autocast on the
+        agent's device type for ``precision="bf16"``, nothing otherwise."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        device_type = next(self.loss.parameters()).device.type
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+    def _losses(self, loss_fn: Callable[..., tuple[torch.Tensor, Metrics]], *args
+                ) -> tuple[torch.Tensor, Metrics]:
+        """``loss_fn(*args)`` under :meth:`_forward`; the loss and the floating-point
+        metrics as float32 (no-ops when they are already)."""
+        with self._forward():
+            loss, metrics = loss_fn(*args)
+        return loss.float(), {k: v.float() if v.is_floating_point() else v
+                              for k, v in metrics.items()}
 
     def _step(self, names: tuple[str, ...], loss: torch.Tensor) -> None:
         """Zero the named optimisers' gradients, backpropagate ``loss``, clip each

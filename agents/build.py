@@ -176,4 +176,4 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
     grad_clip = cfg.optim.grad_clip
     return Agent(policy, loss, optimizers, updater, obs_key,
                  grad_clip=None if grad_clip is None else float(grad_clip),
-                 exploration=exploration)
+                 exploration=exploration, precision=str(cfg.perf.precision))

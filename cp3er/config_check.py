@@ -43,6 +43,12 @@ def validate_config(cfg: DictConfig) -> None:
 
     lookup(cfg.task_name, TASKS)  # unknown task -> closest names
     _require(cfg.agent.name in AGENTS, "agent", cfg.agent.name, f"one of {AGENTS}")
+    replay_device, storage = str(cfg.replay.device), str(cfg.replay.storage)
+    _require(replay_device in ("cpu", cfg.device), "replay.device", replay_device,
+             f"cpu, or {replay_device} with device={replay_device} (the agent trains on "
+             f"device={cfg.device})")
+    _require(replay_device == "cpu" or storage == "memory", "replay.storage", storage,
+             f"memory with replay.device={replay_device} (memmap storage lives on the CPU)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config device='cuda' is invalid: no CUDA device is available "
                           "on this machine (use device=cpu)")

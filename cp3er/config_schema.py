@@ -26,9 +26,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from agents.agent import PRECISIONS
 from agents.build import AGENTS, COMPILE_MODES, CONSISTENCY_LOSSES, DIFFICULTIES
 from cp3er.consistency import CLIP_MODES, COUPLINGS, ODE_SOLVERS
-from cp3er.replay import SAMPLER_MODES, STORAGES
+from cp3er.replay import SAMPLER_MODES, STORAGE_DEVICES, STORAGES
 from cp3er.runlog import LOGGER_BACKENDS
 from envs import OBS_TYPES
 
@@ -54,8 +55,10 @@ Device = choices("Device", DEVICES)
 Difficulty = choices("Difficulty", DIFFICULTIES)
 SamplerMode = choices("SamplerMode", SAMPLER_MODES)
 Storage = choices("Storage", STORAGES)
+StorageDevice = choices("StorageDevice", STORAGE_DEVICES)
 LoggerBackend = choices("LoggerBackend", LOGGER_BACKENDS)
 CompileMode = choices("CompileMode", COMPILE_MODES)
+Precision = choices("Precision", PRECISIONS)
 ConsistencyLoss = choices("ConsistencyLoss", CONSISTENCY_LOSSES)
 OdeSolver = choices("OdeSolver", ODE_SOLVERS)
 Coupling = choices("Coupling", COUPLINGS)
@@ -81,6 +84,7 @@ class ReplayConfig:
     sampler: SamplerMode = MISSING
     alpha: float = MISSING
     storage: Storage = MISSING
+    device: StorageDevice = MISSING  # cuda: with device=cuda, storage=memory (config_check)
 
 
 @dataclass
@@ -115,6 +119,7 @@ class PerfConfig:
     tune_allocator: bool = MISSING
     compile: bool = MISSING
     compile_mode: CompileMode = MISSING
+    precision: Precision = MISSING
 
 
 @dataclass

@@ -54,10 +54,10 @@ def make_eval_env(cfg: DictConfig, seed: int | None = None):
 
 
 def make_buffer(cfg: DictConfig, run_dir: Path):
-    """The run's replay buffer (one ring per collector worker: ``collector.workers``).
-    ``replay.sampler=reference`` assumes, like the reference
-    code, an episode's environment steps as its transitions (1000 on DMC, 500 on
-    Meta-World), whatever the action repeat."""
+    """The run's replay buffer: one ring per collector worker (``collector.workers``), its
+    storage on ``replay.device`` (where its batches are built). ``replay.sampler=reference``
+    assumes, like the reference code, an episode's environment steps as its transitions
+    (1000 on DMC, 500 on Meta-World), whatever the action repeat."""
     obs_key = "pixels" if cfg.obs == "pixels" else "observation"
     frame_stack = cfg.env.frame_stack if cfg.obs == "pixels" else 1
     return make_replay_buffer(
@@ -73,6 +73,7 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
         transitions_per_episode=TASKS[cfg.task_name].episode_env_steps,
         storage=str(cfg.replay.storage),
         scratch_dir=run_dir / "replay" if cfg.replay.storage == "memmap" else None,
+        storage_device=str(cfg.replay.device),
     )
 
 

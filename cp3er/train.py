@@ -305,6 +305,8 @@ class Trainer:
     def update(self) -> dict[str, torch.Tensor]:
         """One agent update; its metrics stay on the device until :meth:`read_metrics`,
         every ``log.metrics_every_updates`` updates (1: after each). Returns them."""
+        # built on replay.device: a host-to-device copy with replay.device=cpu, no copy
+        # with replay.device=cuda (config_check: it is then the agent's device)
         batch = self.buffer.sample().to(self.device)
         metrics = self.agent.update_on_device(batch)
         self.loop.updates += 1

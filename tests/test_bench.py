@@ -26,6 +26,13 @@ def test_quick_bench_prints_every_figure(capsys) -> None:
     assert result["replay_bytes_per_transition"] < 21.5 * 1024
     assert result["update_ms"] > 0 and result["flops_floor_ms"] > 0
     assert result["machine"]["torch"] == torch.__version__
+    assert result["sample_device"] == "cpu" and result["sample_ms"] > 0
+
+
+def test_sampler_figure_samples_on_the_device() -> None:
+    import cp3er.bench as bench
+
+    assert bench.bench_sampler(1, torch.device("cpu")) > 0
 
 
 def test_profile_sizes_times_each_agent_and_size(capsys, monkeypatch) -> None:

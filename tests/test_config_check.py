@@ -64,6 +64,9 @@ def test_bad_values_name_key_value_and_choices(override: str, message: str) -> N
         (["replay.storage=disk"], r"expected one of \[memory, memmap\]"),
         (["log.backend=mlflow"], r"expected one of \[csv, tensorboard, wandb\]"),
         (["perf.compile_mode=fast"], "expected one of .*reduce-overhead"),
+        (["perf.precision=fp16"], r"expected one of \[fp32, tf32, bf16\]"),
+        (["replay.device=tpu"], r"replay.device=tpu: Invalid value 'tpu', expected one of "
+                                r"\[cpu, cuda\]"),
         (["agent.consistency.loss=distill"], r"expected one of \[training, distillation\]"),
         (["agent.consistency.solver=rk4"], r"expected one of \[euler, heun\]"),
         (["agent.clip=soft"], r"expected one of \[clamp, straight_through, none\]"),
@@ -83,20 +86,38 @@ def test_schema_refuses_types_choices_and_unknown_keys_in_one_line(overrides, me
 
 
 def test_schema_choices_come_from_the_modules_that_define_them() -> None:
+    from agents.agent import PRECISIONS
     from agents.build import COMPILE_MODES, CONSISTENCY_LOSSES, DIFFICULTIES
     from cp3er import config_schema as schema
-    from cp3er.replay import SAMPLER_MODES, STORAGES
+    from cp3er.replay import SAMPLER_MODES, STORAGE_DEVICES, STORAGES
     from envs import OBS_TYPES
 
     for enum, values in [(schema.Obs, OBS_TYPES), (schema.SamplerMode, SAMPLER_MODES),
                          (schema.Storage, STORAGES), (schema.CompileMode, COMPILE_MODES),
                          (schema.ConsistencyLoss, CONSISTENCY_LOSSES),
-                         (schema.Difficulty, DIFFICULTIES)]:
+                         (schema.Difficulty, DIFFICULTIES),
+                         (schema.StorageDevice, STORAGE_DEVICES),
+                         (schema.Precision, PRECISIONS)]:
         assert [m.value for m in enum] == list(values)
     cfg = _cfg("replay.sampler=uniform", "agent=drqv2", "+profile=cpu_pixels")
     assert cfg.replay.sampler == "uniform" and f"{cfg.obs}" == "pixels"
     assert check_override_values(["agent=drqv2", "+profile=cpu_pixels", "seed=2"],
                                  CONFIG_DIR) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["replay.device=cuda"],
+         r"replay.device='cuda' is invalid: expected cpu, or cuda with device=cuda \(the "
+         r"agent trains on device=cpu\)"),
+        (["device=cuda", "replay.device=cuda", "replay.storage=memmap"],
+         r"replay.storage='memmap' is invalid: expected memory with replay.device=cuda"),
+    ],
+)
+def test_replay_device_needs_the_agents_device_and_memory_storage(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_cfg(*overrides))
 
 
 def test_drqv2_refuses_an_actor_without_its_trunk() -> None:

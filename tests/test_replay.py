@@ -10,6 +10,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -649,3 +650,171 @@ def test_checkpoint_size_grows_with_the_filled_rows_not_the_capacity(storage: st
         expected = rb.sample()
         torch.manual_seed(3)
         assert (loaded.sample() == expected).all(), folder
+
+
+# ---------------------------------------------------------------------- storage device
+#: Batches sampled by the code before ``replay.device`` existed (commit e0f1db3: storage on
+#: the CPU, the batch moved at the end); rewrite with ``python tests/test_replay.py`` run
+#: against the code to record (``PYTHONPATH=<its checkout>``).
+GOLDEN_BATCHES = Path(__file__).parent / "data" / "replay_batches_e0f1db3.pt"
+#: name: (obs_key, frame_stack, frame shape, sampler); each writes RUN through a 16-row ring
+DEVICE_CASES = {
+    "pixels-proximal": ("pixels", 3, (3, 2, 2), "proximal"),
+    "pixels-reference": ("pixels", 3, (3, 2, 2), "reference"),
+    "state-uniform": ("observation", 1, (4,), "uniform"),
+}
+
+
+class _RoundingRewards(FakeCollector):
+    """Rewards that float arithmetic rounds (pi / (t + 3)), so that the n-step sums test
+    the order and precision of the arithmetic bit for bit."""
+
+    def reward(self, e: int, t: int) -> float:
+        return math.pi * (e + 1) / (t + 3)
+
+
+def _device_buffer(name: str, **buffer_kwargs) -> NStepReplayBuffer:
+    """An empty 16-row buffer of the case, sampling from a generator seeded alike for every
+    buffer unless ``generator`` is given (``None``: the global RNG)."""
+    obs_key, stack, _, sampler = DEVICE_CASES[name]
+    kwargs = {"generator": torch.Generator().manual_seed(12), **buffer_kwargs}
+    return make_replay_buffer(16, obs_key=obs_key, frame_stack=stack, gamma=0.97,
+                              sampler=sampler, transitions_per_episode=8, **kwargs)
+
+
+def _device_case(name: str, **buffer_kwargs) -> tuple[NStepReplayBuffer, list[TensorDict]]:
+    """A buffer of the case (:func:`_device_buffer`) fed RUN in CHUNKS (wrapping its ring
+    twice) and the batches of 32 it sampled after each chunk."""
+    obs_key, stack, shape, _ = DEVICE_CASES[name]
+    fake = _RoundingRewards(RUN, obs_key, stack, shape)
+    rb = _device_buffer(name, **buffer_kwargs)
+    batches, steps = [], 0
+    for size in CHUNKS:
+        rb.extend(fake.batch(steps, steps + size))
+        steps += size
+        batches.append(rb.sample(32))
+    return rb, batches
+
+
+def _flat(batch: TensorDict) -> dict[str, torch.Tensor]:
+    """A batch's tensors by flattened key ("next.reward"), on the CPU."""
+    return dict(batch.cpu().flatten_keys(".").items())
+
+
+def test_cpu_storage_batches_are_bit_identical_to_before_replay_device() -> None:
+    """The CPU path after ``replay.device`` samples exactly the batches it sampled before
+    (GOLDEN_BATCHES): same slots, stacks, n-step sums, dtypes, every key."""
+    golden = torch.load(GOLDEN_BATCHES, weights_only=True)
+    assert set(golden) == set(DEVICE_CASES)
+    for name in DEVICE_CASES:
+        _, batches = _device_case(name, storage_device="cpu")
+        assert len(batches) == len(golden[name]) == len(CHUNKS)
+        for i, (want, batch) in enumerate(zip(golden[name], batches, strict=True)):
+            got = _flat(batch)
+            assert sorted(got) == sorted(want), (name, i)
+            for key, value in want.items():
+                assert got[key].dtype == value.dtype, (name, i, key)
+                assert torch.equal(got[key], value), (name, i, key)
+
+
+
+def _assert_same_transitions(want: TensorDict, got: TensorDict) -> None:
+    """Every key equal, the float64 n-step sums and discounts up to float32 rounding (a
+    CUDA reduction may add in another order)."""
+    want, got = _flat(want), _flat(got)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, key
+        if key in ("next.reward", "next.discount"):
+            torch.testing.assert_close(got[key], value, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(got[key], value), key
+
+
+def _on(batch: TensorDict, device: str) -> bool:
+    return all(t.device.type == device for t in batch.values(True, True))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", DEVICE_CASES)
+def test_cuda_storage_builds_the_cpu_storages_batches(name: str) -> None:
+    """A CUDA storage holds the rows on the GPU and builds there the batches a CPU storage
+    builds: the same slots from the same seeded (CPU) generator, and ``gather`` of the same
+    slots."""
+    cpu_rb, cpu_batches = _device_case(name, storage_device="cpu")
+    cuda_rb, cuda_batches = _device_case(name, storage_device="cuda")
+    assert all(t.device.type == "cuda" for t in cuda_rb.storage._storage.values(True, True))
+    for want, got in zip(cpu_batches, cuda_batches, strict=True):
+        assert _on(got, "cuda")
+        _assert_same_transitions(want, got)
+    slots = torch.arange(16)
+    valid = cpu_rb.valid_mask(slots)
+    assert torch.equal(cuda_rb.valid_mask(slots.cuda()).cpu(), valid)
+    _assert_same_transitions(cpu_rb.gather(slots[valid]), cuda_rb.gather(slots[valid]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["pixels-proximal", "pixels-reference"])
+@pytest.mark.parametrize(("saved_on", "loaded_on"),
+                         [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")])
+def test_checkpoints_move_between_storage_devices(name: str, saved_on: str, loaded_on: str,
+                                                  tmp_path) -> None:
+    """``dumps``/``loads`` and ``state_dict``/``load_state_dict`` restore a buffer onto the
+    loading buffer's storage device, whatever the saving one's; sampling continues alike."""
+    rb, _ = _device_case(name, generator=None, storage_device=saved_on)
+    rb.dumps(tmp_path / "ckpt")
+    state = rb.state_dict()
+    torch.manual_seed(7)
+    want = rb.sample(64)
+    for restore in ("loads", "load_state_dict"):
+        loaded = _device_buffer(name, generator=None, storage_device=loaded_on)
+        if restore == "loads":
+            loaded.loads(tmp_path / "ckpt")
+        else:
+            loaded.load_state_dict(state)
+        assert loaded.write_count == rb.write_count, restore
+        assert all(t.device.type == loaded_on
+                   for t in loaded.storage._storage.values(True, True)), restore
+        torch.manual_seed(7)
+        got = loaded.sample(64)
+        assert _on(got, loaded_on), restore
+        _assert_same_transitions(want, got)
+
+
+def test_storage_device_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"storage='memmap' lives on the CPU.*'cuda'"):
+        make_replay_buffer(10, storage="memmap", storage_device="cuda")
+    with pytest.raises(ValueError, match=r"one of \('cpu', 'cuda'\).*'meta'"):
+        make_replay_buffer(10, storage_device="meta")
+    rb = make_replay_buffer(10)
+    assert rb.storage_device == rb.device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            make_replay_buffer(10, storage_device="cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_make_buffer_puts_the_storage_on_replay_device(device: str, tmp_path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from cp3er.session import make_buffer
+    from cp3er.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            "task=cartpole_balance", "obs=state", "replay.capacity=100", f"device={device}",
+            f"replay.device={device}"])
+    rb = make_buffer(cfg, tmp_path)
+    assert rb.storage_device.type == rb.device.type == device
+    _feed(rb, FakeCollector(RUN, "observation", 1, (5,)), CHUNKS, 2)
+    assert _on(rb.sample(8), device)
+
+
+if __name__ == "__main__":  # record GOLDEN_BATCHES with the cp3er on the path
+    GOLDEN_BATCHES.parent.mkdir(exist_ok=True)
+    torch.save({name: [_flat(b) for b in _device_case(name)[1]] for name in DEVICE_CASES},
+               GOLDEN_BATCHES)
+    print(f"wrote {GOLDEN_BATCHES}")

@@ -9,7 +9,13 @@
   so that no frame stack or n-step window mixes two workers' transitions.
 """
 
-from cp3er.replay.buffer import STORAGES, NStepReplayBuffer, UnsafeBufferError, make_replay_buffer
+from cp3er.replay.buffer import (
+    STORAGE_DEVICES,
+    STORAGES,
+    NStepReplayBuffer,
+    UnsafeBufferError,
+    make_replay_buffer,
+)
 from cp3er.replay.sampler import (
     SAMPLER_MODES,
     ProximalSampler,
@@ -22,6 +28,7 @@ from cp3er.replay.streams import StreamedReplayBuffer
 __all__ = [
     "SAMPLER_MODES",
     "STORAGES",
+    "STORAGE_DEVICES",
     "NStepReplayBuffer",
     "ProximalSampler",
     "RingSampler",

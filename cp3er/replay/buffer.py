@@ -12,9 +12,19 @@ step in the episode. An episode that ends gets one extra row holding its final
 next-observation frame (``final=True``, never a transition start), so next
 observations are rebuilt from the following rows. Rows go through a TorchRL
 :class:`~torchrl.data.RoundRobinWriter` into a
-:class:`~torchrl.data.LazyTensorStorage` (RAM) or
-:class:`~torchrl.data.LazyMemmapStorage` (disk): ~21.2 KB a pixel transition instead
-of 63.5 KB for stored 9-channel stacks.
+:class:`~torchrl.data.LazyTensorStorage` (RAM, or GPU memory with
+``storage_device="cuda"``) or :class:`~torchrl.data.LazyMemmapStorage` (disk): ~21.2 KB
+a pixel transition instead of 63.5 KB for stored 9-channel stacks.
+
+Storage device (``replay.device``). With the storage on a GPU the rows are copied there
+when written, and sampling runs there: the validity of the drawn slots, the frame-stack
+gathers and the n-step sums (float64) are device tensors, and the batch is born on the
+device. Only the random draw of the slots stays on the CPU, from the buffer's (CPU)
+generator, whose state TorchRL checkpoints: the drawn slots (``batch_size`` integers) are
+copied to the device, so a GPU storage samples exactly the slots a CPU storage samples
+for the same seed. What reads back to the host: per sampled batch, one count per rejection
+round of the sampler (how many drawn slots were valid); per write, the newest slot; and
+:meth:`~NStepReplayBuffer.gather` of given slots checks them (two reads).
 
 What TorchRL does not cover, and is written here: ``CatFrames``'s replay-buffer
 stacking is slow (pytorch/rl#2406; docs/performance.md), ``MultiStepTransform`` computes n-step
@@ -36,10 +46,14 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer, Rou
 
 from cp3er.replay.sampler import SAMPLER_MODES, _storage_column, make_sampler
 
-__all__ = ["STORAGES", "NStepReplayBuffer", "UnsafeBufferError", "make_replay_buffer"]
+__all__ = ["STORAGES", "STORAGE_DEVICES", "NStepReplayBuffer", "UnsafeBufferError",
+           "make_replay_buffer"]
 
 #: ``replay.storage``: RAM (``LazyTensorStorage``) or disk (``LazyMemmapStorage``).
 STORAGES = ("memory", "memmap")
+#: ``replay.device``: where the storage lives (``memmap`` is CPU-only: TorchRL's
+#: ``LazyMemmapStorage`` refuses other devices).
+STORAGE_DEVICES = ("cpu", "cuda")
 _COUNTERS_FILE = "nstep_buffer.json"
 _PREFETCH_FILE = "prefetch.pkl"
 # Every file dumps() writes (relative paths; storage columns are <key>.memmap). Nothing
@@ -119,8 +133,12 @@ class NStepReplayBuffer:
         transitions_per_episode: the episode length the ``"reference"`` sampler assumes.
         storage: ``"memory"`` (RAM) or ``"memmap"`` (disk, under ``scratch_dir``).
         scratch_dir: directory of the memmap storage (a temporary one when ``None``).
-        device: where sampled batches are sent (the storage stays on the CPU).
-        generator: optional ``torch.Generator`` for sampling (the global RNG otherwise).
+        storage_device: where the ``"memory"`` storage lives, and where sampling runs
+            (``"cpu"`` or a CUDA device; ``"memmap"`` is CPU-only).
+        device: where sampled batches are sent (``None``: ``storage_device``, where they
+            are built).
+        generator: optional CPU ``torch.Generator`` for sampling (the global CPU RNG
+            otherwise), also with a CUDA storage.
     """
 
     def __init__(
@@ -137,13 +155,24 @@ class NStepReplayBuffer:
         transitions_per_episode: int = 1000,
         storage: str = "memory",
         scratch_dir: str | Path | None = None,
-        device: str | torch.device = "cpu",
+        storage_device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         if sampler not in SAMPLER_MODES:
             raise ValueError(f"sampler must be one of {SAMPLER_MODES}, got {sampler!r}")
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        storage_device = torch.device(storage_device)
+        if storage_device.type not in STORAGE_DEVICES:
+            raise ValueError(f"storage_device must be one of {STORAGE_DEVICES} (a CUDA device "
+                             f"may carry an index), got {str(storage_device)!r}")
+        if storage == "memmap" and storage_device.type != "cpu":
+            raise ValueError(f"storage='memmap' lives on the CPU: storage_device must be "
+                             f"'cpu', got {str(storage_device)!r} (use storage='memory')")
+        if storage_device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"storage_device={str(storage_device)!r}: no CUDA device is "
+                             "available on this machine (use 'cpu')")
         if frame_stack < 1 or n_step < 1:
             raise ValueError(f"frame_stack and n_step must be >= 1, got {frame_stack}, {n_step}")
         if capacity < 2:
@@ -156,16 +185,17 @@ class NStepReplayBuffer:
         self.n_step = int(n_step)
         self.gamma = float(gamma)
         self.batch_size = int(batch_size)
-        self.device = torch.device(device)
+        self.storage_device = storage_device
+        self.device = storage_device if device is None else torch.device(device)
         self.sampler = make_sampler(
             sampler,
             alpha=alpha,
             transitions_per_episode=transitions_per_episode,
             episode_key="episode",
-            valid_fn=self.valid_mask,
+            valid_fn=self._valid_drawn,
         )
         if storage == "memory":
-            backing = LazyTensorStorage(self.capacity, device="cpu")
+            backing = LazyTensorStorage(self.capacity, device=storage_device)
         else:
             backing = LazyMemmapStorage(self.capacity, scratch_dir=scratch_dir, device="cpu")
         self._rb = ReplayBuffer(
@@ -239,11 +269,13 @@ class NStepReplayBuffer:
         return obs.narrow(dim, size - per_frame, per_frame)
 
     def extend(self, batch: TensorDictBase) -> torch.Tensor:
-        """Writes a collector batch (shape ``[T]`` or ``[1, T]``); returns the written slots.
+        """Writes a collector batch (shape ``[T]`` or ``[1, T]``); returns the written slots
+        (on the storage device).
 
-        Two jobs: :meth:`_segment` finds the episodes in the batch (continuing the one left
-        pending by the previous batch), :meth:`_rows` lays them out as storage rows (one a
-        step, plus a final-frame row after each episode end).
+        Two jobs, on the CPU: :meth:`_segment` finds the episodes in the batch (continuing
+        the one left pending by the previous batch), :meth:`_rows` lays them out as storage
+        rows (one a step, plus a final-frame row after each episode end); the rows are then
+        copied to the storage device in one transfer.
         """
         if batch.batch_dims == 2 and batch.shape[0] == 1:
             batch = batch[0]
@@ -268,7 +300,7 @@ class NStepReplayBuffer:
         self._written += n_rows
         if n_rows > self.capacity:  # only the newest `capacity` rows survive anyway
             rows = rows[n_rows - self.capacity :]
-        index = self._rb.extend(rows)
+        index = self._rb.extend(rows.to(self.storage_device))
         self._head_slot = int(index[-1])
         return index
 
@@ -356,18 +388,19 @@ class NStepReplayBuffer:
         }
 
     def _locate(
-        self, index: torch.Tensor, cols: dict[str, torch.Tensor]
+        self, index: torch.Tensor, cols: dict[str, torch.Tensor], *, check: bool = True
     ) -> dict[str, torch.Tensor]:
-        """Absolute position, n-step length, episode start and validity of slots."""
-        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        """Absolute position, n-step length, episode start and validity of slots (moved to
+        the storage device); ``check``: refuse slots outside the storage (a host read)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.storage_device).reshape(-1)
         cap, written = self.capacity, self._written
-        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < cap):
+        if check and bool(((index < 0) | (index >= cap)).any()):
             raise IndexError(f"storage slots must lie in [0, {cap})")
         stored = len(self._rb.storage)
         age = (self._head_slot - index) % cap + 1
         pos = written - age
         episode = _take(cols["episode"], index)
-        ahead = torch.arange(1, self.n_step + 1)
+        ahead = torch.arange(1, self.n_step + 1, device=index.device)
         same = (pos[:, None] + ahead < written) & (
             _take(cols["episode"], (index[:, None] + ahead) % cap) == episode[:, None]
         )
@@ -393,17 +426,29 @@ class NStepReplayBuffer:
         """Whether each storage slot in ``index`` is a valid transition start."""
         return self._locate(index, self._columns())["valid"]
 
+    def _valid_drawn(self, index: torch.Tensor) -> torch.Tensor:
+        """:meth:`valid_mask` of slots the sampler drew (inside the storage by
+        construction: not checked, no host read)."""
+        return self._locate(index, self._columns(), check=False)["valid"]
+
     def gather(self, index: torch.Tensor) -> TensorDict:
-        """The transitions starting at storage slots ``index`` (all must be valid)."""
+        """The transitions starting at storage slots ``index`` (all must be valid; any
+        device: they are moved to the storage's)."""
         cols = self._columns()
         loc = self._locate(index, cols)
         if not bool(loc["valid"].all()):
             raise ValueError(f"invalid transition starts: {loc['index'][~loc['valid']].tolist()}")
+        return self._transitions(loc, cols)
+
+    def _transitions(self, loc: dict[str, torch.Tensor], cols: dict[str, torch.Tensor]
+                     ) -> TensorDict:
+        """The batch of the located (valid) slots: frame stacks, action, n-step return."""
         index, pos, n_steps, start = loc["index"], loc["pos"], loc["n_steps"], loc["start"]
         size, cap, stack = index.numel(), self.capacity, self.frame_stack
+        device = index.device
 
         # Frame stacks of obs_t and obs_{t+n'}, oldest..newest, clamped at the episode start.
-        offsets = torch.arange(-(stack - 1), 1)
+        offsets = torch.arange(-(stack - 1), 1, device=device)
         rows = torch.cat([pos[:, None] + offsets, (pos + n_steps)[:, None] + offsets], 1)
         rows = torch.maximum(rows, start[:, None])
         slots = (self._head_slot - (self._written - 1 - rows)) % cap
@@ -413,7 +458,7 @@ class NStepReplayBuffer:
         next_obs = _take(cols["frame"], slots[:, stack:]).reshape(stacked)
 
         # n-step return over the n' rows of the window.
-        ahead = torch.arange(self.n_step)
+        ahead = torch.arange(self.n_step, device=device)
         window = (index[:, None] + ahead) % cap
         rewards = _take(cols["reward"], window).reshape(size, self.n_step)
         powers = self.gamma ** ahead.to(torch.float64)
@@ -441,13 +486,15 @@ class NStepReplayBuffer:
             },
             batch_size=[size],
         )
-        return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
+        return out if self.device == self.storage_device else out.to(self.device)
 
     def sample(self, batch_size: int | None = None) -> TensorDict:
         """Draws a batch with the configured sampler (see the class docstring for keys)."""
         batch_size = self.batch_size if batch_size is None else int(batch_size)
         index, _ = self.sampler.sample(self._rb.storage, batch_size)
-        return self.gather(index)
+        # the sampler returns only slots valid_mask accepted: no second check (host reads)
+        cols = self._columns()
+        return self._transitions(self._locate(index, cols, check=False), cols)
 
     # ------------------------------------------------------------------ checkpoints
     def _counters(self) -> dict[str, Any]:
@@ -479,21 +526,32 @@ class NStepReplayBuffer:
         return {"rb": self._rb.state_dict(), "counters": self._counters()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a :meth:`state_dict`; sampling then continues exactly."""
+        """Restores a :meth:`state_dict` (saved from a storage on any device); sampling then
+        continues exactly."""
         self._load_counters(state_dict["counters"])
         storage = self._rb.storage
-        saved = state_dict["rb"]["_storage"]["_storage"]
-        if isinstance(storage, LazyMemmapStorage) and not storage.initialized and saved:
-            # Allocate the memmap under scratch_dir first: loading into an uninitialised
-            # LazyMemmapStorage would memmap into a fresh temporary directory instead.
-            storage._init(TensorDict().load_state_dict(saved, strict=False)[0])
-        self._rb.load_state_dict(state_dict["rb"])
+        rb_state = state_dict["rb"]
+        saved = rb_state["_storage"]["_storage"]
+        if saved:
+            # The saved rows on this storage's device (tensordict refuses to load another
+            # device's), into a storage allocated first: under scratch_dir for a memmap
+            # storage (loading into an uninitialised LazyMemmapStorage would memmap into a
+            # fresh temporary directory), on storage_device for a memory one.
+            rows = TensorDict().load_state_dict(saved, strict=False).to(self.storage_device)
+            if not storage.initialized:
+                storage._init(rows[0])
+            rb_state = {**rb_state, "_storage": {**rb_state["_storage"],
+                                                 "_storage": rows.state_dict()}}
+        self._rb.load_state_dict(rb_state)
 
     def dumps(self, path: str | Path) -> None:
         """Checkpoints the whole buffer under directory ``path`` (storage as memmaps).
 
         Uses TorchRL's ``ReplayBuffer.dumps`` (storage, sampler, writer, RNG); with a
-        memmap storage whose ``scratch_dir`` is ``path/storage`` the copy is skipped.
+        memmap storage whose ``scratch_dir`` is ``path/storage`` the copy is skipped. A
+        GPU storage is copied to the files (tensordict memmaps on the CPU): the folder
+        is the same whatever the storage device, and :meth:`loads` puts it on this
+        buffer's.
         Writes no pickle: TorchRL 0.14 always pickles its prefetch queue to
         ``prefetch.pkl`` (and unpickles it on load when present); this buffer never
         prefetches, so the file, an empty queue, is removed.
@@ -539,8 +597,9 @@ class NStepReplayBuffer:
             self._load_counters(json.load(file))
         storage = self._rb.storage
         if not storage.initialized and (path / "storage" / "meta.json").is_file():
-            # allocate the full capacity (under scratch_dir for a memmap storage) from the
-            # saved rows' layout; the load hook then copies the rows into it
+            # allocate the full capacity (under scratch_dir for a memmap storage, on
+            # storage_device for a memory one) from the saved rows' layout; the load hook
+            # then copies the rows into it
             storage._init(TensorDict.load_memmap(path / "storage")[0])
         self._rb.loads(path)
 

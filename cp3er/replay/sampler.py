@@ -19,6 +19,11 @@
 :class:`RingSampler` holds what the modes share: the ring bookkeeping, rejection of the
 slots its owner marks invalid (redrawn, which is exact for the law restricted to the valid
 slots), an exhaustive fallback, and checkpoints. :func:`make_sampler` builds one by name.
+
+Devices: the laws draw on the CPU (the replay buffer's generator, which TorchRL
+checkpoints, or the global CPU RNG), so a storage on any device sees the same draws for a
+seed; the drawn ages are then copied to the storage's device, where the slots, the owner's
+validity check and the returned index live.
 """
 
 from __future__ import annotations
@@ -225,8 +230,9 @@ class ReferenceEpisodeAges(AgeWeighting):
         first = max(self._scanned, oldest)
         if first < ring.written:
             pos = torch.arange(first, ring.written, dtype=torch.long)
-            ids = _storage_column(storage, self.episode_key)[
-                ring.slots(ring.written - pos)].reshape(-1).long()
+            column = _storage_column(storage, self.episode_key)
+            # the episode table stays on the CPU: the new rows' ids are read back
+            ids = column[ring.slots(ring.written - pos).to(column.device)].reshape(-1).long().cpu()
             prev = self._ep_ids[-1:] if self._ep_ids.numel() else ids[:1] - 1
             new = ids != torch.cat([prev, ids[:-1]])
             self._ep_ids = torch.cat([self._ep_ids, ids[new]])
@@ -331,13 +337,15 @@ class RingSampler(Sampler):
         self._newest = int(index[-1])
 
     # --------------------------------------------------------------------- sampling
-    def _exhaustive(self, count: int, ring: RingPosition) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact draws over the valid slots by an ``O(n)`` pass (rarely needed)."""
+    def _exhaustive(self, count: int, ring: RingPosition, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact draws over the valid slots by an ``O(n)`` pass (rarely needed), on the CPU
+        (the validity of all stored slots is computed on ``device`` and read back)."""
         ages = torch.arange(1, ring.stored + 1, dtype=torch.long)
         slots = ring.slots(ages)
         weights = self.weighting.weights(ages, ring)
         if self.valid_fn is not None:
-            weights = weights * self.valid_fn(slots).to(torch.float64)
+            weights = weights * self.valid_fn(slots.to(device)).cpu().to(torch.float64)
         cdf = torch.cumsum(weights, 0)
         if not bool(cdf[-1] > 0):
             raise RuntimeError(
@@ -348,7 +356,8 @@ class RingSampler(Sampler):
         return slots[pick], ages[pick]
 
     def sample(self, storage: Storage, batch_size: int) -> tuple[torch.Tensor, dict]:
-        """Draws ``batch_size`` slots (with replacement). Returns ``(index, {"age": ages})``."""
+        """Draws ``batch_size`` slots (with replacement). Returns ``(index, {"age": ages})``,
+        on the storage's device."""
         stored = len(storage)
         if stored == 0:
             raise RuntimeError("Cannot sample from an empty storage.")
@@ -361,19 +370,20 @@ class RingSampler(Sampler):
             )
         ring = RingPosition(self._write_total, self._newest, stored, storage.max_size)
         self.weighting.observe(storage, ring)
-        index = torch.empty(batch_size, dtype=torch.long)
-        age = torch.empty(batch_size, dtype=torch.long)
+        device = _storage_device(storage)
+        index = torch.empty(batch_size, dtype=torch.long, device=device)
+        age = torch.empty(batch_size, dtype=torch.long, device=device)
         filled, rounds = 0, 0
         while filled < batch_size:
             need = batch_size - filled
             if rounds < self.max_rounds:
-                ages = self.weighting.draw(need, ring, self._rng)
+                ages = self.weighting.draw(need, ring, self._rng).to(device)
                 slots = ring.slots(ages)
                 if self.valid_fn is not None:
                     keep = self.valid_fn(slots)
-                    slots, ages = slots[keep], ages[keep]
+                    slots, ages = slots[keep], ages[keep]  # a host read of the count
             else:
-                slots, ages = self._exhaustive(need, ring)
+                slots, ages = (t.to(device) for t in self._exhaustive(need, ring, device))
             taken = slots.numel()
             index[filled : filled + taken] = slots
             age[filled : filled + taken] = ages
@@ -497,6 +507,12 @@ def _searchsorted(sorted_seq: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     """
     found = np.searchsorted(sorted_seq.numpy(), values.numpy(), side="right")
     return torch.from_numpy(found.astype(np.int64, copy=False))
+
+
+def _storage_device(storage: Storage) -> torch.device:
+    """The device of a storage's tensors (the CPU for storages without one)."""
+    device = getattr(storage, "device", "cpu")
+    return torch.device("cpu" if device in (None, "auto") else device)
 
 
 def _storage_column(storage: Storage, key: str) -> torch.Tensor:

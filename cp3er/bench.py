@@ -34,6 +34,15 @@ one from the straightforward implementation.
   sync on a CPU, sync and async on a GPU), from the first timed update to the last (worker
   start-up not timed), with ``updates_per_frame``: updates made per frame collected after
   the seed phase (the schedule's 0.25, however the workers deliver the frames).
+- ``ray_collection_fps`` / ``local_collection_fps`` (``--ray-collection``, printed alone
+  with the machine): training-env collection alone, frames per second into the replay
+  buffer, per ``collector.backend`` (``ray``: Ray actors on a Ray started on this machine;
+  ``local``, for comparison: worker processes, or with 1 worker the env stepped in the
+  learner's process), observation (``--ray-collection state,pixels``: pixels 84x84) and
+  ``collector.workers`` (``--workers``: 1,2), on cartpole_swingup with the trainer's batches
+  (2 agent steps a worker), uniform random actions and no updates; timed from the first
+  batch written to the last (``--collection-frames``), the start-up (Ray, actors,
+  environments) not timed but reported (``startup_s``).
 - ``sample_ms``: one batch of 256 indices from a full 1e6-capacity proximal sampler whose
   storage is on ``--device`` (``sample_device``; the draw itself is on the CPU, the slots
   are then copied there: ``replay.device``).
@@ -326,6 +335,51 @@ def bench_train_fps(trunk: bool, device: torch.device, updates: int, workers: in
     return result
 
 
+def bench_collection_fps(backend: str, obs: str, workers: int, frames: int,
+                         task: str = "cartpole_swingup") -> dict[str, float]:
+    """Collection speed of ``Trainer`` with ``collector.backend=backend`` and
+    ``collector.workers=workers`` (``sync``: ``[workers, 2]`` batches, as in training) on
+    ``task`` from ``obs``: ``fps``, environment frames per second written to the replay
+    buffer from the first batch to the last, and ``startup_s``, the seconds before the first
+    batch (Ray, the workers and their environments starting). Uniform random actions for
+    the whole run (``schedule.explore_frames``) and no updates (``schedule.seed_frames``
+    beyond the run): the collection pipeline alone, not the policy's acting."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+
+    from cp3er.train import CONFIG_DIR, Trainer
+
+    with tempfile.TemporaryDirectory(prefix="cp3er-bench-collect-") as run_dir:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            cfg = compose(config_name="config", overrides=[
+                f"task={task}", f"obs={obs}", f"run_dir={run_dir}", f"frames={frames}",
+                f"schedule.seed_frames={frames + 1}", f"schedule.explore_frames={frames}",
+                "schedule.eval_every_frames=0", "checkpoint_every=0", "log.progress=false",
+                "log.video=false", f"replay.capacity={max(frames, 256 * workers)}",
+                f"collector.backend={backend}", f"collector.workers={workers}"])
+        trainer = Trainer(cfg)
+        stamps: list[tuple[int, float]] = []  # (agent steps written, time) at each batch
+        extend = trainer.buffer.extend
+
+        def timed_extend(rows):
+            written = extend(rows)
+            stamps.append((trainer.step + rows.numel(), time.perf_counter()))
+            return written
+
+        trainer.buffer.extend = timed_extend
+        start = time.perf_counter()
+        trainer.run(frames)
+        (first, t_first), (last, t_last) = stamps[0], stamps[-1]
+        repeat = cfg.env.action_repeat
+        result = {"fps": (last - first) * repeat / (t_last - t_first) if t_last > t_first
+                  else float("nan"), "startup_s": t_first - start}
+        trainer.lock.release()
+        trainer.env.close()
+        trainer.eval_env.close()
+    return result
+
+
 def _rss_gb() -> dict[str, float]:
     fields = {}
     with open("/proc/self/status") as handle:
@@ -521,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collector-modes", default=None,
                         help="collector modes of train_fps_workers: sync, async or sync,async "
                              "(default sync on a CPU, sync,async on a GPU)")
+    parser.add_argument("--ray-collection", nargs="?", const="state,pixels", default=None,
+                        metavar="OBS", help="only ray_collection_fps and local_collection_fps "
+                        "(collection frames per second on cartpole_swingup, per --workers) "
+                        "from these observations (default state,pixels)")
+    parser.add_argument("--collection-frames", type=int, default=2000,
+                        help="environment frames timed per collection figure")
     parser.add_argument("--profile-sizes", action="store_true",
                         help="only the CPU pixel profile's sizing figures (update ms per "
                              "agent and size, env ms, estimated run minutes; threads 1)")
@@ -542,6 +602,14 @@ def main(argv: list[str] | None = None) -> int:
         transitions = 10_000 if args.quick else 100_000
     if args.checkpoint_only:
         result["checkpoint"] = bench_checkpoint(max(transitions, 1))
+        return _print_result(result, args.json)
+    if args.ray_collection:
+        for backend in ("ray", "local"):
+            result[f"{backend}_collection_fps"] = {
+                f"{obs}/workers{n}": {k: round(v, 1) for k, v in bench_collection_fps(
+                    backend, obs, int(n), args.collection_frames).items()}
+                for obs in args.ray_collection.split(",")
+                for n in (args.workers or "1,2").split(",")}
         return _print_result(result, args.json)
     if args.profile_sizes:
         result["allocator_tuned"] = tune_allocator()

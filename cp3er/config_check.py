@@ -66,6 +66,7 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg.batch_size <= cfg.replay.capacity // workers, "replay.capacity",
              cfg.replay.capacity, f"at least batch_size x collector.workers = "
              f"{cfg.batch_size * workers} (one replay stream per worker)")
+    _check_collector_backend(cfg.collector)
     _require(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
     _require(0 < cfg.gamma <= 1, "gamma", cfg.gamma, "a number in (0, 1]")
     clip = cfg.optim.grad_clip
@@ -85,6 +86,22 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.agent.name == "drqv2":
         _require(cfg.agent.actor_trunk, "agent.actor_trunk", cfg.agent.actor_trunk,
                  "true for drqv2 (its actor always has the trunk)")
+
+
+def _check_collector_backend(collector: DictConfig) -> None:
+    """``collector.backend=ray`` needs Ray installed; ``collector.ray_address`` is a Ray
+    backend's setting (set with ``backend=local`` it would be ignored: refused)."""
+    from cp3er.collection import RAY_INSTALL, ray_installed
+
+    backend, address = str(collector.backend), collector.ray_address
+    if backend == "ray" and not ray_installed():
+        raise ConfigError(f"config collector.backend='ray' needs Ray, which is not installed: "
+                          f"{RAY_INSTALL} (or collector.backend=local)")
+    _require(address is None or backend == "ray", "collector.ray_address", address,
+             "null with collector.backend=local (the address is the Ray backend's: set "
+             "collector.backend=ray)")
+    _require(address is None or address.strip() != "", "collector.ray_address", address,
+             "null (start Ray here) or a Ray cluster's address (auto, ray://host:10001)")
 
 
 def _unknown(kind: str, value: str, choices: list[str]) -> str:

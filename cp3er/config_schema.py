@@ -28,6 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from agents.agent import PRECISIONS
 from agents.build import AGENTS, COMPILE_MODES, CONSISTENCY_LOSSES, DIFFICULTIES
+from cp3er.collection import COLLECTOR_BACKENDS
 from cp3er.consistency import CLIP_MODES, COUPLINGS, ODE_SOLVERS
 from cp3er.replay import SAMPLER_MODES, STORAGE_DEVICES, STORAGES
 from cp3er.runlog import LOGGER_BACKENDS
@@ -63,6 +64,7 @@ ConsistencyLoss = choices("ConsistencyLoss", CONSISTENCY_LOSSES)
 OdeSolver = choices("OdeSolver", ODE_SOLVERS)
 Coupling = choices("Coupling", COUPLINGS)
 ClipMode = choices("ClipMode", CLIP_MODES)
+CollectorBackend = choices("CollectorBackend", COLLECTOR_BACKENDS)
 
 
 @dataclass
@@ -101,6 +103,8 @@ class CollectorConfig:
     workers: int = MISSING
     sync: bool = MISSING
     sync_every: int = MISSING
+    backend: CollectorBackend = MISSING  # ray: needs the ray extra (cp3er.config_check)
+    ray_address: str | None = MISSING  # null: a Ray started here; else a cluster's address
 
 
 @dataclass

@@ -65,14 +65,15 @@ class LoopState:
 
 # What a resumed run may take from its command line (README "Checkpoints, resume and
 # faults"): MACHINE_KEYS silently (machine-specific; ``replay.device`` goes with
-# ``device``, and a checkpoint loads onto either); RESUME_MAY_CHANGE with a printed line
-# (``frames``: a larger value extends the run, a finished one too; logging and speed
-# switches, which keep the math up to float rounding: ``perf.precision`` changes that
-# rounding). Every other entry that differs from the run's config.yaml (task, agent, seed,
-# lr, batch_size, ...: the experiment itself) is refused.
+# ``device``, and a checkpoint loads onto either; a requeued job's Ray cluster has a new
+# address); RESUME_MAY_CHANGE with a printed line (``frames``: a larger value extends the
+# run, a finished one too; logging and speed switches, which keep the math up to float
+# rounding: ``perf.precision`` changes that rounding; where the collector workers run, the
+# same workers and replay streams). Every other entry that differs from the run's
+# config.yaml (task, agent, seed, lr, batch_size, ...: the experiment itself) is refused.
 MACHINE_KEYS = ("run_dir", "device", "replay.device", "threads", "log.progress",
-                "trust_checkpoint", "resume")
-RESUME_MAY_CHANGE = ("frames", "log", "perf")
+                "trust_checkpoint", "resume", "collector.ray_address")
+RESUME_MAY_CHANGE = ("frames", "log", "perf", "collector.backend")
 
 
 class ResumeError(ValueError):

@@ -21,6 +21,7 @@ at a time trains a run folder (an ``flock`` on ``<run_dir>/.lock``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -36,12 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 from tensordict.nn import TensorDictSequential
-from torchrl.collectors import (
-    BaseCollector,
-    Collector,
-    MultiAsyncCollector,
-    MultiSyncCollector,
-)
+from torchrl.collectors import BaseCollector, Collector
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
@@ -57,6 +53,7 @@ from cp3er.checkpoint import (
     has_checkpoint,
     save_run_checkpoint,
 )
+from cp3er.collection import RayClusterError, ray_runtime, worker_collector
 from cp3er.config_check import (
     ConfigError,
     check_group_overrides,
@@ -193,41 +190,44 @@ class Trainer:
     # -- pieces --------------------------------------------------------------------------
     def make_collector(self, until_frame: int) -> BaseCollector:
         """A collector for the agent steps from here to ``until_frame``: TorchRL's
-        ``Collector`` stepping ``self.env`` here (``collector.workers=1``, ``sync``), else a
-        ``MultiSyncCollector`` (``sync``: one ``[workers, update_every_steps]`` batch an
-        iteration, the workers idle while the learner updates) or ``MultiAsyncCollector``
-        (each worker's ``update_every_steps`` chunks as they come, collecting while the
-        learner updates), whose workers (spawned processes) act with a copy of the policy
-        that :meth:`push_weights` refreshes every ``collector.sync_every`` updates."""
+        ``Collector`` stepping ``self.env`` here (``collector.workers=1``, ``sync``, the
+        ``local`` backend), else :func:`~cp3er.collection.worker_collector`: workers
+        (spawned processes, or Ray actors with ``collector.backend=ray``) yielding
+        ``[workers, update_every_steps]`` stacks (``sync``: the workers idle while the
+        learner updates) or each worker's ``update_every_steps`` chunk as it comes
+        (collecting while the learner updates), acting with a copy of the policy that
+        :meth:`push_weights` refreshes every ``collector.sync_every`` updates. With the Ray
+        backend Ray must be running (:meth:`_collect` starts it: :func:`ray_runtime`)."""
         cfg = self.cfg
         workers, chunk = cfg.collector.workers, cfg.schedule.update_every_steps
+        backend = str(cfg.collector.backend)
+        # the Ray workers act on the CPU (a collector node may have no GPU)
+        device = self.device if backend == "local" else torch.device("cpu")
         common = {
             "total_frames": self._steps(until_frame) - self.step,
             "init_random_frames": max(0, self._steps(cfg.schedule.explore_frames) - self.step),
-            "device": self.device,
+            "device": device,
             "storing_device": "cpu",
             # the policies are feed-forward: no InitTracker/primer to add to the env (said
             # explicitly: TorchRL 0.14 warns when unset, and 0.15 changes the default)
             "auto_register_policy_transforms": False,
         }
-        if workers == 1 and cfg.collector.sync:
+        if workers == 1 and cfg.collector.sync and backend == "local":
             return Collector(self.env, self.agent.collect_policy, frames_per_batch=chunk,
                              **common)
         # The workers' policy: a copy (TorchRL shares its CPU weights with the workers in
         # place, so the learner's own would reach them mid-update, at every step).
-        self.worker_policy = copy.deepcopy(self.agent.collect_policy)
+        self.worker_policy = copy.deepcopy(self.agent.collect_policy).to(device)
         # new initial states on each call (a resumed run, a bench's second run() call)
         factories = worker_env_factories(cfg, cfg.seed + self.step)
-        if cfg.collector.sync:
-            return MultiSyncCollector(factories, self.worker_policy,
-                                      frames_per_batch=workers * chunk, cat_results="stack",
-                                      update_at_each_batch=False, **common)
-        return MultiAsyncCollector(factories, self.worker_policy, frames_per_batch=chunk,
-                                   update_at_each_batch=False, **common)
+        return worker_collector(factories, self.worker_policy, backend=backend,
+                                sync=cfg.collector.sync, chunk=chunk, **common)
 
     def push_weights(self, collector: BaseCollector) -> None:
         """Copy the learner's policy (weights and buffers, e.g. DrQ-v2's noise schedule)
-        into the workers' (``collector.workers > 1`` or ``sync=false``)."""
+        into the workers' (``collector.workers > 1``, ``sync=false`` or the Ray backend):
+        into their shared copy (local workers), sent on to each actor (Ray workers:
+        ``RayCollector.update_policy_weights_``, torch.distributed from this process)."""
         self.worker_policy.load_state_dict(self.agent.collect_policy.state_dict())
         collector.update_policy_weights_()
 
@@ -242,8 +242,9 @@ class Trainer:
     @property
     def physics_errors(self) -> int:
         """Training-env steps whose physics failed (episode truncated), whole run. With
-        ``collector.workers > 1`` or ``collector.sync=false`` the envs live in the worker
-        processes, whose counters are not read: 0 there."""
+        ``collector.workers > 1``, ``collector.sync=false`` or ``collector.backend=ray``
+        the envs live in the worker processes (or Ray actors), whose counters are not read:
+        0 there."""
         return self.loop.physics_errors + physics_errors(self.env)
 
     def _log_scalars(self, values: dict[str, float]) -> None:
@@ -455,8 +456,18 @@ class Trainer:
         return preemption.received
 
     def _collect(self, until_frame: int, preemption: Preemption) -> None:
+        """:meth:`run`'s loop; with ``collector.backend=ray`` inside :func:`ray_runtime`
+        (Ray started for the loop unless already running in this process, shut down at its
+        end or on preemption only if it was started here)."""
+        collector_cfg = self.cfg.collector
+        runtime = (ray_runtime(collector_cfg.ray_address, collector_cfg.workers)
+                   if collector_cfg.backend == "ray" else contextlib.nullcontext())
+        with runtime:
+            self._collect_from(self.make_collector(until_frame), until_frame, preemption)
+
+    def _collect_from(self, collector: BaseCollector, until_frame: int,
+                      preemption: Preemption) -> None:
         cfg, loop = self.cfg, self.loop
-        collector = self.make_collector(until_frame)
         pushed = loop.updates  # the update count the workers' weights are from
         progress = tqdm(total=until_frame, initial=self.frame, unit="frame",
                         disable=not cfg.log.progress, dynamic_ncols=True)
@@ -566,7 +577,7 @@ def main(cfg: DictConfig) -> None:
     _say(_start_line(trainer))
     try:
         result = trainer.train()
-    except (NumericalError, CheckpointError, OSError) as error:
+    except (NumericalError, CheckpointError, OSError, RayClusterError) as error:
         kept = (f"the last good checkpoint is left untouched in {trainer.run_dir / 'checkpoints'}"
                 if has_checkpoint(trainer.run_dir) else "no checkpoint was written")
         raise SystemExit(f"cp3er-train: run stopped: {first_line(error)}; {kept}") from None

@@ -56,3 +56,21 @@ def test_checkpoint_figure_reports_the_hashing_share(capsys) -> None:
     result = json.loads(capsys.readouterr().out)["checkpoint"]
     assert result["transitions"] == 300 and result["bytes"] > 300 * 21_000
     assert 0 < result["hash_s"] and 0 < result["hash_frac_write"] and 0 < result["hash_frac_load"]
+
+
+def test_collection_figures_time_the_batches_after_start_up(capsys, monkeypatch) -> None:
+    """``--ray-collection``: per backend, observation and workers; the measurement itself
+    runs here with the local backend only (the Ray one: tests/test_ray_collection.py)."""
+    import cp3er.bench as bench
+
+    measured = bench.bench_collection_fps("local", "state", 1, 200)
+    assert measured["fps"] > 0 and measured["startup_s"] >= 0
+    calls = []
+    monkeypatch.setattr(bench, "bench_collection_fps", lambda *args: calls.append(args)
+                        or measured)
+    assert main(["--ray-collection", "state", "--workers", "1,2", "--collection-frames",
+                 "200", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for backend in ("ray", "local"):
+        assert set(result[f"{backend}_collection_fps"]) == {"state/workers1", "state/workers2"}
+    assert ("ray", "state", 2, 200) in calls and len(calls) == 4

@@ -374,8 +374,25 @@ def test_resume_refuses_a_changed_experiment_setting(finished_run: Path, overrid
                                                      key: str) -> None:
     with pytest.raises(ResumeError, match=rf"cannot resume .*\({re.escape(key)}: run has "
                                           rf".*, command line .*\); resume with the run's "
-                                          r"settings \(only frames, log, perf may change\)"):
+                                          r"settings \(only frames, log, perf, "
+                                          r"collector.backend may change\)"):
         Trainer(_cfg(finished_run, "frames=400", "resume=true", override))
+
+
+def test_resume_may_move_the_workers_to_ray_and_to_another_cluster(
+        finished_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Where the collector workers run is not the experiment: ``collector.backend`` may
+    change (printed), ``collector.ray_address`` too (a requeued job's cluster has a new
+    address; silently, like the other machine keys)."""
+    import cp3er.collection
+
+    monkeypatch.setattr(cp3er.collection, "ray_installed", lambda: True)
+    run = _copy(finished_run, tmp_path)
+    trainer = Trainer(_cfg(run, "frames=400", "resume=true", "collector.backend=ray",
+                           "collector.ray_address=auto"))
+    assert trainer.resume_changes == ["collector.backend='ray' (the run had 'local')"]
+    assert trainer.cfg.collector.ray_address == "auto"
+    trainer.lock.release()
 
 
 def test_resume_with_more_frames_extends_a_finished_run(finished_run: Path,

@@ -71,6 +71,8 @@ def test_bad_values_name_key_value_and_choices(override: str, message: str) -> N
         (["agent.consistency.solver=rk4"], r"expected one of \[euler, heun\]"),
         (["agent.clip=soft"], r"expected one of \[clamp, straight_through, none\]"),
         (["difficulty=extreme"], r"expected one of \[easy, medium, hard\]"),
+        (["collector.backend=spark"], r"collector.backend=spark: Invalid value 'spark', "
+                                      r"expected one of \[local, ray\]"),
         (["lr_actor=1e-4"], "Key 'lr_actor' not in 'RunConfig'"),
         (["agent=drqv2", "agent.init_scale=0.1"], "Key 'init_scale' not in 'DrQV2AgentConfig'"),
     ],
@@ -89,6 +91,7 @@ def test_schema_choices_come_from_the_modules_that_define_them() -> None:
     from agents.agent import PRECISIONS
     from agents.build import COMPILE_MODES, CONSISTENCY_LOSSES, DIFFICULTIES
     from cp3er import config_schema as schema
+    from cp3er.collection import COLLECTOR_BACKENDS
     from cp3er.replay import SAMPLER_MODES, STORAGE_DEVICES, STORAGES
     from envs import OBS_TYPES
 
@@ -97,7 +100,8 @@ def test_schema_choices_come_from_the_modules_that_define_them() -> None:
                          (schema.ConsistencyLoss, CONSISTENCY_LOSSES),
                          (schema.Difficulty, DIFFICULTIES),
                          (schema.StorageDevice, STORAGE_DEVICES),
-                         (schema.Precision, PRECISIONS)]:
+                         (schema.Precision, PRECISIONS),
+                         (schema.CollectorBackend, COLLECTOR_BACKENDS)]:
         assert [m.value for m in enum] == list(values)
     cfg = _cfg("replay.sampler=uniform", "agent=drqv2", "+profile=cpu_pixels")
     assert cfg.replay.sampler == "uniform" and f"{cfg.obs}" == "pixels"
@@ -118,6 +122,28 @@ def test_schema_choices_come_from_the_modules_that_define_them() -> None:
 def test_replay_device_needs_the_agents_device_and_memory_storage(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
         validate_config(_cfg(*overrides))
+
+
+def test_ray_backend_without_ray_names_the_extra(monkeypatch) -> None:
+    import cp3er.collection
+
+    monkeypatch.setattr(cp3er.collection, "ray_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"collector.backend='ray' needs Ray, which is not "
+                                          r"installed: pip install -e '\.\[ray\]'"):
+        validate_config(_cfg("collector.backend=ray"))
+    validate_config(_cfg())  # the local backend needs nothing
+
+
+def test_ray_address_belongs_to_the_ray_backend(monkeypatch) -> None:
+    import cp3er.collection
+
+    monkeypatch.setattr(cp3er.collection, "ray_installed", lambda: True)  # with or without
+    with pytest.raises(ConfigError, match=r"collector.ray_address='auto' is invalid: expected "
+                                          r"null with collector.backend=local"):
+        validate_config(_cfg("collector.ray_address=auto"))
+    with pytest.raises(ConfigError, match=r"collector.ray_address=' ' is invalid: expected "
+                                          r"null \(start Ray here\) or a Ray cluster's"):
+        validate_config(_cfg("collector.backend=ray", "collector.ray_address=' '"))
 
 
 def test_drqv2_refuses_an_actor_without_its_trunk() -> None:

@@ -1,0 +1,201 @@
+"""Collectors of the training environments stepped by workers (``collector.workers``,
+``collector.backend``): TorchRL's multi-process collectors on this machine (``local``) or its
+``RayCollector`` on the nodes of a Ray cluster (``ray``), all feeding the one learner.
+
+Both backends take the same inputs (one env factory per worker,
+:func:`cp3er.session.worker_env_factories`, and the workers' copy of the policy) and yield
+the same batches: ``[workers, T]`` stacks when ``collector.sync`` (row ``k`` = worker ``k``,
+written to replay stream ``k``), one worker's ``[T]`` chunk otherwise (routed to the replay
+stream whose episode it continues by ``("collector", "traj_ids")``). What the Ray backend
+adds, and why (TorchRL 0.14.1, Ray 2.60):
+
+- **Trajectory ids.** The local collectors draw every worker's trajectory ids from one
+  shared counter; each Ray worker is a separate ``Collector`` numbering its episodes from
+  0, so two workers' episodes would share ids (an async chunk routed to the wrong replay
+  stream, one episode's success merged with another's). Worker ``k`` offsets its ids by
+  ``k * TRAJ_ID_OFFSET`` (its ``postproc``, run in the worker).
+- **Random exploration steps.** ``RayCollector`` gives each worker
+  ``init_random_frames // workers`` random steps, counted by the worker itself (the local
+  collectors count all workers' steps in the main process). :func:`worker_collector`
+  rounds the request up to whole batches of all workers, so every worker acts randomly for
+  the same number of whole chunks and the total is what the local synchronous collector
+  takes (``ceil(steps / (workers x T)) x workers x T``). Asynchronously, a fast worker may
+  start acting with the policy before a slow one has finished its random steps.
+- **Weights** go to the workers through ``RayWeightSyncScheme`` (torch.distributed gloo
+  from this process, rank 0, to each actor), connected once when the collector is built;
+  ``update_policy_weights_()`` then sends the workers' policy copy's current weights and
+  buffers. The workers act on the CPU (a CPU node has no GPU): the policy copy lives there,
+  its tensors contiguous (:func:`make_contiguous_`: gloo refuses channels-last weights).
+- **Ray's lifetime** (:func:`ray_runtime`): ``ray.init`` (a local Ray with ``workers`` CPUs
+  when ``collector.ray_address`` is null, else the cluster at that address) for the
+  duration of the collection, ``ray.shutdown()`` at its end only if this process started
+  Ray. ``ray.init`` replaces the process's SIGTERM handler with an immediate exit; the
+  handler in place before (the run's preemption handler, which checkpoints first) is put
+  back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import math
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.collectors import (
+    BaseCollector,
+    Collector,
+    MultiAsyncCollector,
+    MultiSyncCollector,
+)
+
+#: ``collector.backend`` choices: worker processes on this machine, or Ray actors.
+COLLECTOR_BACKENDS = ("local", "ray")
+#: how to install the Ray backend's dependency (the ``ray`` extra of pyproject.toml)
+RAY_INSTALL = "pip install -e '.[ray]'"
+#: Ray worker ``k`` numbers its episodes from ``k * TRAJ_ID_OFFSET``
+TRAJ_ID_OFFSET = 1 << 40
+#: each Ray worker (an actor) reserves one CPU of the cluster
+RAY_WORKER_RESOURCES = {"num_cpus": 1}
+
+
+def ray_installed() -> bool:
+    """Whether ``import ray`` would find Ray (without importing it)."""
+    return importlib.util.find_spec("ray") is not None
+
+
+def worker_collector(factories: Sequence[Callable], policy: torch.nn.Module, *,
+                     backend: str, sync: bool, chunk: int, total_frames: int,
+                     init_random_frames: int, **common: Any) -> BaseCollector:
+    """The collector of ``len(factories)`` workers, worker ``k`` stepping the env of
+    ``factories[k]`` with ``policy`` (the workers' copy, refreshed by
+    ``update_policy_weights_()``), ``chunk`` agent steps a worker per batch, for
+    ``total_frames`` agent steps, the first ``init_random_frames`` with random actions.
+
+    ``backend="local"``: TorchRL's ``MultiSyncCollector`` (``sync``: ``[workers, chunk]``
+    stacks, the workers idle while the learner updates) or ``MultiAsyncCollector`` (each
+    worker's ``[chunk]`` as it comes), spawned processes. ``backend="ray"``: TorchRL's
+    ``RayCollector`` over one ``Collector`` actor per worker, yielding the same batches
+    (module docstring for what differs); Ray must be initialized (:func:`ray_runtime`).
+    ``common``: the other keyword arguments of the local collectors (``device``,
+    ``storing_device``, ...)."""
+    workers = len(factories)
+    frames_per_batch = workers * chunk if sync else chunk
+    if backend == "local":
+        local = {"frames_per_batch": frames_per_batch, "total_frames": total_frames,
+                 "init_random_frames": init_random_frames, "update_at_each_batch": False,
+                 **common}
+        if sync:
+            return MultiSyncCollector(factories, policy, cat_results="stack", **local)
+        return MultiAsyncCollector(factories, policy, **local)
+    if backend != "ray":
+        raise ValueError(f"unknown collector backend {backend!r}; valid choices: "
+                         f"{', '.join(COLLECTOR_BACKENDS)}")
+    from torchrl.collectors.distributed import RayCollector
+
+    device = common.pop("device", None)
+    storing_device = common.pop("storing_device", None)
+    make_contiguous_(policy)
+    with warnings.catch_warnings():  # its async init_random_frames caveat: module docstring
+        warnings.filterwarnings("ignore", message="async distributed data collection with "
+                                "init_random_frames", category=UserWarning)
+        collector = RayCollector(
+            list(factories), policy, collector_class=Collector,
+            collector_kwargs=[{"postproc": functools.partial(offset_traj_ids,
+                                                             offset=k * TRAJ_ID_OFFSET),
+                               **common} for k in range(workers)],
+            num_collectors=workers, sync=sync, frames_per_batch=frames_per_batch,
+            total_frames=total_frames,
+            init_random_frames=ray_random_steps(init_random_frames, workers, chunk),
+            device=device, storing_device=storing_device,
+            remote_configs=dict(RAY_WORKER_RESOURCES))
+    try:
+        collector.update_policy_weights_()  # connects the weight transport (before iterating)
+    except BaseException:
+        collector.shutdown()  # its actors, also on a cluster this process did not start
+        raise
+    return collector
+
+
+def ray_random_steps(steps: int, workers: int, chunk: int) -> int:
+    """The ``init_random_frames`` to give ``RayCollector`` for ``steps`` random agent steps
+    in all: rounded up to whole batches of all workers (``workers x chunk``), so each
+    worker's share (``RayCollector`` gives each ``// workers``) is whole chunks and the
+    total is the local synchronous collector's (module docstring)."""
+    if steps <= 0:
+        return 0
+    whole = workers * chunk
+    return math.ceil(steps / whole) * whole
+
+
+def make_contiguous_(module: torch.nn.Module) -> torch.nn.Module:
+    """Puts ``module``'s parameters and buffers in contiguous memory, in place (a
+    ``load_state_dict`` into them keeps it). TorchRL 0.14.1's ``RayWeightSyncScheme`` sends
+    and receives each tensor with a gloo ``send``/``recv``, which refuse a non-contiguous
+    tensor ("input tensor has to be contiguous"): the channels-last conv weights of the
+    pixel encoder (``perf.channels_last``). The workers' encoder then convolves its
+    channels-last input with contiguous weights."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if not tensor.is_contiguous():
+            tensor.data = tensor.data.contiguous()
+    return module
+
+
+def offset_traj_ids(batch: TensorDictBase, offset: int) -> TensorDictBase:
+    """A Ray worker's ``postproc``: its ``("collector", "traj_ids")`` plus ``offset``."""
+    key = ("collector", "traj_ids")
+    if offset and key in batch.keys(include_nested=True):
+        batch.set(key, batch.get(key) + offset)
+    return batch
+
+
+def ray_init_config(address: str | None, workers: int) -> dict[str, Any]:
+    """``ray.init`` keyword arguments: the cluster at ``address`` (``auto``,
+    ``ray://host:10001``, ...), or a Ray started on this machine with ``workers`` CPUs
+    (``address`` null); no dashboard, the workers' output not copied to this process,
+    Ray's own log lines from warnings up."""
+    config: dict[str, Any] = {"address": address, "include_dashboard": False,
+                              "log_to_driver": False, "logging_level": "warning"}
+    if address is None:
+        config["num_cpus"] = workers
+    return config
+
+
+class RayClusterError(RuntimeError):
+    """The Ray cluster cannot hold the requested collector workers."""
+
+
+@contextlib.contextmanager
+def ray_runtime(address: str | None, workers: int) -> Iterator[None]:
+    """Ray for the duration of the block (module docstring): ``ray.init`` with
+    :func:`ray_init_config` unless Ray is initialized in this process already,
+    ``ray.shutdown()`` at the end only if it was started here; the SIGTERM handler kept.
+    Raises :class:`RayClusterError` when the cluster has fewer than ``workers`` CPUs (the
+    workers' actors would wait for them forever)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        in_main = threading.current_thread() is threading.main_thread()
+        handler = signal.getsignal(signal.SIGTERM) if in_main else None
+        try:
+            ray.init(**ray_init_config(address, workers))
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGTERM, handler)
+    try:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < workers:
+            where = "this machine's Ray" if address is None else f"the Ray cluster at {address}"
+            raise RayClusterError(f"collector.workers={workers} needs {workers} CPUs (one per "
+                                  f"worker); {where} has {cpus:g}")
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -529,6 +529,19 @@ def _resume_command() -> str:
     return " ".join(["cp3er-train" + name, *overrides, "resume=true"])
 
 
+def _record_overrides(run_dir: Path) -> None:
+    """The command line's overrides in ``<run_dir>/.hydra/overrides.yaml``, where a single
+    run has them (Hydra's run folder is ``run_dir``) and ``benchmarks/collect.py`` reads
+    them: a multirun job's Hydra folder is the sweep's (``hydra.sweep.dir/<job>``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    if Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve():
+        return  # Hydra wrote it there
+    text = OmegaConf.to_yaml(list(hydra_cfg.overrides.task))
+    atomic_write(run_dir / ".hydra" / "overrides.yaml", lambda handle: handle.write(text.encode()))
+
+
 def _start_line(trainer: Trainer) -> str:
     cfg = trainer.cfg
     label = f" ({cfg.label})" if cfg.label not in (None, cfg.agent.name) else ""
@@ -575,6 +588,7 @@ def main(cfg: DictConfig) -> None:
         _say(f"{trainer.run_dir} held metrics of a run that never checkpointed; moved to "
              f"{trainer.metrics.set_aside.name}")
     _say(_start_line(trainer))
+    _record_overrides(trainer.run_dir)
     try:
         result = trainer.train()
     except (NumericalError, CheckpointError, OSError, RayClusterError) as error:

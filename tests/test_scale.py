@@ -51,6 +51,9 @@ def test_a_local_sweep_completes_every_run_and_plots_as_one_folder(tmp_path: Pat
         assert (run / "checkpoints" / "latest.pt").is_file()
         evals = [r for r in _rows(run) if r["phase"] == "eval"]
         assert [r["frame"] for r in evals] == ["500", "1000"]
+        # the job's command line beside its run, as a single run's (benchmarks/collect.py)
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        assert f"seed={run.name[-1]}" in overrides and f"task={run.name[:-3]}" in overrides
     report = summarize([tmp_path], tmp_path / "sweep.png")
     assert {task: set(agents) for task, agents in report["curves"].items()} == {
         "cartpole_balance": {"cp3er"}, "pendulum_swingup": {"cp3er"}}

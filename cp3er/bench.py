@@ -33,7 +33,8 @@ one from the straightforward implementation.
   (``--workers``: 1,2 on a CPU, 1,4,8 on a GPU) and collector mode (``--collector-modes``:
   sync on a CPU, sync and async on a GPU), from the first timed update to the last (worker
   start-up not timed), with ``updates_per_frame``: updates made per frame collected after
-  the seed phase (the schedule's 0.25, however the workers deliver the frames).
+  the seed phase, the first update (at the seed phase's last batch) aside (the schedule's
+  0.25, however the workers deliver the frames), and the two counts behind it.
 - ``ray_collection_fps`` / ``local_collection_fps`` (``--ray-collection``, printed alone
   with the machine): training-env collection alone, frames per second into the replay
   buffer, per ``collector.backend`` (``ray``: Ray actors on a Ray started on this machine;
@@ -325,9 +326,14 @@ def bench_train_fps(trunk: bool, device: torch.device, updates: int, workers: in
         trainer.run(frames)
         trainer.read_metrics()
         (first, start), (last, end) = stamps[0], stamps[-1]
+        after_seed = trainer.frame - seed_frames
         result = {
             "fps": (last - first) * 4 / (end - start) if end > start else float("nan"),
-            "updates_per_frame": trainer.loop.updates / max(trainer.frame - seed_frames, 1),
+            # the first update comes with the seed phase's last batch: (updates - 1) per
+            # frame after it is 1 / (update_every_steps x action repeat) exactly
+            "updates_per_frame": (trainer.loop.updates - 1) / max(after_seed, 1),
+            "updates": trainer.loop.updates,
+            "frames_after_seed": after_seed,
         }
         trainer.lock.release()
         trainer.env.close()

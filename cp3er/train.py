@@ -489,8 +489,9 @@ class Trainer:
                 self.agent.advance(steps)
                 progress.update(steps * self.repeat)
                 self._finish_episodes(rows, step_before)
-                if self.due_updates() > loop.updates:
-                    while loop.updates < self.due_updates():
+                due = self.due_updates()  # the step count does not change while updating
+                if due > loop.updates:
+                    while loop.updates < due:
                         self.update()
                     if (self.worker_policy is not None
                             and loop.updates - pushed >= cfg.collector.sync_every):

@@ -31,9 +31,12 @@ def sample_shifts(
 ) -> torch.Tensor:
     """Draw ``[num, 2]`` integer ``(dy, dx)`` shifts uniformly in ``[-pad, pad]`` (DrQ-v2).
 
-    Drawn on the generator's device (CPU by default) and moved to ``device``.
+    Drawn on the generator's device and moved to ``device``; without a generator, drawn
+    on ``device`` (the CPU when ``None``) from its default generator: an update on a GPU
+    then draws its shifts there, with no host-to-device copy (which a CUDA graph would
+    capture as a constant).
     """
-    draw_device = generator.device if generator is not None else None
+    draw_device = generator.device if generator is not None else device
     shifts = torch.randint(-pad, pad + 1, (num, 2), generator=generator, device=draw_device)
     return shifts.to(device) if device is not None else shifts
 

@@ -46,25 +46,29 @@ def make_encoder(obs: str, obs_shape: torch.Size, channels_last: bool = False
     return encoder, encoder.repr_dim
 
 
-def _adam(params, lr: float, fused: bool = False) -> torch.optim.Optimizer:
-    """Adam; ``fused`` runs the whole step as one kernel (same update rule)."""
-    return torch.optim.Adam(list(params), lr=lr, fused=fused or None)
+def _adam(params, lr: float, fused: bool = False, capturable: bool = False
+          ) -> torch.optim.Optimizer:
+    """Adam; ``fused`` runs the whole step as one kernel, ``capturable`` keeps its step
+    count on the device (a CUDA graph can capture the step); same update rule."""
+    return torch.optim.Adam(list(params), lr=lr, fused=fused or None, capturable=capturable)
 
 
 def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictModule,
-                lr: float, fused: bool = False) -> dict[str, torch.optim.Optimizer]:
+                lr: float, fused: bool = False, capturable: bool = False
+                ) -> dict[str, torch.optim.Optimizer]:
     """Separate Adam optimisers for critic, actor, (if it has parameters) encoder and (when
     distilling) the diffusion teacher."""
+    options = {"fused": fused, "capturable": capturable}
     optimizers = {
-        "critic": _adam(loss.critic_params.values(True, True), lr, fused),
-        "actor": _adam(actor.parameters(), lr, fused),
+        "critic": _adam(loss.critic_params.values(True, True), lr, **options),
+        "actor": _adam(actor.parameters(), lr, **options),
     }
     teacher = getattr(loss, "teacher", None)
     if teacher is not None:
-        optimizers["teacher"] = _adam(teacher.parameters(), lr, fused)
+        optimizers["teacher"] = _adam(teacher.parameters(), lr, **options)
     encoder_params = list(encoder.parameters())
     if encoder_params:
-        optimizers["encoder"] = _adam(encoder_params, lr, fused)
+        optimizers["encoder"] = _adam(encoder_params, lr, **options)
     return optimizers
 
 
@@ -168,12 +172,14 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
                                              augmentation)
     loss.to(device)
     updater = SoftUpdate(loss, tau=cfg.agent.critic_tau)
+    cuda_graph = bool(cfg.perf.cuda_graph)
     optimizers = _optimizers(loss, encoder, loss.actor, cfg.lr,
-                             fused=cfg.perf.fused_adam)
+                             fused=cfg.perf.fused_adam, capturable=cuda_graph)
     if cfg.perf.compile:
         compile_networks(loss, str(cfg.perf.compile_mode))
     policy = make_policy(encoder, loss.actor)
     grad_clip = cfg.optim.grad_clip
     return Agent(policy, loss, optimizers, updater, obs_key,
                  grad_clip=None if grad_clip is None else float(grad_clip),
-                 exploration=exploration, precision=str(cfg.perf.precision))
+                 exploration=exploration, precision=str(cfg.perf.precision),
+                 cuda_graph=cuda_graph)

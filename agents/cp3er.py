@@ -27,6 +27,7 @@ from cp3er.consistency import (
     KarrasSchedule,
     ProjectedCondition,
     ema_target,
+    ema_update,
     sample_one_step,
 )
 
@@ -199,7 +200,7 @@ class CP3ERLoss(EncoderActorCriticLoss):
     def update_ema(self) -> None:
         """Move the EMA target towards the actor's denoiser (no-op without one)."""
         if self.ema_denoiser is not None:
-            self.ema_denoiser.update_parameters(self.policy.denoiser)
+            ema_update(self.ema_denoiser, self.policy.denoiser)
 
     @property
     def policy(self) -> ConsistencyPolicy:

@@ -25,6 +25,12 @@ one from the straightforward implementation.
   ``reduce-overhead``, which replays the compiled regions as CUDA graphs): update ms, the
   first (compiling) update's seconds, and that update's losses relative to eager execution
   from the same seeds.
+- ``update_cuda_graph`` (``--compile`` on a GPU; ``None`` otherwise): ``perf.cuda_graph``
+  per ``perf.precision`` (and fp32 with ``perf.compile``): ms per update eager and replayed
+  from the captured graph, and the largest relative difference of the losses over the first
+  8 updates against eager updates from the same seeds and batches.
+- ``train_fps_cuda_graph`` (a GPU; ``None`` otherwise): ``train_fps`` with
+  ``perf.cuda_graph=true``.
 - ``train_fps`` / ``train_fps_trunk``: end-to-end training frames per second on pixel
   ``cheetah_run`` at the reference configuration (collector, rendering, replay writes and
   sampling, one update every 2 agent steps), timed after the seed phase over
@@ -234,6 +240,39 @@ def bench_compile(device: torch.device, mode: str, repeats: int) -> dict:
             "first_update_rel_diff_vs_eager": {k: float(f"{v:.2e}") for k, v in rel.items()}}
 
 
+GRAPH_CHECK_UPDATES = 8
+
+
+def bench_cuda_graph(device: torch.device, precision: str, repeats: int,
+                     compiled: bool = False) -> dict:
+    """``perf.cuda_graph`` at the reference sizes with ``perf.precision=precision`` (and
+    ``perf.compile`` when ``compiled``): ms per replayed update against the eager update's,
+    and the largest relative difference of the losses over the first
+    ``GRAPH_CHECK_UPDATES`` updates (warm-up, capture, replays) against eager updates from
+    the same seeds and batches (the graph replays the eager update's kernels and random
+    draws: differences are reordered sums)."""
+    def run(*overrides: str) -> tuple[object, list, list[dict[str, float]]]:
+        torch.manual_seed(0)
+        cfg, agent = _build(False, device, f"perf.precision={precision}",
+                            f"perf.compile={str(compiled).lower()}", *overrides)
+        batches = []
+        for i in range(GRAPH_CHECK_UPDATES):
+            torch.manual_seed(10 + i)
+            batches.append(_pixel_batch(cfg.batch_size, 6, device))
+        torch.cuda.manual_seed(1)
+        return agent, batches, [agent.update(b) for b in batches]
+
+    eager, batches, expected = run("perf.cuda_graph=false")
+    graphed, _, got = run("perf.cuda_graph=true")
+    rel = {key: max(abs(g[key] - e[key]) / max(abs(e[key]), 1e-8)
+                    for e, g in zip(expected, got, strict=True))
+           for key in ("loss_critic", "loss_actor")}
+    return {"eager_ms": round(_median_ms(_update_once(eager, batches[0], device), repeats), 2),
+            "graphed_ms": round(_median_ms(_update_once(graphed, batches[0], device),
+                                           repeats), 2),
+            "max_rel_diff_vs_eager": {k: float(f"{v:.2e}") for k, v in rel.items()}}
+
+
 #: (batch_size, hidden_dim, CP3ER actor trunk) candidates of the CPU pixel profile.
 PROFILE_SIZES = ((32, 256, True), (32, 1024, True), (64, 256, True), (64, 1024, True),
                  (32, 1024, False), (256, 1024, True))
@@ -293,7 +332,7 @@ def bench_memory_gbps(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def bench_train_fps(trunk: bool, device: torch.device, updates: int, workers: int = 1,
-                    sync: bool = True) -> dict[str, float]:
+                    sync: bool = True, *overrides: str) -> dict[str, float]:
     """End-to-end training speed of ``Trainer`` on pixel cheetah_run after its seed phase,
     with ``collector.workers=workers`` and ``collector.sync=sync``: ``fps``, frames per
     second from the first timed update to the last (``updates`` of them, at the paper's
@@ -312,7 +351,7 @@ def bench_train_fps(trunk: bool, device: torch.device, updates: int, workers: in
                              f"frames={frames}", "schedule.eval_every_frames=0",
                              "checkpoint_every=0", "log.progress=false", "log.video=false",
                              "replay.capacity=100000", f"collector.workers={workers}",
-                             f"collector.sync={str(sync).lower()}")
+                             f"collector.sync={str(sync).lower()}", *overrides)
         trainer = Trainer(cfg)
         stamps: list[tuple[int, float]] = []  # (updates made, time) at each update
         update = trainer.update
@@ -657,12 +696,30 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # a mode that fails on this stack is reported
                 result["update_compile"][mode] = {"error": f"{type(error).__name__}: "
                                                            f"{str(error)[:300]}"}
+    result["update_cuda_graph"] = None
+    if args.compile and device.type == "cuda":
+        from agents.agent import PRECISIONS
+
+        result["update_cuda_graph"] = {}
+        cases = [(p, False) for p in PRECISIONS] + [("fp32", True)]
+        for precision, compiled in cases:
+            name = precision + ("_compiled" if compiled else "")
+            try:
+                result["update_cuda_graph"][name] = bench_cuda_graph(device, precision,
+                                                                     repeats, compiled)
+            except Exception as error:  # reported, as a failing compile mode is
+                result["update_cuda_graph"][name] = {"error": f"{type(error).__name__}: "
+                                                              f"{str(error)[:300]}"}
     result["sample_ms"] = round(bench_sampler(min(repeats, 5), device), 3)
     result["sample_device"] = str(device)
     result["replay_bytes_per_transition"] = round(bench_replay_bytes(), 1)
     for key, trunk_on in (("train_fps", False), ("train_fps_trunk", True)):
         result[key] = (None if args.quick else
                        round(bench_train_fps(trunk_on, device, args.fps_updates)["fps"], 2))
+    result["train_fps_cuda_graph"] = None
+    if not args.quick and device.type == "cuda":
+        result["train_fps_cuda_graph"] = round(bench_train_fps(
+            False, device, args.fps_updates, 1, True, "perf.cuda_graph=true")["fps"], 2)
     result["train_fps_workers"] = None
     if not args.quick:
         workers = args.workers or ("1,4,8" if device.type == "cuda" else "1,2")

@@ -49,6 +49,12 @@ def validate_config(cfg: DictConfig) -> None:
              f"device={cfg.device})")
     _require(replay_device == "cpu" or storage == "memory", "replay.storage", storage,
              f"memory with replay.device={replay_device} (memmap storage lives on the CPU)")
+    _require(not cfg.perf.cuda_graph or cfg.device == "cuda", "perf.cuda_graph",
+             cfg.perf.cuda_graph, "false with device=cpu (a CUDA graph needs device=cuda)")
+    _require(not (cfg.perf.cuda_graph and cfg.perf.compile
+                  and cfg.perf.compile_mode == "reduce-overhead"), "perf.compile_mode",
+             cfg.perf.compile_mode, "not reduce-overhead with perf.cuda_graph=true (the "
+             "whole update is one CUDA graph already: use compile_mode=default)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config device='cuda' is invalid: no CUDA device is available "
                           "on this machine (use device=cpu)")

@@ -124,6 +124,7 @@ class PerfConfig:
     compile: bool = MISSING
     compile_mode: CompileMode = MISSING
     precision: Precision = MISSING
+    cuda_graph: bool = MISSING
 
 
 @dataclass

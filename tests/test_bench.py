@@ -10,7 +10,8 @@ from cp3er.bench import main
 
 FIGURES = ("update_ms", "update_trunk_ms", "act_ms", "act_trunk_ms", "sample_ms",
            "replay_bytes_per_transition", "replay_rss_gb_1e6", "train_fps", "train_fps_workers",
-           "flops_floor_ms", "update_gflop", "matmul_gflops", "machine", "env_ms")
+           "flops_floor_ms", "update_gflop", "matmul_gflops", "machine", "env_ms",
+           "update_cuda_graph", "train_fps_cuda_graph")
 
 
 def test_quick_bench_prints_every_figure(capsys) -> None:
@@ -27,6 +28,8 @@ def test_quick_bench_prints_every_figure(capsys) -> None:
     assert result["update_ms"] > 0 and result["flops_floor_ms"] > 0
     assert result["machine"]["torch"] == torch.__version__
     assert result["sample_device"] == "cpu" and result["sample_ms"] > 0
+    # CUDA graph figures: a GPU's only, reported as not measured (null), never estimated
+    assert result["update_cuda_graph"] is None and result["train_fps_cuda_graph"] is None
 
 
 def test_sampler_figure_samples_on_the_device() -> None:

@@ -23,7 +23,7 @@ feature ``cond``:
   :func:`sample_ode` (a diffusion model's probability-flow ODE, Euler or Heun steps of
   :func:`probability_flow_step`).
 - :func:`ema_target`: an exponential-moving-average copy of a denoiser to use as the
-  consistency target (Consistency-AC, decay 0.995).
+  consistency target (Consistency-AC, decay 0.995), moved by :func:`ema_update`.
 
 Shapes: actions and noisy inputs are ``(*batch, action_dim)``, conditions
 ``(*batch, cond_dim)`` (``cond_dim`` may be 0 for an unconditional model), noise levels
@@ -56,6 +56,7 @@ from cp3er.consistency.denoiser import (
     DenoiserFn,
     batch_sigma,
     ema_target,
+    ema_update,
     phased_map,
     schedule_of,
     unclipped,
@@ -98,6 +99,7 @@ __all__ = [
     "SinusoidalTimeEmbedding",
     "batch_sigma",
     "ema_target",
+    "ema_update",
     "ode_calls",
     "phase_edges",
     "phased_map",

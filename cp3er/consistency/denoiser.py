@@ -18,6 +18,7 @@ __all__ = [
     "DenoiserFn",
     "batch_sigma",
     "ema_target",
+    "ema_update",
     "phased_map",
     "schedule_of",
     "unclipped",
@@ -135,8 +136,9 @@ def ema_target(denoiser: nn.Module, decay: float = 0.995) -> AveragedModel:
     """EMA copy of ``denoiser`` as a consistency target (Consistency-AC uses 0.995).
 
     A ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)`` over
-    parameters and buffers, gradients off. Call ``target.update_parameters(denoiser)``
-    after each optimiser step: ``p_ema <- decay p_ema + (1 - decay) p``. It is initialised
+    parameters and buffers, gradients off. Call ``ema_update(target, denoiser)`` (or
+    ``target.update_parameters(denoiser)``, the same values) after each optimiser step:
+    ``p_ema <- decay p_ema + (1 - decay) p``. It is initialised
     (first update done) here, so the first call already averages. Call it like the
     denoiser: ``target(x, sigma, cond)``; its schedule is ``target.module.schedule``.
     """
@@ -146,3 +148,25 @@ def ema_target(denoiser: nn.Module, decay: float = 0.995) -> AveragedModel:
     target.requires_grad_(False)
     target.update_parameters(denoiser)
     return target
+
+
+@torch.no_grad()
+def ema_update(target: AveragedModel, model: nn.Module) -> None:
+    """``target.update_parameters(model)`` for a target made by :func:`ema_target` (already
+    initialised), without its host read: ``AveragedModel.update_parameters`` branches on
+    ``bool(n_averaged == 0)``, a device-to-host copy on a GPU at every call, which a CUDA
+    graph cannot capture. Same arithmetic: ``target.multi_avg_fn`` on each (device, dtype)
+    group of parameters and buffers, then ``n_averaged += 1`` on the device."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    averaged = [*target.module.parameters(), *target.module.buffers()]
+    current = [*model.parameters(), *model.buffers()]
+    if len(averaged) != len(current):
+        raise ValueError(f"the EMA target has {len(averaged)} tensors, the model {len(current)}")
+    for mine, theirs in zip(averaged, current, strict=True):
+        key = (mine.device, mine.dtype)
+        group = groups.setdefault(key, ([], []))
+        group[0].append(mine.detach())
+        group[1].append(theirs.detach().to(mine.device))
+    for ema_tensors, model_tensors in groups.values():
+        target.multi_avg_fn(ema_tensors, model_tensors, target.n_averaged)
+    target.n_averaged += 1

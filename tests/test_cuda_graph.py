@@ -18,6 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from agents.agent import CUDA_GRAPH_WARMUP, Agent
@@ -79,11 +80,24 @@ def _batch(shape: dict, seed: int, device: str = "cpu") -> TensorDict:
     }, [BATCH]).to(device)
 
 
+#: Functions that make a tensor from host data (``tensor``, ``as_tensor``) or, with no
+#: ``device`` given, on the CPU: inside an update on a GPU such a tensor is built on the
+#: host and copied over, a copy a CUDA graph cannot capture (or captures as a constant).
+HOST_FACTORIES = {"tensor", "as_tensor", "arange", "linspace", "logspace", "zeros", "ones",
+                  "full", "empty", "rand", "randn", "randint", "randperm", "eye"}
+
+
+def _frames() -> str:
+    frames = [f for f in traceback.format_stack(limit=18)[:-2]
+              if "/agents/" in f or "/cp3er/" in f or "site-packages/torch" in f]
+    return "".join(frames[-6:])
+
+
 class HostReads(TorchDispatchMode):
     """Records every read of a tensor's value by the host (``aten._local_scalar_dense``:
     ``.item()``, ``bool()``, ``float()``, ``int()``, and C++ ops that read a value), with
-    the Python frames that caused it. Under a CUDA graph capture each of these is an error
-    (a device-to-host copy cannot be captured)."""
+    the Python frames that caused it: under a CUDA graph capture each is an error (a
+    device-to-host copy cannot be captured)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,24 +105,50 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
-            frames = [f for f in traceback.format_stack(limit=14)[:-1] if "site-packages" in f
-                      or "/agents/" in f or "/cp3er/" in f]
-            self.reads.append("".join(frames[-6:]))
+            self.reads.append("host read:\n" + _frames())
         return func(*args, **(kwargs or {}))
+
+
+class HostMadeTensors(TorchFunctionMode):
+    """Records every non-scalar tensor made by a :data:`HOST_FACTORIES` function from host
+    data or without a ``device`` (the call as written: a ``TorchFunctionMode`` sees the
+    caller's arguments, before defaults are filled in). 0-d results are left out: a CPU
+    scalar tensor enters a GPU kernel as an argument, not as a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in ("tensor", "as_tensor"):  # from host data, not from a tensor
+            on_host = not isinstance(args[0] if args else kwargs.get("data"), torch.Tensor)
+        else:
+            on_host = name in HOST_FACTORIES and kwargs.get("device") is None
+        if on_host and isinstance(out, torch.Tensor) and out.dim() > 0:
+            self.made.append(f"torch.{name} on the host:\n" + _frames())
+        return out
 
 
 @pytest.mark.parametrize(("label", "overrides"), VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_an_update_reads_no_tensor_value_on_the_host(label: str, overrides: list[str]) -> None:
     """Every step of the update (losses, backward, gradient clipping, the optimisers'
     steps with the built options, Polyak, EMA) runs without the host reading a tensor
-    value: the first update (optimiser states created) and a later one. The check is
-    live: ``AveragedModel.update_parameters`` (the EMA step before ``ema_update``) is
-    caught."""
+    value or making a tensor for it, once warmed up by one update (optimiser states and
+    cached grids created, as in the eager updates before a capture). The checks are
+    live: ``AveragedModel.update_parameters`` (the EMA step
+    before ``ema_update``) reads, the noise grid built on the CPU at each call (before
+    it was cached per device) was made on the host."""
     agent, shape = _agent(overrides)
+    agent.update_on_device(_batch(shape, 0))  # as the graph's eager warm-up updates
     for seed in (1, 2):
-        with HostReads() as mode:
-            metrics = agent.update_on_device(_batch(shape, seed))
-        assert not mode.reads, f"{label}: {len(mode.reads)} host reads, first:\n{mode.reads[0]}"
+        batch = _batch(shape, seed)
+        with HostReads() as reads, HostMadeTensors() as made:
+            metrics = agent.update_on_device(batch)
+        assert not reads.reads, f"{label}: {len(reads.reads)} host reads, first:\n{reads.reads[0]}"
+        assert not made.made, f"{label}: {len(made.made)} host-made tensors, first:\n{made.made[0]}"
         assert all(torch.isfinite(v) for v in metrics.values())
     ema = getattr(agent.loss, "ema_denoiser", None)
     if ema is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,14 +44,13 @@ class KarrasSchedule:
         """The ``(num_steps,)`` grid, strictly descending from sigma_max to sigma_min.
 
         Computed in float64 and cast; the endpoints are set to the exact constants so that
-        the boundary condition at ``sigmas()[-1]`` holds bit-exactly.
+        the boundary condition at ``sigmas()[-1]`` holds bit-exactly. Built once per
+        schedule, device and dtype and shared by every caller (read it, do not write into
+        it): a loss on a GPU then reads the grid there at each call instead of building it
+        on the host and copying it over, a copy a CUDA graph cannot capture.
         """
-        inv_rho = 1.0 / self.rho
-        ramp = torch.linspace(0.0, 1.0, self.num_steps, dtype=torch.float64)
-        hi, lo = self.sigma_max**inv_rho, self.sigma_min**inv_rho
-        sigmas = (hi + ramp * (lo - hi)) ** self.rho
-        sigmas[0], sigmas[-1] = self.sigma_max, self.sigma_min
-        return sigmas.to(device=device, dtype=dtype or torch.get_default_dtype())
+        return _grid(self, torch.device(device if device is not None else "cpu"),
+                     dtype or torch.get_default_dtype())
 
     def scalings(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """EDM boundary-condition scalings ``(c_skip, c_out, c_in)``, each shaped like ``t``.
@@ -92,3 +92,14 @@ def phase_edges(num_steps: int, num_phases: int) -> list[int]:
             f"got {num_phases}"
         )
     return [m * (num_steps - 1) // num_phases for m in range(num_phases + 1)]
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(schedule: KarrasSchedule, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:meth:`KarrasSchedule.sigmas`, built (EDM eq. 5 in float64, exact endpoints)."""
+    inv_rho = 1.0 / schedule.rho
+    ramp = torch.linspace(0.0, 1.0, schedule.num_steps, dtype=torch.float64)
+    hi, lo = schedule.sigma_max**inv_rho, schedule.sigma_min**inv_rho
+    sigmas = (hi + ramp * (lo - hi)) ** schedule.rho
+    sigmas[0], sigmas[-1] = schedule.sigma_max, schedule.sigma_min
+    return sigmas.to(device=device, dtype=dtype)

@@ -26,9 +26,10 @@ part TorchRL's own SAC/TD3 scripts use for ``compile.cudagraphs``): the first
 cuDNN algorithms), the next one runs eagerly and is captured, each later one copies the
 batch into the graph's input tensors and replays the captured kernels, with no Python
 and no kernel-launch cost. What that needs of the update, and what the code keeps:
-static shapes (a fixed batch size); no host read of a device value (none: checked on the
-CPU by ``tests/test_perf_paths.py`` with a dispatch mode that refuses them, on a GPU by
-``torch.cuda.set_sync_debug_mode``); every random number from the default CUDA
+static shapes (a fixed batch size); no host read of a device value and no tensor built on
+the host and copied over, once warmed up (checked on the CPU by
+``tests/test_cuda_graph.py`` with dispatch and function modes that record them, on a GPU
+by ``torch.cuda.set_sync_debug_mode``); every random number from the default CUDA
 generator (the graph advances its Philox offset at each replay: a replay draws what
 the eager update would have); Adam with ``capturable=True`` (its step count on the
 device); values that change between updates held in tensors read by the kernels, not in

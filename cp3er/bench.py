@@ -25,10 +25,11 @@ one from the straightforward implementation.
   ``reduce-overhead``, which replays the compiled regions as CUDA graphs): update ms, the
   first (compiling) update's seconds, and that update's losses relative to eager execution
   from the same seeds.
-- ``update_cuda_graph`` (``--compile`` on a GPU; ``None`` otherwise): ``perf.cuda_graph``
-  per ``perf.precision`` (and fp32 with ``perf.compile``): ms per update eager and replayed
-  from the captured graph, and the largest relative difference of the losses over the first
-  8 updates against eager updates from the same seeds and batches.
+- ``update_cuda_graph`` (``--compile`` on a GPU; ``None`` otherwise): per
+  ``perf.precision``, ms per update eager, compiled (``perf.compile``, mode ``default``)
+  and replayed from the captured graph (``perf.cuda_graph``; also compiled and graphed,
+  fp32), and the largest relative difference of the losses over the first 8 updates with
+  the graph against eager updates from the same seeds and batches.
 - ``train_fps_cuda_graph`` (a GPU; ``None`` otherwise): ``train_fps`` with
   ``perf.cuda_graph=true``.
 - ``train_fps`` / ``train_fps_trunk``: end-to-end training frames per second on pixel
@@ -211,10 +212,11 @@ def bench_ablation(device: torch.device, repeats: int) -> dict[str, float]:
     return out
 
 
-def bench_compile(device: torch.device, mode: str, repeats: int) -> dict:
-    """Update ms with ``torch.compile`` (``perf.compile_mode=mode``) at the reference sizes,
-    the first (compiling) update's seconds, and the first update's losses against eager
-    execution from the same seeds (relative difference: the same math, reordered)."""
+def bench_compile(device: torch.device, mode: str, repeats: int, *overrides: str) -> dict:
+    """Update ms with ``torch.compile`` (``perf.compile_mode=mode``) at the reference sizes
+    (and ``overrides``, e.g. a precision), the first (compiling) update's seconds, and the
+    first update's losses against eager execution from the same seeds (relative
+    difference: the same math, reordered)."""
     from tensordict import TensorDict
 
     from agents.agent import Agent
@@ -229,9 +231,9 @@ def bench_compile(device: torch.device, mode: str, repeats: int) -> dict:
         _synchronize(device)
         return agent, batch, metrics, time.perf_counter() - start
 
-    _, _, eager, _ = first_update("perf.compile=false")
+    _, _, eager, _ = first_update("perf.compile=false", *overrides)
     agent, batch, compiled, first_s = first_update("perf.compile=true",
-                                                   f"perf.compile_mode={mode}")
+                                                   f"perf.compile_mode={mode}", *overrides)
     rel = {k: abs(compiled[k] - eager[k]) / max(abs(eager[k]), 1e-8)
            for k in ("loss_critic", "loss_actor")}
     update = _update_once(agent, batch, device)
@@ -705,8 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         for precision, compiled in cases:
             name = precision + ("_compiled" if compiled else "")
             try:
-                result["update_cuda_graph"][name] = bench_cuda_graph(device, precision,
-                                                                     repeats, compiled)
+                figures = bench_cuda_graph(device, precision, repeats, compiled)
+                if not compiled:  # the compiled update without the graph, this precision
+                    figures["compiled_ms"] = bench_compile(
+                        device, "default", repeats, f"perf.precision={precision}")["update_ms"]
+                result["update_cuda_graph"][name] = figures
             except Exception as error:  # reported, as a failing compile mode is
                 result["update_cuda_graph"][name] = {"error": f"{type(error).__name__}: "
                                                               f"{str(error)[:300]}"}

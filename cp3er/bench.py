@@ -370,9 +370,7 @@ def bench_train_fps(trunk: bool, device: torch.device, updates: int, workers: in
         after_seed = trainer.frame - seed_frames
         result = {
             "fps": (last - first) * 4 / (end - start) if end > start else float("nan"),
-            # the first update comes with the seed phase's last batch: (updates - 1) per
-            # frame after it is 1 / (update_every_steps x action repeat) exactly
-            "updates_per_frame": (trainer.loop.updates - 1) / max(after_seed, 1),
+            "updates_per_frame": trainer.updates_per_frame(),
             "updates": trainer.loop.updates,
             "frames_after_seed": after_seed,
         }

@@ -239,6 +239,16 @@ class Trainer:
         first = max(1, math.ceil(self._steps(self.cfg.schedule.seed_frames) / every))
         return max(0, self.step // every - first + 1)
 
+    def updates_per_frame(self) -> float | None:
+        """Updates made per frame collected after ``schedule.seed_frames`` (``None`` before
+        any), the first update (due at the seed phase's last batch) aside: exactly
+        ``1 / (update_every_steps x action_repeat)`` when the schedule is kept, however the
+        frames arrive (the end line and ``cp3er-bench``'s ``train_fps_workers``)."""
+        after_seed = self.frame - self.cfg.schedule.seed_frames
+        if after_seed <= 0:
+            return None
+        return max(self.loop.updates - 1, 0) / after_seed
+
     @property
     def physics_errors(self) -> int:
         """Training-env steps whose physics failed (episode truncated), whole run. With
@@ -560,11 +570,10 @@ def _end_line(trainer: Trainer) -> str:
              f"{trainer.frame:,}; " if evals else "")
     videos = "" if not (run_dir / "eval").is_dir() else f", videos {run_dir / 'eval'}"
     cfg = trainer.cfg
-    after_seed = trainer.frame - cfg.schedule.seed_frames
-    ratio = (f"{trainer.loop.updates:,} updates, {trainer.loop.updates / after_seed:.4f} per "
-             f"frame after the seed frames (schedule: "
-             f"{1 / (cfg.schedule.update_every_steps * trainer.repeat):.4f}); "
-             if after_seed > 0 else "")
+    per_frame = trainer.updates_per_frame()
+    ratio = (f"{trainer.loop.updates:,} updates, {per_frame:.4f} per frame after the seed "
+             f"frames (schedule: {1 / (cfg.schedule.update_every_steps * trainer.repeat):.4f}); "
+             if per_frame is not None else "")
     return (f"done: {final}{ratio}curve {run_dir / 'learning_curve.png'}, metrics "
             f"{run_dir / 'metrics.csv'}{videos}, checkpoint {run_dir / 'checkpoints'}")
 

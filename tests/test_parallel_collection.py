@@ -127,6 +127,8 @@ def test_two_workers_collect_the_frames_and_the_schedules_updates(tmp_path: Path
     assert resumed.train() == "done"
     assert resumed.frame == 1000 and resumed.buffer.write_count == 500
     assert resumed.loop.updates == 500 // 2 - 100 // 2 + 1  # 201: as with one worker
+    # seed_frames 200 (tiny run, action repeat 2): 200 updates for 800 frames after them
+    assert resumed.updates_per_frame() == 0.25
     rows = [len(s) for s in resumed.buffer.streams]
     # sync: every batch holds both workers' chunks; async: chunks as they come
     assert rows == [250, 250] if sync else sum(rows) == 500

@@ -265,9 +265,8 @@ def _graph_module(update: Callable[[TensorDictBase], Metrics], warmup: int
                   ) -> CudaGraphModule:
     """``update`` wrapped in tensordict's ``CudaGraphModule`` (module docstring), captured
     at the call after ``warmup`` eager ones (its own ``warmup`` counts the capturing call).
-    Its
-    constructor takes TensorDicts out of PyTorch's pytree registry for the process (it says
-    so in a warning, as intended here: the batch is one input) and warns on a machine
+    Its constructor takes TensorDicts out of PyTorch's pytree registry for the process (it
+    says so in a warning, as intended here: the batch is one input) and warns on a machine
     without CUDA (refused before: :meth:`Agent._check_capturable`)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Tensordict is registered in PyTree")

@@ -1,10 +1,12 @@
 """``perf.cuda_graph``: the update a CUDA graph can capture, and the capture itself.
 
-On a CPU: what capture needs of the update, checked without a GPU: no host read of a
-tensor value anywhere in an update (a dispatch mode refuses ``aten._local_scalar_dense``,
-which ``.item()``, ``bool()``, ``float()`` and C++ ops reading a value all go through), for
-every agent variant; the EMA step without ``AveragedModel``'s read; optimisers loaded from a
-checkpoint keep the implementation they were built with; the switch refused off a GPU.
+On a CPU: what capture needs of the update, checked without a GPU, for every agent
+variant: no host read of a tensor value in an update (a dispatch mode records
+``aten._local_scalar_dense``, which ``.item()``, ``bool()``, ``float()`` and C++ ops
+reading a value all go through) and no tensor made on the host for it (a function mode
+records factories called from host data or without a device); the EMA step without
+``AveragedModel``'s read; optimisers loaded from a checkpoint keep the implementation they
+were built with; the switch refused off a GPU.
 On a GPU (skipped here; ``benchmarks/gpu.sh`` runs them): graph replays take the eager
 update's steps, an eager update has no implicit synchronisation, a loaded state is
 captured again.

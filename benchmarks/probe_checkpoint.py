@@ -25,7 +25,7 @@ import torch
 from agents.critic import mog_mean
 from agents.policy_stats import action_spread, bound_fraction
 from cp3er.checkpoint import load_checkpoint
-from cp3er.session import load_agent_for_eval
+from cp3er.session import restore_agent_for_eval
 
 
 def _q_values(loss, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -40,14 +40,15 @@ def _q_values(loss, features: torch.Tensor, action: torch.Tensor) -> torch.Tenso
 def probe(run_dir: str, states: int = 20, samples: int = 64, seed: int = 7,
           trust: bool = False) -> dict:
     torch.manual_seed(seed)
-    cfg, env, agent = load_agent_for_eval(run_dir, seed=seed, trust=trust)
+    state = load_checkpoint(run_dir, trust=trust)  # once: a running run replaces latest.pt
+    cfg, env, agent = restore_agent_for_eval(state, seed=seed)
     rollout = env.rollout(10 * states, agent.policy, break_when_any_done=False)
     env.close()
     loss = agent.loss
     obs = rollout[agent.obs_key][::10][:states]
     features = loss.encoder.module(obs)
     action_dim = rollout["action"].shape[-1]
-    frame = load_checkpoint(run_dir, trust=trust)["counters"]["step"] * cfg.env.action_repeat
+    frame = state["counters"]["step"] * cfg.env.action_repeat
     result = {"run_dir": run_dir, "agent": cfg.get("label") or cfg.agent.name, "frame": frame,
               "states": len(obs)}
     if cfg.agent.name == "cp3er":

@@ -82,7 +82,15 @@ def load_agent_for_eval(target: str | Path, seed: int, device: str = "cpu",
     """Config, a fresh evaluation env and the agent restored from ``target``, its networks
     on ``device`` (the environment stays on the CPU); ``trust``: see
     :func:`~cp3er.checkpoint.load_checkpoint`."""
-    state = load_checkpoint(target, trust=trust)
+    return restore_agent_for_eval(load_checkpoint(target, trust=trust), seed, device)
+
+
+def restore_agent_for_eval(state: dict, seed: int, device: str = "cpu"
+                           ) -> tuple[DictConfig, object, Agent]:
+    """:func:`load_agent_for_eval` from a checkpoint already loaded with
+    :func:`~cp3er.checkpoint.load_checkpoint`: the weights and the counters read from it
+    (its ``state["counters"]``) then belong to the same checkpoint, even while a run keeps
+    writing new ones."""
     try:
         cfg = complete_run_config(state["config"])
     except (ValueError, KeyError, OmegaConfBaseException) as error:  # ValidationError, ...

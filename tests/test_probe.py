@@ -1,0 +1,70 @@
+"""benchmarks/probe_checkpoint.py: the collapse probe of a run's checkpoint, and the
+restore of an agent from a checkpoint loaded once (cp3er.session.restore_agent_for_eval)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_run import tiny_cfg
+
+from cp3er import session
+from cp3er.checkpoint import load_checkpoint
+from cp3er.session import load_agent_for_eval, restore_agent_for_eval
+from cp3er.train import Trainer
+
+
+def _probe_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("probe_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("probe") / "run"
+    Trainer(tiny_cfg(run, "frames=400")).train()
+    return run
+
+
+def _actions(agent, env, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return env.rollout(5, agent.policy, break_when_any_done=False)["action"]
+
+
+def test_restore_from_a_loaded_checkpoint_is_the_loaded_agent(tiny_run: Path) -> None:
+    _, env_a, loaded = load_agent_for_eval(tiny_run, seed=3)
+    _, env_b, restored = restore_agent_for_eval(load_checkpoint(tiny_run), seed=3)
+    torch.testing.assert_close(_actions(loaded, env_a, 0), _actions(restored, env_b, 0),
+                               rtol=0, atol=0)
+    env_a.close()
+    env_b.close()
+
+
+def test_probe_reads_frame_and_weights_from_one_checkpoint(tiny_run: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    probe = _probe_module()
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    result = probe.probe(str(run), states=4, samples=8)
+    assert result["frame"] == 400 and result["states"] == 4 and result["agent"] == "cp3er"
+    assert 0.0 <= result["bound_frac"] <= 1.0 and 0.0 <= result["preclip_beyond_bound"] <= 1.0
+    assert result["spread"] > 0.0  # a 400-frame policy has not collapsed
+    assert result["q_range"] >= 0.0
+    # the checkpoint is read once: a run replacing latest.pt after that cannot mix the
+    # frame counter of one checkpoint with the weights of another
+    reads = []
+
+    def counted(*args, **kwargs):
+        reads.append(args)
+        return load_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "load_checkpoint", counted)
+    monkeypatch.setattr(session, "load_checkpoint", counted)
+    assert probe.probe(str(run), states=4, samples=8) == result
+    assert len(reads) == 1

@@ -13,6 +13,12 @@ and writes:
   bootstrap CI (seeds resampled), the seeds, frames and mean wall time;
 * ``<prefix>.png`` and ``<prefix>_aggregate.json``: ``cp3er-plot``'s learning curves and
   IQM / mean / optimality-gap aggregates with stratified-bootstrap CIs.
+
+``--min-frames N`` compares runs at equal frames: a run whose last evaluation is before
+frame ``N`` (a stopped or still running one) keeps its CSV row but is left out of the
+table, the plot and the aggregates, with a line on stderr. Without it every run's last
+evaluation is its final score, whatever frame it reached (``cp3er-plot`` warns when they
+differ).
 """
 
 from __future__ import annotations
@@ -93,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="output prefix (no suffix)")
+    parser.add_argument("--min-frames", type=int, default=0,
+                        help="leave runs that stopped before this frame out of the table, "
+                             "plot and aggregates (they stay in the CSV)")
     args = parser.parse_args(argv)
     try:
         paths, rows = [], []
@@ -104,7 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"collect: skipped: {error}", file=sys.stderr)
         if not paths:
             raise PlotError(f"no run under {args.grid_dir} has an evaluation yet")
-        report = summarize(paths, args.out.with_suffix(".png"))
+        compared = [(path, row) for path, row in zip(paths, rows, strict=True)
+                    if row["frames"] >= args.min_frames]
+        for path, row in zip(paths, rows, strict=True):
+            if row["frames"] < args.min_frames:
+                print(f"collect: left out of the table, plot and aggregates: {path} stopped "
+                      f"at frame {row['frames']} (< --min-frames {args.min_frames})",
+                      file=sys.stderr)
+        if not compared:
+            raise PlotError(f"no run under {args.grid_dir} reached frame {args.min_frames}")
+        report = summarize([path for path, _ in compared], args.out.with_suffix(".png"))
     except PlotError as error:
         print(f"collect: {error}", file=sys.stderr)
         return 2
@@ -114,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(args.out.with_suffix(".csv.tmp"), args.out.with_suffix(".csv"))
-    write_atomic(Path(f"{args.out}_table.md"), table(rows))
+    compared_rows = [row for _, row in compared]
+    write_atomic(Path(f"{args.out}_table.md"), table(compared_rows))
     aggregate = {k: v for k, v in report.items() if k != "curves"}
     write_atomic(Path(f"{args.out}_aggregate.json"),
                  json.dumps(aggregate, indent=2, default=lambda v: None if
                             (isinstance(v, float) and math.isnan(v)) else v))
-    print(table(rows))
+    print(table(compared_rows))
     return 0
 
 

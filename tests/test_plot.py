@@ -227,14 +227,19 @@ def test_label_groups_variants_of_one_agent(tmp_path, capsys):
     assert report["aggregate"]["cp3er_st"]["mean"] == pytest.approx(0.5)
 
 
-def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
-                                                         tmp_path: Path, capsys) -> None:
+def _collect_module():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "collect.py"
     spec = importlib.util.spec_from_file_location("collect", path)
     collect = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(collect)
+    return collect
+
+
+def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
+                                                         tmp_path: Path, capsys) -> None:
+    collect = _collect_module()
     launched = dmc_runs[0]
     (launched / ".hydra").mkdir()
     (launched / ".hydra" / "overrides.yaml").write_text(
@@ -254,6 +259,31 @@ def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
     assert float(first["final_return"]) == FINAL[("cheetah_run", "cp3er")][0]
     table = Path(f"{out}_table.md").read_text()
     assert "| cheetah_run | cp3er |" in table and Path(f"{out}_aggregate.json").is_file()
+
+
+def test_collect_min_frames_compares_runs_at_equal_frames(dmc_runs: list[Path],
+                                                          tmp_path: Path, capsys) -> None:
+    collect = _collect_module()
+    out = tmp_path / "out" / "grid"
+    assert collect.main([str(tmp_path), "--out", str(out), "--min-frames", "30000"]) == 0
+    short = tmp_path / "cheetah_run_cp3er_s2"  # its last evaluation is at 20k frames
+    err = capsys.readouterr().err
+    assert (f"left out of the table, plot and aggregates: {short} stopped at frame 20000 "
+            "(< --min-frames 30000)") in err
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(dmc_runs)  # every run in the CSV
+    table = Path(f"{out}_table.md").read_text()
+    # cheetah_run / cp3er: seeds 0 and 1 only (800, 850), all at 30k frames
+    assert "| cheetah_run | cp3er | 825 [800, 850] | 2 | 30000 |" in table
+    aggregate = json.loads(Path(f"{out}_aggregate.json").read_text())["aggregate"]
+    finals = [800.0, 850.0, *FINAL[("walker_walk", "cp3er")]]
+    assert aggregate["cp3er"]["mean"] == pytest.approx(np.mean(finals) / 1000)
+    # without it the short run's last evaluation (100 at 20k) is its final score
+    assert collect.main([str(tmp_path), "--out", str(out)]) == 0
+    table = Path(f"{out}_table.md").read_text()
+    assert "| cheetah_run | cp3er | 583 " in table and "| 3 | 20000/30000 |" in table
+    assert collect.main([str(tmp_path), "--out", str(out), "--min-frames", "40000"]) == 2
+    assert "no run under" in capsys.readouterr().err
 
 
 def test_cp3er_plot_of_one_run_draws_its_own_curves(tmp_path, capsys):

@@ -7,6 +7,11 @@ At ``--states`` states of an evaluation rollout of the checkpoint's own policy:
   one-step samples; DrQ-v2: its mean action ``tanh(mu)``, before exploration noise);
 * ``spread``: ``agents.policy_stats.action_spread`` of ``--samples`` one-step samples per
   state (CP3ER; 0 for DrQ-v2's deterministic mean);
+* ``between_states``: how much the policy's action changes from state to state:
+  ``sqrt(mean over dimensions of the variance over states)`` of the per-state mean action
+  (CP3ER: the mean of its samples; DrQ-v2: its mean action). 0 for a policy that plays one
+  action everywhere (the constant push of cartpole_swingup), ~1 for a bang-bang policy
+  whose side switches with the state about half the time;
 * ``preclip_beyond_bound`` (CP3ER): fraction of one-step outputs *before* the denoiser's
   clamp that lie outside [-1, 1]: actions no gradient reaches while the clamp is on;
 * ``q_range``: per state, ``max - min`` of Q over 9 actions on the diagonal of the box
@@ -36,6 +41,12 @@ def _q_values(loss, features: torch.Tensor, action: torch.Tensor) -> torch.Tenso
     return torch.minimum(*out).squeeze(-1)
 
 
+def _between_states(actions: torch.Tensor) -> float:
+    """``sqrt(mean over dimensions of the variance over states)`` of ``actions [states,
+    action_dim]`` (ddof 0): the state-to-state variation of a per-state action."""
+    return float(actions.var(dim=0, unbiased=False).mean().sqrt())
+
+
 @torch.no_grad()
 def probe(run_dir: str, states: int = 20, samples: int = 64, seed: int = 7,
           trust: bool = False) -> dict:
@@ -60,10 +71,12 @@ def probe(run_dir: str, states: int = 20, samples: int = 64, seed: int = 7,
         preclip = denoiser.unclipped(noise, sigma, features.expand(samples, *features.shape))
         result.update(bound_frac=float(bound_fraction(draws)),
                       spread=float(action_spread(draws)),
+                      between_states=_between_states(draws.mean(0)),
                       preclip_beyond_bound=float((preclip.abs() > 1).float().mean()))
     else:
         mean = loss.mean_actor(features)
-        result.update(bound_frac=float(bound_fraction(mean)), spread=0.0)
+        result.update(bound_frac=float(bound_fraction(mean)), spread=0.0,
+                      between_states=_between_states(mean))
     grid = torch.linspace(-1, 1, 9)
     q = torch.stack([_q_values(loss, features, torch.full((len(obs), action_dim), float(g)))
                      for g in grid])  # [9, states]

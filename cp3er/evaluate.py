@@ -4,7 +4,10 @@
 ``task``, ``episodes``, ``return_mean``, ``return_iqm``, ``return_ci`` (bootstrap 95% CI
 of the mean), and ``success_rate`` for Meta-World (success at any step of an episode,
 the reference convention). ``cp3er-eval --random-policy <task> --episodes N`` prints the
-same object for the uniform random policy (the floor a learning curve is read against).
+same object for the uniform random policy (the floor a learning curve is read against),
+``cp3er-eval --constant-action <task>:<a1,a2,...> --episodes N`` for one fixed action at
+every step (what a policy collapsed onto one action, the same at every state, scores: on
+cartpole_swingup a constant push, on reacher_easy an arm spinning at full torque).
 """
 
 from __future__ import annotations
@@ -92,6 +95,34 @@ def random_policy_summary(task: str, episodes: int, *, obs: str = "state",
     return summarize(task, results, seed=seed)
 
 
+def constant_action_summary(task: str, action: list[float], episodes: int, *,
+                            obs: str = "state", seed: int = 12345) -> dict:
+    """:func:`summarize` of ``episodes`` episodes playing ``action`` at every step of
+    ``task`` (``obs`` as in :func:`random_policy_summary`); ``ValueError`` naming the
+    task's action size and bounds when ``action`` does not fit them."""
+    from envs import make_env
+
+    env = make_env(task, obs, seed=seed)
+    spec = env.action_spec
+    value = torch.as_tensor(action, dtype=spec.dtype)
+    low, high = spec.space.low, spec.space.high
+    try:
+        if value.shape != spec.shape:
+            raise ValueError(f"{task} takes {spec.shape[-1]} action values, got "
+                             f"{len(action)}: {action}")
+        if not bool(((value >= low) & (value <= high)).all()):
+            raise ValueError(f"the action {action} is outside {task}'s bounds "
+                             f"[{low.tolist()}, {high.tolist()}]")
+
+        def play(tensordict: TensorDictBase) -> TensorDictBase:
+            return tensordict.set("action", value.clone())
+
+        results = run_episodes(env, play, episodes)
+    finally:
+        env.close()
+    return summarize(task, results, seed=seed)
+
+
 def summarize(task: str, results: EpisodeResults, seed: int = 0) -> dict:
     """The JSON summary of ``cp3er-eval``."""
     returns = np.asarray(results.returns, dtype=np.float64)
@@ -130,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", nargs="?", help="a run folder or a checkpoint file")
     parser.add_argument("--random-policy", metavar="TASK", default=None,
                         help="evaluate uniform random actions on TASK instead of a run")
+    parser.add_argument("--constant-action", metavar="TASK:ACTION", default=None,
+                        help="evaluate one fixed action at every step of TASK instead of a run; "
+                             "ACTION: comma-separated values, one per action dimension "
+                             "(e.g. reacher_easy:-1,1)")
     parser.add_argument("--obs", default="state", choices=("state", "pixels"),
-                        help="observation type of --random-policy's env (same returns)")
+                        help="observation type of --random-policy's or --constant-action's "
+                             "env (same returns)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", nargs="?", const="", default=None,
                         help="write a GIF of the first episode (optional path)")
@@ -149,15 +185,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is available on this machine")
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
-    if (args.target is None) == (args.random_policy is None):
-        parser.error("give a run folder or checkpoint, or --random-policy TASK (not both)")
-    if args.random_policy is not None:
+    chosen = [args.target, args.random_policy, args.constant_action]
+    if sum(choice is not None for choice in chosen) != 1:
+        parser.error("give one of: a run folder or checkpoint, --random-policy TASK, "
+                     "--constant-action TASK:ACTION")
+    if args.constant_action is not None:
+        task, _, text = args.constant_action.partition(":")
+        try:
+            action = [float(value) for value in text.split(",")]
+        except ValueError:
+            parser.error(f"--constant-action TASK:ACTION, ACTION comma-separated numbers "
+                         f"(e.g. reacher_easy:-1,1); got {args.constant_action!r}")
+    if args.target is None:
         from envs.registry import UnknownTaskError
 
         try:
-            summary = random_policy_summary(args.random_policy, args.episodes, obs=args.obs,
-                                            seed=args.seed)
-        except UnknownTaskError as error:
+            if args.random_policy is not None:
+                summary = random_policy_summary(args.random_policy, args.episodes,
+                                                obs=args.obs, seed=args.seed)
+            else:
+                summary = constant_action_summary(task, action, args.episodes, obs=args.obs,
+                                                  seed=args.seed)
+        except (UnknownTaskError, ValueError) as error:
             print(f"cp3er-eval: {error}", file=sys.stderr)
             return 2
         print(json.dumps(summary))

@@ -55,7 +55,7 @@ def test_probe_reads_frame_and_weights_from_one_checkpoint(tiny_run: Path, tmp_p
     assert result["frame"] == 400 and result["states"] == 4 and result["agent"] == "cp3er"
     assert 0.0 <= result["bound_frac"] <= 1.0 and 0.0 <= result["preclip_beyond_bound"] <= 1.0
     assert result["spread"] > 0.0  # a 400-frame policy has not collapsed
-    assert result["q_range"] >= 0.0
+    assert result["q_range"] >= 0.0 and result["between_states"] >= 0.0
     # the checkpoint is read once: a run replacing latest.pt after that cannot mix the
     # frame counter of one checkpoint with the weights of another
     reads = []
@@ -68,3 +68,13 @@ def test_probe_reads_frame_and_weights_from_one_checkpoint(tiny_run: Path, tmp_p
     monkeypatch.setattr(session, "load_checkpoint", counted)
     assert probe.probe(str(run), states=4, samples=8) == result
     assert len(reads) == 1
+
+
+def test_between_states_of_known_policies() -> None:
+    between = _probe_module()._between_states
+    assert between(torch.full((10, 2), 1.0)) == 0.0  # one action everywhere
+    half = torch.tensor([[1.0], [-1.0]]).repeat(5, 1)  # bang-bang, sides half the time
+    assert between(half) == pytest.approx(1.0)
+    # per-dimension variances averaged before the root: dimension 1 constant
+    mixed = torch.cat([half, torch.zeros(10, 1)], dim=1)
+    assert between(mixed) == pytest.approx(0.5 ** 0.5)

@@ -111,3 +111,29 @@ def test_random_policy_evaluation_and_its_errors() -> None:
     assert evaluate_main(["--random-policy", "cartpole_swingp"]) == 2  # names the closest
     with pytest.raises(SystemExit):
         evaluate_main([])  # neither a run nor --random-policy
+
+
+def test_constant_action_evaluation_and_its_errors(capsys) -> None:
+    from cp3er.evaluate import constant_action_summary
+    from cp3er.evaluate import main as evaluate_main
+
+    # the constant push: the cart runs into the end of its rail, the pole never swings up
+    summary = constant_action_summary("cartpole_swingup", [1.0], episodes=2, seed=4)
+    assert summary["episode_length_mean"] == 500 and 70 < summary["return_mean"] < 78
+    assert constant_action_summary("cartpole_swingup", [1.0], episodes=2, seed=4) == summary
+    assert evaluate_main(["--constant-action", "cartpole_swingup:-1", "--episodes", "1"]) == 0
+    assert 70 < json.loads(capsys.readouterr().out)["return_mean"] < 78
+    assert evaluate_main(["--constant-action", "reacher_easy:1"]) == 2
+    assert "reacher_easy takes 2 action values, got 1: [1.0]" in capsys.readouterr().err
+    assert evaluate_main(["--constant-action", "reacher_easy:1,2"]) == 2
+    assert "outside reacher_easy's bounds" in capsys.readouterr().err
+    assert evaluate_main(["--constant-action", "reacher_esy:1,1"]) == 2
+    assert "closest: reacher_easy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(["--constant-action", "reacher_easy:1,x"])
+    assert "got 'reacher_easy:1,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no action at all
+        evaluate_main(["--constant-action", "reacher_easy"])
+    with pytest.raises(SystemExit):  # two policies at once
+        evaluate_main(["--random-policy", "reacher_easy", "--constant-action",
+                       "reacher_easy:1,1"])

@@ -26,6 +26,11 @@ adds, and why (TorchRL 0.14.1, Ray 2.60):
   ``update_policy_weights_()`` then sends the workers' policy copy's current weights and
   buffers. The workers act on the CPU (a CPU node has no GPU): the policy copy lives there,
   its tensors contiguous (:func:`make_contiguous_`: gloo refuses channels-last weights).
+  TorchRL waits a fixed 60 s (a private module constant, no argument) for every actor to
+  join that gloo group; an actor still importing torch and building its env on a busy
+  machine takes longer and the run died with ``DistStoreError: wait timeout``.
+  :func:`lengthen_ray_weight_sync_timeout` raises the wait to
+  ``RAY_WEIGHT_SYNC_TIMEOUT``.
 - **Ray's lifetime** (:func:`ray_runtime`): ``ray.init`` (a local Ray with ``workers`` CPUs
   when ``collector.ray_address`` is null, else the cluster at that address) for the
   duration of the collection, ``ray.shutdown()`` at its end only if this process started
@@ -44,6 +49,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -55,6 +61,9 @@ from torchrl.collectors import (
     MultiSyncCollector,
 )
 
+#: how long the Ray backend waits for its actors to join the weight-sync group
+#: (:func:`lengthen_ray_weight_sync_timeout`; TorchRL's own: 60 s)
+RAY_WEIGHT_SYNC_TIMEOUT = timedelta(minutes=5)
 #: ``collector.backend`` choices: worker processes on this machine, or Ray actors.
 COLLECTOR_BACKENDS = ("local", "ray")
 #: how to install the Ray backend's dependency (the ``ray`` extra of pyproject.toml)
@@ -99,6 +108,7 @@ def worker_collector(factories: Sequence[Callable], policy: torch.nn.Module, *,
                          f"{', '.join(COLLECTOR_BACKENDS)}")
     from torchrl.collectors.distributed import RayCollector
 
+    lengthen_ray_weight_sync_timeout()
     device = common.pop("device", None)
     storing_device = common.pop("storing_device", None)
     make_contiguous_(policy)
@@ -121,6 +131,18 @@ def worker_collector(factories: Sequence[Callable], policy: torch.nn.Module, *,
         collector.shutdown()  # its actors, also on a cluster this process did not start
         raise
     return collector
+
+
+def lengthen_ray_weight_sync_timeout(timeout: timedelta = RAY_WEIGHT_SYNC_TIMEOUT) -> None:
+    """Let TorchRL's Ray weight sync wait ``timeout`` (at least) for the actors to join its
+    gloo group (module docstring). Our own workaround: TorchRL 0.14 hard-codes 60 s in
+    ``torchrl.weight_update._ray._DIST_TIMEOUT`` and takes no argument for it. A TorchRL
+    without that constant is left as it is."""
+    from torchrl.weight_update import _ray as ray_weight_sync
+
+    current = getattr(ray_weight_sync, "_DIST_TIMEOUT", None)
+    if isinstance(current, timedelta) and current < timeout:
+        ray_weight_sync._DIST_TIMEOUT = timeout
 
 
 def ray_random_steps(steps: int, workers: int, chunk: int) -> int:

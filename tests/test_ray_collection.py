@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,10 @@ ray = pytest.importorskip("ray", reason="collector.backend=ray needs the ray ext
 from tiny_run import tiny_cfg  # noqa: E402
 
 from cp3er.collection import (  # noqa: E402
+    RAY_WEIGHT_SYNC_TIMEOUT,
     TRAJ_ID_OFFSET,
     RayClusterError,
+    lengthen_ray_weight_sync_timeout,
     ray_random_steps,
     ray_runtime,
 )
@@ -37,6 +40,21 @@ def test_random_steps_are_rounded_up_to_whole_batches_of_all_workers() -> None:
     assert ray_random_steps(5000, workers=3, chunk=2) == 5004  # as ceil(5000 / 6) batches
     assert ray_random_steps(1, workers=4, chunk=2) == 8
     assert ray_random_steps(0, workers=2, chunk=2) == ray_random_steps(-1, 2, 2) == 0
+
+
+def test_ray_weight_sync_waits_for_slow_actors(monkeypatch) -> None:
+    """TorchRL's 60 s wait for the actors to join the weight-sync group is raised, never
+    lowered. The constant must exist: if a TorchRL upgrade renames it, this fails and the
+    workaround (cp3er.collection) needs a look."""
+    from torchrl.weight_update import _ray as ray_weight_sync
+
+    assert isinstance(ray_weight_sync._DIST_TIMEOUT, timedelta)
+    monkeypatch.setattr(ray_weight_sync, "_DIST_TIMEOUT", timedelta(seconds=60))
+    lengthen_ray_weight_sync_timeout()
+    assert ray_weight_sync._DIST_TIMEOUT == RAY_WEIGHT_SYNC_TIMEOUT > timedelta(seconds=60)
+    monkeypatch.setattr(ray_weight_sync, "_DIST_TIMEOUT", timedelta(minutes=30))
+    lengthen_ray_weight_sync_timeout()
+    assert ray_weight_sync._DIST_TIMEOUT == timedelta(minutes=30)
 
 
 def test_ray_runtime_checks_the_cpus_and_leaves_a_ray_it_did_not_start_running() -> None:

@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/cpu_pixel_suite.sh                     # the main grid (below)
 #   JOBS=benchmarks/cpu_pixel_ablations.txt bash benchmarks/cpu_pixel_suite.sh
-#   python benchmarks/collect.py runs/cpu_pixels/main --out docs/results/cpu_pixels
+#   python benchmarks/collect.py runs/cpu_pixels --out docs/results/cpu_pixels --min-frames 60000
 #
 # A job is one line "task agent seed [label [override ...]]"; the run folder is
 # $OUT/<task>_<label>_s<seed> (label defaults to the agent) and the label names the run in

@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"collect: skipped: {error}", file=sys.stderr)
         if not paths:
             raise PlotError(f"no run under {args.grid_dir} has an evaluation yet")
-        compared = [(path, row) for path, row in zip(paths, rows, strict=True)
-                    if row["frames"] >= args.min_frames]
+        compared = []  # (path, row) of the runs that reached --min-frames
         for path, row in zip(paths, rows, strict=True):
-            if row["frames"] < args.min_frames:
+            if row["frames"] >= args.min_frames:
+                compared.append((path, row))
+            else:
                 print(f"collect: left out of the table, plot and aggregates: {path} stopped "
                       f"at frame {row['frames']} (< --min-frames {args.min_frames})",
                       file=sys.stderr)

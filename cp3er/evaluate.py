@@ -86,13 +86,7 @@ def random_policy_summary(task: str, episodes: int, *, obs: str = "state",
 
     Random actions ignore the observation, so ``obs="state"`` (the default: no rendering)
     measures the same return distribution as pixels, faster."""
-    from envs import make_env
-
-    env = make_env(task, obs, seed=seed)
-    torch.manual_seed(seed)  # the action spec's uniform draws use torch's global RNG
-    results = run_episodes(env, None, episodes)
-    env.close()
-    return summarize(task, results, seed=seed)
+    return _fixed_policy_summary(task, episodes, obs, seed, lambda env: None)
 
 
 def constant_action_summary(task: str, action: list[float], episodes: int, *,
@@ -100,24 +94,33 @@ def constant_action_summary(task: str, action: list[float], episodes: int, *,
     """:func:`summarize` of ``episodes`` episodes playing ``action`` at every step of
     ``task`` (``obs`` as in :func:`random_policy_summary`); ``ValueError`` naming the
     task's action size and bounds when ``action`` does not fit them."""
-    from envs import make_env
 
-    env = make_env(task, obs, seed=seed)
-    spec = env.action_spec
-    value = torch.as_tensor(action, dtype=spec.dtype)
-    low, high = spec.space.low, spec.space.high
-    try:
+    def constant_policy(env: EnvBase) -> Callable:
+        spec = env.action_spec
+        value = torch.as_tensor(action, dtype=spec.dtype)
+        low, high = spec.space.low, spec.space.high
         if value.shape != spec.shape:
             raise ValueError(f"{task} takes {spec.shape[-1]} action values, got "
                              f"{len(action)}: {action}")
         if not bool(((value >= low) & (value <= high)).all()):
             raise ValueError(f"the action {action} is outside {task}'s bounds "
                              f"[{low.tolist()}, {high.tolist()}]")
+        return lambda tensordict: tensordict.set("action", value.clone())
 
-        def play(tensordict: TensorDictBase) -> TensorDictBase:
-            return tensordict.set("action", value.clone())
+    return _fixed_policy_summary(task, episodes, obs, seed, constant_policy)
 
-        results = run_episodes(env, play, episodes)
+
+def _fixed_policy_summary(task: str, episodes: int, obs: str, seed: int,
+                          policy_for: Callable[[EnvBase], Callable | None]) -> dict:
+    """:func:`summarize` of ``episodes`` episodes on a fresh ``task`` env of the policy
+    ``policy_for(env)`` gives (``None``: uniform random actions)."""
+    from envs import make_env
+
+    env = make_env(task, obs, seed=seed)
+    try:
+        policy = policy_for(env)
+        torch.manual_seed(seed)  # the action spec's uniform draws use torch's global RNG
+        results = run_episodes(env, policy, episodes)
     finally:
         env.close()
     return summarize(task, results, seed=seed)

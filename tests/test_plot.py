@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import benchmark_module
 from scipy import stats
 
 from cp3er.plot import PlotError, main, plot_learning_curve, summarize
@@ -227,19 +228,9 @@ def test_label_groups_variants_of_one_agent(tmp_path, capsys):
     assert report["aggregate"]["cp3er_st"]["mean"] == pytest.approx(0.5)
 
 
-def _collect_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "collect.py"
-    spec = importlib.util.spec_from_file_location("collect", path)
-    collect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect)
-    return collect
-
-
 def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
                                                          tmp_path: Path, capsys) -> None:
-    collect = _collect_module()
+    collect = benchmark_module("collect")
     launched = dmc_runs[0]
     (launched / ".hydra").mkdir()
     (launched / ".hydra" / "overrides.yaml").write_text(
@@ -263,7 +254,7 @@ def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
 
 def test_collect_min_frames_compares_runs_at_equal_frames(dmc_runs: list[Path],
                                                           tmp_path: Path, capsys) -> None:
-    collect = _collect_module()
+    collect = benchmark_module("collect")
     out = tmp_path / "out" / "grid"
     assert collect.main([str(tmp_path), "--out", str(out), "--min-frames", "30000"]) == 0
     short = tmp_path / "cheetah_run_cp3er_s2"  # its last evaluation is at 20k frames

@@ -3,26 +3,18 @@ restore of an agent from a checkpoint loaded once (cp3er.session.restore_agent_f
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import benchmark_module
 from tiny_run import tiny_cfg
 
 from cp3er import session
 from cp3er.checkpoint import load_checkpoint
 from cp3er.session import load_agent_for_eval, restore_agent_for_eval
 from cp3er.train import Trainer
-
-
-def _probe_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("probe_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +40,7 @@ def test_restore_from_a_loaded_checkpoint_is_the_loaded_agent(tiny_run: Path) ->
 
 def test_probe_reads_frame_and_weights_from_one_checkpoint(tiny_run: Path, tmp_path: Path,
                                                            monkeypatch) -> None:
-    probe = _probe_module()
+    probe = benchmark_module("probe_checkpoint")
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     result = probe.probe(str(run), states=4, samples=8)
@@ -71,7 +63,7 @@ def test_probe_reads_frame_and_weights_from_one_checkpoint(tiny_run: Path, tmp_p
 
 
 def test_between_states_of_known_policies() -> None:
-    between = _probe_module()._between_states
+    between = benchmark_module("probe_checkpoint")._between_states
     assert between(torch.full((10, 2), 1.0)) == 0.0  # one action everywhere
     half = torch.tensor([[1.0], [-1.0]]).repeat(5, 1)  # bang-bang, sides half the time
     assert between(half) == pytest.approx(1.0)

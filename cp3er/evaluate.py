@@ -137,6 +137,9 @@ def summarize(task: str, results: EpisodeResults, seed: int = 0) -> dict:
         "return_iqm": float(interquartile_mean(returns)),
         "return_ci": [float(low), float(high)],
         "episode_length_mean": float(np.mean(results.lengths)),
+        # per episode, in order: with one --seed, episode i starts from the same state for
+        # every policy, so two runs' returns can be compared episode by episode
+        "returns": [round(float(r), 3) for r in returns],
     }
     if results.successes:
         summary["success_rate"] = float(np.mean(results.successes))

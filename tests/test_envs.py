@@ -225,6 +225,28 @@ def test_seeding(task: str, obs: str) -> None:
         assert not torch.equal(obs_a, obs_c)
 
 
+@pytest.mark.parametrize("task", ["reacher_easy", "cartpole_swingup"])
+def test_episode_starts_do_not_depend_on_the_actions_played(task: str) -> None:
+    """With one seed, episode i starts from the same state whatever the policy did before:
+    what lets ``cp3er-eval --seed`` compare two policies episode by episode."""
+
+    def episode_starts(action_value: float) -> list[torch.Tensor]:
+        env = make_env(task, "state", seed=11)
+        action = torch.full(env.action_spec.shape, action_value)
+        starts = []
+        for _ in range(3):
+            rollout = env.rollout(10_000, lambda td: td.set("action", action),
+                                  break_when_any_done=True)
+            starts.append(rollout[0]["observation"].clone())
+        env.close()
+        return starts
+
+    pushed_left, pushed_right = episode_starts(-1.0), episode_starts(1.0)
+    for left, right in zip(pushed_left, pushed_right, strict=True):
+        assert torch.equal(left, right)
+    assert not torch.equal(pushed_left[0], pushed_left[1])  # the episodes do differ
+
+
 def _reference_cheetah_frames(steps: int = 2) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Fixed actions and the pixel frames of cheetah_run (seed 3) rendered in isolation."""
     import os

@@ -57,6 +57,8 @@ def test_pixel_run_writes_the_run_folder_and_evaluates(tmp_path: Path) -> None:
     for key in ("return_mean", "return_iqm", "return_ci"):
         assert key in summary
     assert summary["return_ci"][0] <= summary["return_mean"] <= summary["return_ci"][1]
+    assert len(summary["returns"]) == 2
+    assert abs(sum(summary["returns"]) / 2 - summary["return_mean"]) < 1e-2
     assert Path(summary["video"]).is_file()
 
 

@@ -3,6 +3,7 @@ restore of an agent from a checkpoint loaded once (cp3er.session.restore_agent_f
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tiny_run import tiny_cfg
 
 from cp3er import session
 from cp3er.checkpoint import load_checkpoint
+from cp3er.plot import read_metrics
 from cp3er.session import load_agent_for_eval, restore_agent_for_eval
 from cp3er.train import Trainer
 
@@ -70,3 +72,46 @@ def test_between_states_of_known_policies() -> None:
     # per-dimension variances averaged before the root: dimension 1 constant
     mixed = torch.cat([half, torch.zeros(10, 1)], dim=1)
     assert between(mixed) == pytest.approx(0.5 ** 0.5)
+
+
+def test_reevaluation_matches_cp3er_eval_and_resumes(tiny_run: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    """benchmarks/reevaluate.py: the same episodes and returns as cp3er-eval's with the same
+    seed, one line per run, and a second invocation evaluates nothing again."""
+    from cp3er.evaluate import run_episodes
+
+    reevaluate = benchmark_module("reevaluate")
+    out = tmp_path / "reeval.jsonl"
+    assert reevaluate.main([str(tiny_run), "--out", str(out), "--episodes", "2",
+                            "--seed", "5"]) == 0
+    (row,) = reevaluate.read_rows(out)
+    assert (row["task"], row["agent"], row["frame"], row["episodes"]) == (
+        "cartpole_balance", "cp3er", 400, 2)
+    assert row["logged_final_frame"] == 400  # the run's own final evaluation, beside it
+    assert row["logged_final_return"] == float(read_metrics(tiny_run)[-1]["episode_return"])
+    _, env, agent = load_agent_for_eval(tiny_run, seed=5)
+    torch.manual_seed(5)
+    expected = run_episodes(env, agent.policy, 2).returns
+    env.close()
+    assert row["returns"] == [round(r, 3) for r in expected]
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["cp3er"]["reevaluated"]["mean"] == pytest.approx(row["return_mean"] / 1000)
+
+    text = out.read_text()
+    assert reevaluate.main([str(tiny_run), "--out", str(out), "--episodes", "2",
+                            "--seed", "5"]) == 0
+    assert out.read_text() == text  # nothing evaluated twice
+    assert reevaluate.main([str(tmp_path), "--out", str(out)]) == 2  # no run there
+
+
+def test_reevaluation_aggregates_per_agent_and_task() -> None:
+    aggregates = benchmark_module("reevaluate").aggregates
+    rows = [{"agent": agent, "task": task, "return_mean": mean, "logged_final_return": logged}
+            for agent, task, mean, logged in [
+                ("a", "t1", 100.0, 300.0), ("a", "t1", 300.0, 100.0), ("a", "t2", 200.0, 0.0),
+                ("b", "t1", 50.0, None)]]
+    result = aggregates(rows)
+    assert result["a"]["runs_per_task"] == {"t1": 2, "t2": 1}
+    assert result["a"]["reevaluated"]["mean"] == pytest.approx(0.2)
+    assert result["a"]["logged_final"]["mean"] == pytest.approx(0.4 / 3)
+    assert result["b"]["logged_final"] is None

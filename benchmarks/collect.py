@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp3er.plot import PlotError, find_run_dirs, load_run, summarize
+from cp3er.plot import PlotError, eval_rows, find_run_dirs, load_run, summarize
 from cp3er.stats import bootstrap_mean_ci
 
 COLUMNS = ["task", "agent", "obs", "seed", "frames", "final_return", "best_return",
@@ -61,7 +61,7 @@ def run_dirs(grid_dir: Path) -> list[Path]:
 
 def run_row(path: Path) -> dict:
     run = load_run(path)
-    evals = [r for r in run.rows if r["phase"] == "eval" and r["episode_return"]]
+    evals = eval_rows(run)
     if not evals:
         raise PlotError(f"{path} has no evaluation rows yet")
     returns = [float(r["episode_return"]) for r in evals]

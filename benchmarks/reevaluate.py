@@ -5,7 +5,7 @@ A run's logged final return is the mean of its last evaluation's few episodes (5
 CPU pixel profile). Where a task's returns are bimodal (reacher_easy: an episode scores ~0
 or several hundred, depending on where its target lies) that number moves by hundreds
 between evaluations, and two runs' finals are drawn on different episodes
-(docs/results/README.md, "Re-evaluated on common episodes"). This script evaluates every
+(docs/results/README.md, CPU pixel profile, diagnosis item 12). This script evaluates every
 run's checkpoint with more episodes and one ``--seed``, so that every policy plays the
 same episodes: episode i starts from the same state whatever the policy
 (tests/test_envs.py), and two runs can be compared episode by episode.
@@ -36,7 +36,7 @@ import torch
 
 from cp3er.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from cp3er.evaluate import run_episodes, summarize
-from cp3er.plot import PlotError, load_run
+from cp3er.plot import PlotError, eval_rows, load_run
 from cp3er.session import restore_agent_for_eval
 from cp3er.stats import aggregate_metrics
 
@@ -45,7 +45,7 @@ def reevaluate(run_dir: Path, episodes: int, seed: int, trust: bool = False) -> 
     """``cp3er-eval``'s summary of the run's latest checkpoint over ``episodes`` episodes
     with evaluation seed ``seed``, with the run's identity and its logged final return."""
     run = load_run(run_dir)
-    evals = [r for r in run.rows if r["phase"] == "eval" and r["episode_return"]]
+    evals = eval_rows(run)
     state = load_checkpoint(run_dir, trust=trust)  # once: weights and counters agree
     cfg, env, agent = restore_agent_for_eval(state, seed=seed)
     torch.manual_seed(seed)

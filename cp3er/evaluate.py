@@ -2,9 +2,10 @@
 
 ``cp3er-eval <run_dir or checkpoint> --episodes N [--video]`` prints one JSON object:
 ``task``, ``episodes``, ``return_mean``, ``return_iqm``, ``return_ci`` (bootstrap 95% CI
-of the mean), and ``success_rate`` for Meta-World (success at any step of an episode,
-the reference convention). ``cp3er-eval --random-policy <task> --episodes N`` prints the
-same object for the uniform random policy (the floor a learning curve is read against),
+of the mean), ``returns`` (each episode's, in order), and ``success_rate`` for
+Meta-World (success at any step of an episode, the reference convention). ``cp3er-eval
+--random-policy <task> --episodes N`` prints the same object for the uniform random
+policy (the floor a learning curve is read against),
 ``cp3er-eval --constant-action <task>:<a1,a2,...> --episodes N`` for one fixed action at
 every step (what a policy collapsed onto one action, the same at every state, scores: on
 cartpole_swingup a constant push, on reacher_easy an arm spinning at full torque).

@@ -159,6 +159,12 @@ def _value(cell: str | None) -> float:
     return float(cell)
 
 
+def eval_rows(run: Run) -> list[dict[str, str]]:
+    """``run``'s evaluation rows that logged a return, in the order logged (the last one is
+    the run's final evaluation)."""
+    return [r for r in run.rows if r["phase"] == "eval" and r["episode_return"]]
+
+
 def run_series(run: Run, metric: str, phase: str = "eval") -> tuple[np.ndarray, np.ndarray]:
     """Frames (increasing, unique) and ``metric`` values of ``run``'s ``phase`` rows.
 

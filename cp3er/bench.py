@@ -558,10 +558,12 @@ def bench_checkpoint(transitions: int) -> dict:
         hash_s = time.perf_counter() - start
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    # The hash and its shares to 3 significant figures, not fixed decimals: hashing the
+    # small --quick / test buffers takes a few milliseconds, which round(x, 2) made 0.0.
     return {"transitions": transitions, "bytes": size, "write_s": round(write_s, 2),
-            "load_s": round(load_s, 2), "hash_s": round(hash_s, 2),
-            "hash_frac_write": round(hash_s / write_s, 3),
-            "hash_frac_load": round(hash_s / load_s, 3)}
+            "load_s": round(load_s, 2), "hash_s": float(f"{hash_s:.3g}"),
+            "hash_frac_write": float(f"{hash_s / write_s:.3g}"),
+            "hash_frac_load": float(f"{hash_s / load_s:.3g}")}
 
 
 def _machine(device: torch.device) -> dict:

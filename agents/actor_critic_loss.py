@@ -98,8 +98,9 @@ class EncoderActorCriticLoss(LossModule):
         diffusion teacher), else ``None``."""
         return None
 
-    def update_ema(self) -> None:
-        """Move EMA copies after the actor step (CP3ER's ``ema_decay``); none here."""
+    def after_actor_step(self, metrics: dict[str, torch.Tensor]) -> None:
+        """State moved after each actor step from its ``metrics`` (CP3ER: the EMA target,
+        the adaptive lambda); none here."""
 
     def critic_loss(self, tensordict: TensorDictBase, features: torch.Tensor,
                     next_features: torch.Tensor) -> tuple[torch.Tensor, dict]:

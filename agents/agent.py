@@ -88,6 +88,7 @@ class Agent:
     updater: SoftUpdate
     obs_key: str
     grad_clip: float | None = None  # max global grad norm per optimiser step (None: off)
+    actor_grad_clip: float | None = None  # the actor's own limit (CPQL: 2.0); None: grad_clip
     exploration: ScheduledGaussianNoise | None = None  # acting noise (DrQ-v2), None: none
     precision: str = "fp32"  # PRECISIONS: the update's (module docstring)
     cuda_graph: bool = False  # capture the update as a CUDA graph (module docstring)
@@ -167,7 +168,7 @@ class Agent:
         """Actor step on detached ``features`` with the (just updated) critic."""
         loss, metrics = self._losses(self.loss.actor_loss, batch, features)
         self._step(("actor",), loss)
-        self.loss.update_ema()  # CP3ER's EMA consistency target, when it has one
+        self.loss.after_actor_step(metrics)  # CP3ER's EMA target and adaptive lambda
         return {"loss_actor": loss.detach(), **metrics}
 
     def update_target(self) -> None:
@@ -194,17 +195,21 @@ class Agent:
 
     def _step(self, names: tuple[str, ...], loss: torch.Tensor) -> None:
         """Zero the named optimisers' gradients, backpropagate ``loss``, clip each
-        optimiser's gradient norm to ``grad_clip`` (when set) and step them. The encoder has
-        no optimiser on state tasks (no parameters): names not built are skipped."""
-        optimizers = [self.optimizers[n] for n in names if n in self.optimizers]
-        for optimizer in optimizers:
+        optimiser's gradient norm to ``grad_clip`` (the actor's to ``actor_grad_clip`` when
+        set) and step them. The encoder has no optimiser on state tasks (no parameters):
+        names not built are skipped."""
+        optimizers = {n: self.optimizers[n] for n in names if n in self.optimizers}
+        for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_clip is not None:
-            for optimizer in optimizers:
+        for name, optimizer in optimizers.items():
+            limit = self.grad_clip
+            if name == "actor" and self.actor_grad_clip is not None:
+                limit = self.actor_grad_clip
+            if limit is not None:
                 params = [p for group in optimizer.param_groups for p in group["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        for optimizer in optimizers:
+                torch.nn.utils.clip_grad_norm_(params, limit)
+        for optimizer in optimizers.values():
             optimizer.step()
 
     # -- acting ---------------------------------------------------------------------------

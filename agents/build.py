@@ -15,10 +15,17 @@ from torchrl.objectives import LossModule, SoftUpdate
 
 from agents.agent import Agent
 from agents.augment import RandomShift
-from agents.cp3er import CP3ERLoss, make_consistency_actor, make_denoiser, make_policy
+from agents.cp3er import (
+    CP3ERLoss,
+    QSelectedPolicy,
+    make_consistency_actor,
+    make_denoiser,
+    make_policy,
+)
 from agents.critic import MoGCritic
 from agents.drqv2 import DoubleQCritic, DrQV2Loss, ScheduledGaussianNoise, make_drqv2_actor
 from agents.encoder import PixelEncoder, StateEncoder
+from agents.stability import AdaptiveWeight
 from cp3er.consistency import ConsistencyDistillationLoss, ConsistencyTrainingLoss, KarrasSchedule
 
 AGENTS = ("cp3er", "drqv2")
@@ -93,8 +100,21 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
         augmentation=augmentation,
         share_condition=cfg.perf.share_condition,
         ema_decay=acfg.consistency.ema_decay,
+        normalize_q=acfg.stability.normalize_q,
+        bound_penalty=acfg.stability.bound_penalty,
+        adaptive_lambda=_adaptive_lambda(acfg),
     )
     return loss, None
+
+
+def _adaptive_lambda(acfg: DictConfig) -> AdaptiveWeight | None:
+    """``agent.stability.target_spread`` set: lambda tuned to hold that ``action_spread``,
+    starting from ``agent.lambda_consistency``."""
+    st = acfg.stability
+    if st.target_spread is None:
+        return None
+    return AdaptiveWeight(acfg.lambda_consistency, st.target_spread, lr=st.lambda_lr,
+                          minimum=st.lambda_min, maximum=st.lambda_max)
 
 
 def _consistency_loss(ccfg: DictConfig, schedule: KarrasSchedule,
@@ -153,6 +173,17 @@ def compile_networks(loss: LossModule, mode: str = "default") -> None:
         actor.policy.compile(mode=mode)
 
 
+def _acting_actor(cfg: DictConfig, loss: LossModule) -> TensorDictModule:
+    """The actor the policy runs: the loss's own, or (CP3ER with
+    ``agent.stability.act_candidates`` > 1) one choosing among candidates by Q."""
+    stability = cfg.agent.get("stability", {})
+    candidates = int(stability.get("act_candidates", 1))
+    if candidates <= 1:
+        return loss.actor
+    selector = QSelectedPolicy(loss, candidates, float(stability.act_temperature))
+    return TensorDictModule(selector, in_keys=loss.actor.in_keys, out_keys=loss.actor.out_keys)
+
+
 _LOSS_BUILDERS = {"cp3er": _cp3er_loss, "drqv2": _drqv2_loss}
 
 
@@ -177,9 +208,11 @@ def build_agent(cfg: DictConfig, env: EnvBase, device: str | torch.device = "cpu
                              fused=cfg.perf.fused_adam, capturable=cuda_graph)
     if cfg.perf.compile:
         compile_networks(loss, str(cfg.perf.compile_mode))
-    policy = make_policy(encoder, loss.actor)
+    policy = make_policy(encoder, _acting_actor(cfg, loss))
     grad_clip = cfg.optim.grad_clip
+    actor_clip = cfg.agent.get("stability", {}).get("actor_grad_clip")  # CP3ER only
     return Agent(policy, loss, optimizers, updater, obs_key,
                  grad_clip=None if grad_clip is None else float(grad_clip),
+                 actor_grad_clip=None if actor_clip is None else float(actor_clip),
                  exploration=exploration, precision=str(cfg.perf.precision),
                  cuda_graph=cuda_graph)

@@ -15,10 +15,12 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictSequential
 from tensordict.utils import NestedKey
 from torch import nn
+from torchrl.envs.utils import ExplorationType, exploration_type
 
 from agents.actor_critic_loss import EncoderActorCriticLoss
 from agents.critic import MoGCritic, mog_log_prob, mog_mean
 from agents.policy_stats import action_spread, bound_fraction
+from agents.stability import AdaptiveWeight, bound_penalty, normalized_q_term
 from cp3er.consistency import (
     ConditionalMLP,
     ConsistencyTrainingLoss,
@@ -29,6 +31,7 @@ from cp3er.consistency import (
     ema_target,
     ema_update,
     sample_one_step,
+    sample_one_step_unclipped,
 )
 
 #: States of a batch (its first ones) and draws per state of the ``action_spread`` metric.
@@ -117,6 +120,43 @@ def make_policy(encoder: TensorDictModule, actor: TensorDictModule) -> TensorDic
     return TensorDictSequential(encoder, actor)
 
 
+class QSelectedPolicy(nn.Module):
+    """``features -> action``: ``num_candidates`` one-step samples per state, one of them
+    chosen by ``softmax(Q / temperature)`` over the candidates (CPQL's online action
+    selection, Chen et al. 2024), or the best one under ``ExplorationType.DETERMINISTIC``
+    (evaluation). Q is the mixture mean of the loss's current critic. Acting only: the
+    actor's training objective is unchanged (``agent.stability.act_candidates``).
+
+    The loss is held by reference, not registered: the actor's and the critic's weights
+    are saved with the loss, and this module adds no state of its own.
+    """
+
+    def __init__(self, loss: CP3ERLoss, num_candidates: int, temperature: float = 1.0
+                 ) -> None:
+        super().__init__()
+        if num_candidates < 2:
+            raise ValueError(f"num_candidates must be >= 2, got {num_candidates}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self._loss = (loss,)  # a tuple: not a submodule
+        self.num_candidates, self.temperature = num_candidates, float(temperature)
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        loss = self._loss[0]
+        expanded = features.expand(self.num_candidates, *features.shape)
+        candidates = loss.policy(expanded)  # [N, *batch, action_dim]
+        with loss.critic_params.to_module(loss.critic):
+            q = loss.critic.mean(expanded, candidates).squeeze(-1)  # [N, *batch]
+        if exploration_type() == ExplorationType.DETERMINISTIC:
+            choice = q.argmax(0)
+        else:
+            logits = (q / self.temperature).movedim(0, -1)
+            choice = torch.distributions.Categorical(logits=logits).sample()
+        index = choice.unsqueeze(0).unsqueeze(-1).expand(1, *candidates.shape[1:])
+        return candidates.gather(0, index).squeeze(0)
+
+
 class CP3ERLoss(EncoderActorCriticLoss):
     """CP3ER objective: MoG critic NLL and ``-Q + lambda * L_c`` actor loss.
 
@@ -133,7 +173,13 @@ class CP3ERLoss(EncoderActorCriticLoss):
     * Actor (docs/implementation.md, item 5): features detached, critic parameters detached;
       ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``. Trains the actor only.
       ``L_c`` is ``consistency_loss`` (any loss of the core's signature; default consistency
-      training).
+      training). Remedies for the policy's collapse onto the bounds (``agents.stability``,
+      docs/method.md; all off by default, the paper's objective):
+      ``normalize_q`` divides the Q term by its detached batch scale (``-Q / mean|Q|``);
+      ``bound_penalty`` adds ``beta * mean relu(|u| - 1)^2`` of the one-step output ``u``
+      before the clip; ``adaptive_lambda`` replaces the fixed lambda by an
+      :class:`~agents.stability.AdaptiveWeight` that holds ``action_spread`` at a target,
+      stepped by :meth:`after_actor_step`.
     * Teacher (only when ``consistency_loss`` has a ``teacher``: a
       :class:`~cp3er.consistency.ConsistencyDistillationLoss`): :meth:`teacher_loss`, the EDM
       denoising loss (:class:`~cp3er.consistency.DenoisingLoss`) of the diffusion teacher on
@@ -179,10 +225,18 @@ class CP3ERLoss(EncoderActorCriticLoss):
         share_condition: bool = True,
         denoising_loss: DenoisingLoss | None = None,
         ema_decay: float | None = None,
+        normalize_q: bool = False,
+        bound_penalty: float = 0.0,
+        adaptive_lambda: AdaptiveWeight | None = None,
     ) -> None:
         super().__init__(encoder, actor, critic, augmentation=augmentation)
+        if bound_penalty < 0:
+            raise ValueError(f"bound_penalty must be >= 0, got {bound_penalty}")
         self.share_condition = share_condition
         self.lambda_consistency = lambda_consistency
+        self.normalize_q = normalize_q
+        self.bound_penalty = float(bound_penalty)
+        self.adaptive_lambda = adaptive_lambda
         self.target_samples = target_samples
         self.consistency_loss = consistency_loss or ConsistencyTrainingLoss(
             self.policy.denoiser.schedule
@@ -201,6 +255,22 @@ class CP3ERLoss(EncoderActorCriticLoss):
         """Move the EMA target towards the actor's denoiser (no-op without one)."""
         if self.ema_denoiser is not None:
             ema_update(self.ema_denoiser, self.policy.denoiser)
+
+    @torch.no_grad()
+    def after_actor_step(self, metrics: dict[str, torch.Tensor]) -> None:
+        """After each actor step: the EMA target, then (with ``adaptive_lambda``) one
+        dual-ascent step of lambda from the step's ``action_spread``."""
+        self.update_ema()
+        if self.adaptive_lambda is not None:
+            self.adaptive_lambda.step(metrics["action_spread"])
+
+    @property
+    def consistency_weight(self) -> torch.Tensor | float:
+        """lambda of the actor loss: the adaptive weight's current value, else the fixed
+        ``lambda_consistency``."""
+        if self.adaptive_lambda is not None:
+            return self.adaptive_lambda.value
+        return self.lambda_consistency
 
     @property
     def policy(self) -> ConsistencyPolicy:
@@ -237,23 +307,34 @@ class CP3ERLoss(EncoderActorCriticLoss):
 
     def actor_loss(self, tensordict: TensorDictBase, features: torch.Tensor
                    ) -> tuple[torch.Tensor, dict]:
-        """``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` on detached features."""
+        """``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` on detached features (with
+        the class docstring's remedies when they are switched on)."""
         keys = self.tensor_keys
         features = features.detach()
         cond = self.policy.condition(features) if self.share_condition else features
-        action = self.policy(cond)
+        denoiser = self.policy.denoiser
+        # = self.policy(cond), the same draw: kept before the clip for the bound penalty
+        unclipped = sample_one_step_unclipped(denoiser, cond, self.policy.action_dim)
+        action = denoiser.apply_clip(unclipped)
         with self.critic_params.detach().to_module(self.critic):
             q = self.critic.mean(features, action)
         consistency, _ = self.consistency_loss(
-            self.policy.denoiser, tensordict[keys.action], cond, target=self.ema_denoiser
+            denoiser, tensordict[keys.action], cond, target=self.ema_denoiser
         )
-        loss = -q.mean() + self.lambda_consistency * consistency.mean()
+        q_term = normalized_q_term(q)[0] if self.normalize_q else -q.mean()
+        weight = self.consistency_weight
+        loss = q_term + weight * consistency.mean()
+        if self.bound_penalty > 0:
+            loss = loss + self.bound_penalty * bound_penalty(unclipped)
         samples = self.policy.samples_at(cond, SPREAD_STATES, SPREAD_SAMPLES)
         metadata = {
             "actor_q": q.mean().detach(),
             "consistency_loss": consistency.mean().detach(),
+            "lambda_consistency": torch.as_tensor(weight, dtype=q.dtype,
+                                                  device=q.device).detach(),
             "action_spread": action_spread(samples),
             "action_bound_frac": bound_fraction(action.detach()),
+            "preclip_beyond_frac": (unclipped.detach().abs() > 1).float().mean(),
         }
         return loss, metadata
 

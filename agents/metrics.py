@@ -20,8 +20,12 @@ UPDATE_METRICS: dict[str, str] = {
     "critic_std": "CP3ER: mean mixture standard deviation of the critic",
     "actor_q": "mean Q of the actor's actions",
     "consistency_loss": "CP3ER: weighted consistency loss on replayed actions",
+    "lambda_consistency": "CP3ER: weight lambda of the consistency term (adaptive: its "
+                          "current value)",
     "action_spread": "CP3ER: spread of one-step samples at fixed states",
     "action_bound_frac": "fraction of action entries within 1e-3 of the bounds",
+    "preclip_beyond_frac": "CP3ER: fraction of one-step output entries beyond [-1, 1] "
+                           "before the clip (no gradient there with the clamp)",
     "stddev": "DrQ-v2: scheduled exploration / smoothing noise standard deviation",
     "loss_teacher": "CP3ER distillation: the diffusion teacher's EDM denoising loss",
 }

@@ -12,7 +12,11 @@ and writes:
 * ``<prefix>_table.md``: per task and agent, the mean final return over seeds with a 95%
   bootstrap CI (seeds resampled), the seeds, frames and mean wall time;
 * ``<prefix>.png`` and ``<prefix>_aggregate.json``: ``cp3er-plot``'s learning curves and
-  IQM / mean / optimality-gap aggregates with stratified-bootstrap CIs.
+  IQM / mean / optimality-gap aggregates with stratified-bootstrap CIs;
+* ``<prefix>_collapse.png``: the collapse metrics over frames, ``action_bound_frac`` and
+  ``action_spread`` of each run's train rows, one panel per task and metric, one colour per
+  agent (label). The CSV's ``bound_frac_end`` / ``spread_end`` are their means over the
+  train rows of the last 10% of the run's frames (empty for a run that logs none).
 
 ``--min-frames N`` compares runs at equal frames: a run whose last evaluation is before
 frame ``N`` (a stopped or still running one) keeps its CSV row but is left out of the
@@ -37,7 +41,11 @@ from cp3er.plot import PlotError, eval_rows, find_run_dirs, load_run, summarize
 from cp3er.stats import bootstrap_mean_ci
 
 COLUMNS = ["task", "agent", "obs", "seed", "frames", "final_return", "best_return",
-           "wall_seconds", "run_dir", "command"]
+           "wall_seconds", "bound_frac_end", "spread_end", "run_dir", "command"]
+#: The collapse metrics of ``<prefix>_collapse.png`` (agents/policy_stats.py).
+COLLAPSE_METRICS = ("action_bound_frac", "action_spread")
+#: ``bound_frac_end`` / ``spread_end``: train rows of this last share of a run's frames.
+END_SHARE = 0.1
 # Overrides that say how a run was launched, not what it computes.
 LAUNCH_ONLY = ("resume", "log.progress")
 
@@ -65,10 +73,63 @@ def run_row(path: Path) -> dict:
     if not evals:
         raise PlotError(f"{path} has no evaluation rows yet")
     returns = [float(r["episode_return"]) for r in evals]
+    frames = int(evals[-1]["frame"])
+    end = {name: collapse_end(run, name, frames) for name in COLLAPSE_METRICS}
     return {"task": run.task, "agent": run.agent, "obs": run.obs, "seed": run.seed,
-            "frames": int(evals[-1]["frame"]), "final_return": returns[-1],
+            "frames": frames, "final_return": returns[-1],
             "best_return": max(returns), "wall_seconds": float(evals[-1].get("seconds") or "nan"),
+            "bound_frac_end": end["action_bound_frac"], "spread_end": end["action_spread"],
             "run_dir": os.path.relpath(path), "command": run_command(path)}
+
+
+def collapse_series(run, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames, values)`` of metric ``name`` over ``run``'s train rows that logged it."""
+    points = [(float(r["frame"]), float(r[name])) for r in run.rows
+              if r["phase"] == "train" and r.get(name)]
+    if not points:
+        return np.empty(0), np.empty(0)
+    frames, values = np.array(points).T
+    return frames, values
+
+
+def collapse_end(run, name: str, frames: int) -> float | str:
+    """Mean of ``name`` over the train rows of the last :data:`END_SHARE` of ``frames``
+    ("" when there are none)."""
+    at, values = collapse_series(run, name)
+    last = values[(at > frames * (1 - END_SHARE)) & (at <= frames)]
+    return round(float(last.mean()), 4) if last.size else ""
+
+
+def plot_collapse(paths: list[Path], out: Path) -> None:
+    """``<prefix>_collapse.png`` (module docstring)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [load_run(path) for path in paths]
+    tasks = sorted({run.task for run in runs})
+    agents = sorted({run.agent for run in runs})
+    colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(agents)}
+    fig, axes = plt.subplots(len(COLLAPSE_METRICS), len(tasks), squeeze=False,
+                             figsize=(3.6 * len(tasks), 5.5), sharex=True)
+    for col, task in enumerate(tasks):
+        for row, name in enumerate(COLLAPSE_METRICS):
+            ax = axes[row, col]
+            for run in (r for r in runs if r.task == task):
+                frames, values = collapse_series(run, name)
+                ax.plot(frames, values, color=colours[run.agent], lw=0.9, alpha=0.8)
+            ax.set_title(task if row == 0 else "", fontsize=9)
+            ax.set_ylabel(name if col == 0 else "", fontsize=8)
+            ax.set_xlabel("frames" if row == len(COLLAPSE_METRICS) - 1 else "", fontsize=8)
+            ax.tick_params(labelsize=7)
+    handles = [plt.Line2D([], [], color=colours[a], label=a) for a in agents]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(agents), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -124,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not compared:
             raise PlotError(f"no run under {args.grid_dir} reached frame {args.min_frames}")
         report = summarize([path for path, _ in compared], args.out.with_suffix(".png"))
+        plot_collapse([path for path, _ in compared], Path(f"{args.out}_collapse.png"))
     except PlotError as error:
         print(f"collect: {error}", file=sys.stderr)
         return 2

@@ -89,9 +89,39 @@ def validate_config(cfg: DictConfig) -> None:
     ema = cfg.agent.get("consistency", {}).get("ema_decay")  # CP3ER only
     _require(ema is None or 0 < ema < 1, "agent.consistency.ema_decay", ema,
              "null or a number in (0, 1)")
+    if cfg.agent.name == "cp3er":
+        _check_stability(cfg.agent)
+        _require(cfg.agent.stability.act_candidates == 1 or (
+                     cfg.collector.workers == 1 and cfg.collector.backend == "local"),
+                 "agent.stability.act_candidates", cfg.agent.stability.act_candidates,
+                 "1 with collector.workers > 1 or backend=ray (the candidates are ranked by "
+                 "the critic, which worker processes do not hold)")
     if cfg.agent.name == "drqv2":
         _require(cfg.agent.actor_trunk, "agent.actor_trunk", cfg.agent.actor_trunk,
                  "true for drqv2 (its actor always has the trunk)")
+
+
+def _check_stability(agent: DictConfig) -> None:
+    """``agent.stability`` (CP3ER's collapse remedies, ``agents.stability``)."""
+    st = agent.stability
+    _require(st.bound_penalty >= 0, "agent.stability.bound_penalty", st.bound_penalty,
+             "a number >= 0 (0: off)")
+    clip = st.actor_grad_clip
+    _require(clip is None or clip > 0, "agent.stability.actor_grad_clip", clip,
+             "null or a number > 0")
+    _require(st.act_candidates >= 1, "agent.stability.act_candidates", st.act_candidates,
+             "an integer >= 1 (1: the one-step sample itself)")
+    _require(st.act_temperature > 0, "agent.stability.act_temperature", st.act_temperature,
+             "a number > 0")
+    if st.target_spread is None:
+        return
+    _require(st.target_spread > 0, "agent.stability.target_spread", st.target_spread,
+             "null (fixed lambda) or a number > 0")
+    _require(st.lambda_lr > 0, "agent.stability.lambda_lr", st.lambda_lr, "a number > 0")
+    _require(0 < st.lambda_min <= agent.lambda_consistency <= st.lambda_max,
+             "agent.lambda_consistency", agent.lambda_consistency,
+             f"in [agent.stability.lambda_min, lambda_max] = [{st.lambda_min}, "
+             f"{st.lambda_max}] with an adaptive lambda (its starting value)")
 
 
 def _check_collector_backend(collector: DictConfig) -> None:

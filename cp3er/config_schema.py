@@ -175,6 +175,21 @@ class ConsistencyConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """``agent.stability`` of ``configs/agent/cp3er.yaml`` (``agents.stability``)."""
+
+    normalize_q: bool = MISSING
+    bound_penalty: float = MISSING
+    actor_grad_clip: float | None = MISSING
+    target_spread: float | None = MISSING
+    lambda_lr: float = MISSING
+    lambda_min: float = MISSING
+    lambda_max: float = MISSING
+    act_candidates: int = MISSING
+    act_temperature: float = MISSING
+
+
+@dataclass
 class CP3ERAgentConfig:
     """``configs/agent/cp3er.yaml``."""
 
@@ -187,6 +202,7 @@ class CP3ERAgentConfig:
     actor_trunk: bool = MISSING
     clip: ClipMode = MISSING
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
 
 @dataclass

@@ -77,6 +77,7 @@ from cp3er.consistency.samplers import (
     sample_multi_step,
     sample_ode,
     sample_one_step,
+    sample_one_step_unclipped,
     sample_phased,
 )
 from cp3er.consistency.schedule import KarrasSchedule, phase_edges
@@ -107,6 +108,7 @@ __all__ = [
     "sample_multi_step",
     "sample_ode",
     "sample_one_step",
+    "sample_one_step_unclipped",
     "sample_phased",
     "schedule_of",
     "unclipped",

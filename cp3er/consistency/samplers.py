@@ -20,7 +20,14 @@ from cp3er.consistency.denoiser import (
 from cp3er.consistency.ode import probability_flow_step
 from cp3er.consistency.schedule import phase_edges
 
-__all__ = ["ode_calls", "sample_multi_step", "sample_ode", "sample_one_step", "sample_phased"]
+__all__ = [
+    "ode_calls",
+    "sample_multi_step",
+    "sample_ode",
+    "sample_one_step",
+    "sample_one_step_unclipped",
+    "sample_phased",
+]
 
 
 def _noise(
@@ -40,6 +47,21 @@ def sample_one_step(
     """One-step consistency sampling, ``D(sigma_max z, sigma_max)`` (Song et al. 2023, alg. 1)."""
     sigma_max = schedule_of(denoiser).sigma_max
     return denoiser(sigma_max * _noise(cond, action_dim, generator), sigma_max, cond)
+
+
+def sample_one_step_unclipped(
+    denoiser: Denoiser,
+    cond: Tensor,
+    action_dim: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`sample_one_step` before the denoiser's action clip (``Denoiser.unclipped``):
+    ``denoiser.apply_clip`` of it is the one-step draw of the same noise. For a penalty on
+    how far a sample lies beyond the action box, where a hard clamp has no gradient."""
+    sigma_max = schedule_of(denoiser).sigma_max
+    noise = sigma_max * _noise(cond, action_dim, generator)
+    return unwrap(denoiser).unclipped(noise, sigma_max, cond)
 
 
 def sample_multi_step(

@@ -89,5 +89,7 @@ def pass_on(signum: signal.Signals) -> None:
     """Call the Python handler installed for ``signum`` (after :class:`Preemption` restored
     it), if any: submitit's SIGUSR2 handler then requeues the job and exits the process."""
     handler = signal.getsignal(signum)
-    if callable(handler):
+    # Python's own SIGINT handler only raises KeyboardInterrupt: after the checkpoint that
+    # is a traceback and exit code 1 in place of the documented 130
+    if callable(handler) and handler is not signal.default_int_handler:
         handler(signum, None)

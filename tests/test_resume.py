@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from tiny_run import floats
 from tiny_run import tiny_cfg as _cfg
 from tiny_run import tiny_command as _command
+from tiny_run import wait_for as _wait_for
 
 from cp3er import evaluate
 from cp3er.checkpoint import (
@@ -38,17 +38,6 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
 
 def _untimed(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
-
-
-def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended early: {process.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.02)
 
 
 def _counters(run_dir: Path) -> dict:

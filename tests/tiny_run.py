@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,3 +48,16 @@ def random_state_batch(obs_dim: int, action_dim: int = 1, size: int = 8,
 def floats(metrics: dict) -> dict[str, float]:
     """An update's metrics (0-d tensors) as floats, to compare updates."""
     return {name: float(value) for name, value in metrics.items()}
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll ``predicate`` until it holds while ``process`` (a run with ``stderr=PIPE``)
+    runs; fails with its stderr's tail if it ends first, kills it on ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early: {process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)

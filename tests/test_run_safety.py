@@ -1,0 +1,47 @@
+"""Run safety, round 3 (issue 31): exit codes of a preempted run, one-line refusals of
+crafted checkpoints, cp3er-plot's one-line errors, refused launches that leave the run
+folder as it was, symlinks and paths that leave the run folder, the numeric guard."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from tiny_run import tiny_command as _command
+from tiny_run import wait_for
+
+from cp3er.faults import pass_on
+
+
+def _wait_for_rows(run: Path, process: subprocess.Popen, rows: int = 1) -> None:
+    """Until ``metrics.csv`` of ``run`` has ``rows`` rows (a run well inside its loop)."""
+    metrics = run / "metrics.csv"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) > rows,
+             process)
+
+
+# -- item 3: one SIGINT exits 130, without a traceback -----------------------------------
+def test_pass_on_leaves_pythons_own_sigint_handler_alone() -> None:
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        pass_on(signal.SIGINT)  # used to raise KeyboardInterrupt after the checkpoint
+    except KeyboardInterrupt:
+        pytest.fail("pass_on(SIGINT) raised KeyboardInterrupt: exit 1 and a traceback")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_one_sigint_checkpoints_and_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    process = subprocess.Popen(_command(run, "frames=4000", "checkpoint_every=0",
+                                        "schedule.update_every_steps=10"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(run, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert process.returncode == 130, err[-3000:]
+    assert "SIGINT received: checkpoint written at frame" in err.strip().splitlines()[-1]
+    assert (run / "checkpoints" / "latest.pt").is_file()

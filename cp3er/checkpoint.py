@@ -123,7 +123,7 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _unsafe_globals(path: Path | io.BytesIO) -> list[str]:
     """The Python objects a file's pickle would import ([] if none, or unreadable)."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
@@ -148,7 +148,36 @@ def _unwrap(outer: Any, path: Path, trust: bool) -> Any:
     if algorithm is None or hash_bytes(data, algorithm) != outer[algorithm]:
         raise CheckpointError(f"checkpoint {path} is corrupted: its content does not match "
                               f"the hash ({algorithm or 'none'}) written with it")
-    return torch.load(io.BytesIO(data.tobytes()), map_location="cpu", weights_only=True)
+    inner = io.BytesIO(data.tobytes())
+    try:
+        return torch.load(inner, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle inside a well-formed envelope, or a bad payload
+        return _load_pickled(inner, path, trust, error)
+
+
+def _load_pickled(source: Path | io.BytesIO, path: Path, trust: bool,
+                  error: Exception) -> Any:
+    """``source`` (``path`` or the payload of its envelope), which a weights-only load
+    refused with ``error``: a one-line :class:`CheckpointError` if it is damaged, an
+    :class:`UntrustedCheckpointError` naming what its pickle would import unless
+    ``trust``; with ``trust``, unpickled."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    unsafe = _unsafe_globals(source)
+    if not unsafe:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
+                              f"{first_line(error)}") from error
+    if not trust:
+        raise UntrustedCheckpointError(
+            f"checkpoint {path} holds pickled Python objects ({', '.join(unsafe[:4])}) "
+            f"and loading it could run code; refused: {TRUST_HINT}") from None
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        return torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
+                              f"{first_line(error)}") from error
 
 
 def load_checkpoint(target: str | Path, *, trust: bool = False) -> dict[str, Any]:
@@ -161,19 +190,7 @@ def load_checkpoint(target: str | Path, *, trust: bool = False) -> dict[str, Any
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated/corrupt files
-        unsafe = _unsafe_globals(path)
-        if not unsafe:
-            raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
-                                  f"{first_line(error)}") from error
-        if not trust:
-            raise UntrustedCheckpointError(
-                f"checkpoint {path} holds pickled Python objects ({', '.join(unsafe[:4])}) "
-                f"and loading it could run code; refused: {TRUST_HINT}") from None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
-                                  f"{first_line(error)}") from error
+        state = _load_pickled(path, path, trust, error)
     else:
         state = _unwrap(outer, path, trust)
     if not isinstance(state, dict) or "agent" not in state or "config" not in state:

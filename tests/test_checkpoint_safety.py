@@ -37,13 +37,6 @@ from cp3er.runlog import MetricsFileError
 from cp3er.train import ResumeError, Trainer
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("finished") / "run"
-    Trainer(_cfg(run, "frames=400")).train()
-    return run
-
-
 def _copy(run: Path, tmp_path: Path, name: str = "run") -> Path:
     target = tmp_path / name
     shutil.copytree(run, target)

@@ -166,13 +166,6 @@ def test_resume_continues_exactly(tmp_path: Path, storage: str) -> None:
     assert [floats(restored.update()) for _ in range(3)] == expected
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("finished") / "run"
-    Trainer(_cfg(run, "frames=400")).train()
-    return run
-
-
 def _copy(run: Path, tmp_path: Path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(run, target)

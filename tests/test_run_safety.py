@@ -4,15 +4,30 @@ folder as it was, symlinks and paths that leave the run folder, the numeric guar
 
 from __future__ import annotations
 
+import io
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from test_checkpoint_safety import _copy, _Payload
+from tiny_run import tiny_cfg as _cfg
 from tiny_run import tiny_command as _command
 from tiny_run import wait_for
 
+from cp3er import evaluate
+from cp3er.checkpoint import HASH, UntrustedCheckpointError, hash_bytes, load_checkpoint
 from cp3er.faults import pass_on
+from cp3er.train import Trainer
+
+
+def _one_line(text: str) -> str:
+    """The one line of a refusal (no traceback)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in text, text[-2000:]
+    return lines[0]
 
 
 def _wait_for_rows(run: Path, process: subprocess.Popen, rows: int = 1) -> None:
@@ -45,3 +60,25 @@ def test_one_sigint_checkpoints_and_exits_130_without_a_traceback(tmp_path: Path
     assert process.returncode == 130, err[-3000:]
     assert "SIGINT received: checkpoint written at frame" in err.strip().splitlines()[-1]
     assert (run / "checkpoints" / "latest.pt").is_file()
+
+
+# -- item 6: a hashed envelope around a pickle is a one-line refusal ---------------------
+def test_a_pickle_inside_a_well_formed_envelope_is_a_one_line_refusal(
+        finished_run: Path, tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save({"agent": {}, "config": {}, "x": _Payload(marker)}, payload)
+    data = payload.getbuffer()
+    envelope = {"cp3er_format": 2, HASH: hash_bytes(data),
+                "payload": torch.frombuffer(data, dtype=torch.uint8)}
+    crafted = tmp_path / "crafted.pt"
+    torch.save(envelope, crafted)
+    with pytest.raises(UntrustedCheckpointError, match=r"pickled Python objects \([\w.]*open\)"):
+        load_checkpoint(crafted)
+    assert evaluate.main([str(crafted), "--episodes", "1"]) == 2
+    assert "refused: pass trust_checkpoint=true" in _one_line(capsys.readouterr().err)
+    run = _copy(finished_run, tmp_path)
+    shutil.copy(crafted, run / "checkpoints" / "latest.pt")
+    with pytest.raises(UntrustedCheckpointError, match="could run code"):
+        Trainer(_cfg(run, "frames=400", "resume=true"))
+    assert not marker.exists()

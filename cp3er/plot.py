@@ -30,10 +30,12 @@ Output: with ``--json``, one JSON object on stdout::
     {"curves": {task: {agent: {"frames", "mean", "ci_low", "ci_high", "seeds"}}},
      "aggregate": {agent: {"iqm", "iqm_ci", "mean", "mean_ci", "optimality_gap",
                            "optimality_gap_ci", "runs", "tasks"}},
-     "metric", "phase", "normalization", "out"}
+     "metric", "phase", "normalization", "out", "left_out"}
 
 without it, a short table of the aggregates. Errors (a folder without ``metrics.csv``, no
-evaluation rows, an unknown metric) are one line on stderr and exit status 2.
+evaluation rows, an unknown metric, an unreadable ``config.yaml``, a ``metrics.csv`` that
+is not text) are one line on stderr and exit status 2. Rows whose value is ``nan``/``inf``
+are left out of the curves and scores with a warning per run (``left_out`` in the JSON).
 
 The estimators and bootstraps are in :mod:`cp3er.stats` (rliable's, in numpy). Runs of one
 (task, agent) that mix observation types (pixels, state) are an error rather than
@@ -128,21 +130,32 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
         raise PlotError(f"no such run folder: {run_dir}")
     if not path.is_file():
         raise PlotError(f"no metrics.csv in {run_dir} (expected a run folder of cp3er-train)")
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:  # binary or NUL bytes: not a CSV
+        raise PlotError(f"{path} is not a metrics CSV written by cp3er-train "
+                        f"({type(error).__name__}: {_first_line(error)})") from None
 
 
 def load_run(run_dir: str | Path) -> Run:
     """Read a run folder: ``config.yaml`` (task, agent or ``label``, obs, seed) and
     ``metrics.csv``."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise PlotError(f"no config.yaml in {run_dir} (needed to group runs by task and agent)")
-    cfg = OmegaConf.load(config_path)
+    try:
+        cfg = OmegaConf.load(config_path)
+    except Exception as error:  # yaml and omegaconf raise several types
+        raise PlotError(f"{config_path} is not a readable run config "
+                        f"({_first_line(error)})") from None
+    if not isinstance(cfg, DictConfig):
+        raise PlotError(f"{config_path} is not a run config (a mapping with task_name and "
+                        "agent.name)")
     task = OmegaConf.select(cfg, "task_name")
     # runs are grouped by ``label`` where set (variants of one agent), else by agent name
     agent = OmegaConf.select(cfg, "label", default=None) or OmegaConf.select(cfg, "agent.name")
@@ -151,6 +164,10 @@ def load_run(run_dir: str | Path) -> Run:
     seed = OmegaConf.select(cfg, "seed")
     return Run(run_dir, str(task), str(agent), str(OmegaConf.select(cfg, "obs", default="")),
                None if seed is None else int(seed), rows)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _value(cell: str | None) -> float:
@@ -186,6 +203,22 @@ def run_series(run: Run, metric: str, phase: str = "eval") -> tuple[np.ndarray, 
     unique, inverse = np.unique(frames, return_inverse=True)
     sums = np.bincount(inverse, weights=values)
     return unique, sums / np.bincount(inverse)
+
+
+def non_finite_frames(run: Run, metric: str, phase: str) -> list[int]:
+    """Frames of ``run``'s ``phase`` rows whose ``metric`` cell holds a value that is not
+    finite (``nan``, ``inf``): :func:`run_series` leaves them out, :func:`summarize` says
+    so. Empty cells (a metric not logged) are not counted."""
+    frames = []
+    for row in run.rows:
+        if row.get("phase") != phase or not (row.get(metric) or "").strip():
+            continue
+        try:
+            if not math.isfinite(float(row[metric])):
+                frames.append(int(row["frame"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # a malformed row: run_series names it
+    return frames
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -415,7 +448,9 @@ def summarize(run_dirs: Sequence[str | Path], out_png: str | Path,
         unique.setdefault(Path(path).resolve(), Path(path))
     if not unique:
         raise PlotError("no run folders given")
-    groups = group_runs(load_run(path) for path in unique.values())
+    runs = [load_run(path) for path in unique.values()]
+    left_out = _report_non_finite(runs, metric, phase)
+    groups = group_runs(runs)
     if metric == "episode_return" and any(t.startswith("mw_") for t in groups):
         _warn("Meta-World returns are not on DMC's 0-1000 scale; the aggregates divide "
               "them by 1000 anyway (use --metric success for Meta-World)")
@@ -440,7 +475,24 @@ def summarize(run_dirs: Sequence[str | Path], out_png: str | Path,
         "normalization": f"{metric} / {SCORE_SCALE[metric]:g}",
         "out": str(out),
         "figure": "single run" if len(unique) == 1 else "comparison",
+        "left_out": left_out,
     }
+
+
+def _report_non_finite(runs: Sequence[Run], metric: str, phase: str) -> list[dict]:
+    """A warning per run and phase whose rows hold a non-finite ``metric`` (left out of the
+    curves and the final scores), and those rows for the JSON report."""
+    left_out = []
+    for run in runs:
+        for which in dict.fromkeys((phase, "eval")):  # the curves', the final scores'
+            frames = non_finite_frames(run, metric, which)
+            if frames:
+                shown = ", ".join(map(str, frames[:5])) + (", ..." if len(frames) > 5 else "")
+                _warn(f"{run.path / 'metrics.csv'}: {len(frames)} {which} row(s) with a "
+                      f"non-finite {metric} (frames {shown}) left out of the curves and "
+                      "final scores")
+                left_out.append({"run": str(run.path), "phase": which, "frames": frames})
+    return left_out
 
 
 def _warn(message: str) -> None:

@@ -303,3 +303,29 @@ def test_a_folder_of_runs_stands_for_its_runs(dmc_runs, tmp_path) -> None:
     listed = summarize(dmc_runs, tmp_path / "listed.png")
     folder = summarize([grid], tmp_path / "folder.png")
     assert folder["curves"] == listed["curves"] and folder["aggregate"] == listed["aggregate"]
+
+
+def test_damaged_run_files_and_nan_rows_are_one_line_each(dmc_runs, tmp_path, capsys):
+    """Issue 31, item 7: a malformed config.yaml and a binary metrics.csv are one line
+    each (exit 2); evaluation rows whose return is nan are reported, not dropped silently."""
+    out = str(tmp_path / "x.png")
+    broken = write_run(tmp_path / "broken_yaml", "cheetah_run", "cp3er", 0, ramp(1.0, FRAMES))
+    for config in ("task_name: [cheetah_run\nagent: {name: cp3er\n", "- a list\n"):
+        (broken / "config.yaml").write_text(config)
+        code, _, err = run_main([str(broken), "--out", out], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"cp3er-plot: {broken / 'config.yaml'} is not a")
+    binary = write_run(tmp_path / "binary", "cheetah_run", "cp3er", 0, ramp(1.0, FRAMES))
+    (binary / "metrics.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01" * 50)
+    code, _, err = run_main([str(binary), "--out", out], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"cp3er-plot: {binary / 'metrics.csv'} is not a metrics CSV")
+    # a nan final evaluation: the run's final score is its previous evaluation, and says so
+    nan_run = write_run(tmp_path / "nan_run", "cheetah_run", "cp3er", 3,
+                        [*ramp(600.0, FRAMES)[:-1], (30_000, float("nan"), None)])
+    code, report, err = run_main([str(nan_run), *map(str, dmc_runs), "--out", out, "--json"],
+                                 capsys)
+    assert code == 0
+    assert (f"cp3er-plot: warning: {nan_run / 'metrics.csv'}: 1 eval row(s) with a "
+            "non-finite episode_return (frames 30000) left out") in err
+    assert report["left_out"] == [{"run": str(nan_run), "phase": "eval", "frames": [30_000]}]

@@ -91,6 +91,7 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
     critic = MoGCritic(repr_dim, action_dim, feature_dim=cfg.feature_dim,
                        hidden_dim=cfg.hidden_dim, num_components=acfg.num_components,
                        init_scale=acfg.init_scale)
+    adaptive_lambda, statistic = _adaptive_lambda(acfg)
     loss = CP3ERLoss(
         encoder, actor, critic,
         lambda_consistency=acfg.lambda_consistency,
@@ -102,19 +103,26 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
         ema_decay=acfg.consistency.ema_decay,
         normalize_q=acfg.stability.normalize_q,
         bound_penalty=acfg.stability.bound_penalty,
-        adaptive_lambda=_adaptive_lambda(acfg),
+        adaptive_lambda=adaptive_lambda,
+        adaptive_statistic=statistic,
     )
     return loss, None
 
 
-def _adaptive_lambda(acfg: DictConfig) -> AdaptiveWeight | None:
-    """``agent.stability.target_spread`` set: lambda tuned to hold that ``action_spread``,
-    starting from ``agent.lambda_consistency``."""
+def _adaptive_lambda(acfg: DictConfig) -> tuple[AdaptiveWeight | None, str]:
+    """``(weight, statistic)``: with ``agent.stability.target_spread`` lambda is tuned to
+    hold that ``action_spread``, with ``target_bound_frac`` to hold ``action_bound_frac``
+    under it (config_check refuses both at once); it starts at
+    ``agent.lambda_consistency``. ``(None, ...)``: a fixed lambda."""
     st = acfg.stability
-    if st.target_spread is None:
-        return None
-    return AdaptiveWeight(acfg.lambda_consistency, st.target_spread, lr=st.lambda_lr,
-                          minimum=st.lambda_min, maximum=st.lambda_max)
+    options = {"lr": st.lambda_lr, "minimum": st.lambda_min, "maximum": st.lambda_max}
+    if st.target_spread is not None:
+        return (AdaptiveWeight(acfg.lambda_consistency, st.target_spread, **options),
+                "action_spread")
+    if st.target_bound_frac is not None:
+        return (AdaptiveWeight(acfg.lambda_consistency, st.target_bound_frac,
+                               raise_when="above", **options), "action_bound_frac")
+    return None, "action_spread"
 
 
 def _consistency_loss(ccfg: DictConfig, schedule: KarrasSchedule,

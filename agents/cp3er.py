@@ -178,8 +178,9 @@ class CP3ERLoss(EncoderActorCriticLoss):
       ``normalize_q`` divides the Q term by its detached batch scale (``-Q / mean|Q|``);
       ``bound_penalty`` adds ``beta * mean relu(|u| - 1)^2`` of the one-step output ``u``
       before the clip; ``adaptive_lambda`` replaces the fixed lambda by an
-      :class:`~agents.stability.AdaptiveWeight` that holds ``action_spread`` at a target,
-      stepped by :meth:`after_actor_step`.
+      :class:`~agents.stability.AdaptiveWeight` that holds ``adaptive_statistic``
+      (``action_spread`` at a target, or ``action_bound_frac`` under one), stepped by
+      :meth:`after_actor_step`.
     * Teacher (only when ``consistency_loss`` has a ``teacher``: a
       :class:`~cp3er.consistency.ConsistencyDistillationLoss`): :meth:`teacher_loss`, the EDM
       denoising loss (:class:`~cp3er.consistency.DenoisingLoss`) of the diffusion teacher on
@@ -228,6 +229,7 @@ class CP3ERLoss(EncoderActorCriticLoss):
         normalize_q: bool = False,
         bound_penalty: float = 0.0,
         adaptive_lambda: AdaptiveWeight | None = None,
+        adaptive_statistic: str = "action_spread",
     ) -> None:
         super().__init__(encoder, actor, critic, augmentation=augmentation)
         if bound_penalty < 0:
@@ -237,6 +239,10 @@ class CP3ERLoss(EncoderActorCriticLoss):
         self.normalize_q = normalize_q
         self.bound_penalty = float(bound_penalty)
         self.adaptive_lambda = adaptive_lambda
+        if adaptive_statistic not in ("action_spread", "action_bound_frac"):
+            raise ValueError("adaptive_statistic must be action_spread or action_bound_frac, "
+                             f"got {adaptive_statistic!r}")
+        self.adaptive_statistic = adaptive_statistic
         self.target_samples = target_samples
         self.consistency_loss = consistency_loss or ConsistencyTrainingLoss(
             self.policy.denoiser.schedule
@@ -259,10 +265,10 @@ class CP3ERLoss(EncoderActorCriticLoss):
     @torch.no_grad()
     def after_actor_step(self, metrics: dict[str, torch.Tensor]) -> None:
         """After each actor step: the EMA target, then (with ``adaptive_lambda``) one
-        dual-ascent step of lambda from the step's ``action_spread``."""
+        dual-ascent step of lambda from the step's ``adaptive_statistic``."""
         self.update_ema()
         if self.adaptive_lambda is not None:
-            self.adaptive_lambda.step(metrics["action_spread"])
+            self.adaptive_lambda.step(metrics[self.adaptive_statistic])
 
     @property
     def consistency_weight(self) -> torch.Tensor | float:

@@ -13,7 +13,8 @@ holds the pieces with arithmetic of their own:
 - :class:`AdaptiveWeight`: lambda tuned by dual ascent to hold a target sample spread, as
   SAC tunes its temperature to a target entropy (Haarnoja et al. 2018, "Soft Actor-Critic
   Algorithms and Applications", eq. 18), the spread standing in for the entropy a
-  consistency policy has no density for.
+  consistency policy has no density for; or to hold the share of samples on the action
+  bounds under a target (the collapse itself as the constraint).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 
 __all__ = ["AdaptiveWeight", "bound_penalty", "normalized_q_term"]
 
+#: :class:`AdaptiveWeight`: raise the weight when the statistic is below / above target.
+RAISE_WHEN = ("below", "above")
 #: ``mean|Q|`` below this is treated as this (a critic at initialisation predicts ~0).
 Q_SCALE_FLOOR = 1e-3
 
@@ -46,10 +49,13 @@ def bound_penalty(unclipped: Tensor, low: float = -1.0, high: float = 1.0) -> Te
 class AdaptiveWeight(nn.Module):
     """A positive weight tuned by dual ascent on its logarithm to hold a statistic at a
     target: ``log w <- clip(log w + lr (target - value) / target, log w_min, log w_max)``
-    after each actor step (a larger lambda pulls the one-step samples toward the spread of
-    the replayed actions; a smaller one lets the Q term sharpen the policy). The step is
-    relative to the target, so ``lr`` is the change of ``log w`` per update for a statistic
-    at 0 (collapsed): lr 0.01 multiplies the weight by e every 100 collapsed updates.
+    after each actor step (``raise_when="below"``: a spread under its target raises lambda,
+    which pulls the one-step samples toward the spread of the replayed actions; a smaller
+    one lets the Q term sharpen the policy), or with the sign flipped
+    (``raise_when="above"``: a share of samples on the bounds above its target raises it).
+    The step is relative to the target, so ``lr`` is the change of ``log w`` per update for
+    a spread at 0 (collapsed): lr 0.01 multiplies the weight by e every 100 collapsed
+    updates.
 
     The weight lives in a buffer (saved and restored with the loss's state dict; not a
     parameter of any optimiser).
@@ -58,8 +64,12 @@ class AdaptiveWeight(nn.Module):
     log_weight: Tensor
 
     def __init__(self, initial: float, target: float, lr: float = 0.01,
-                 minimum: float = 1e-3, maximum: float = 10.0) -> None:
+                 minimum: float = 1e-3, maximum: float = 10.0,
+                 raise_when: str = "below") -> None:
         super().__init__()
+        if raise_when not in RAISE_WHEN:
+            raise ValueError(f"raise_when must be one of {RAISE_WHEN}, got {raise_when!r}")
+        self.sign = 1.0 if raise_when == "below" else -1.0
         if not 0 < minimum <= initial <= maximum:
             raise ValueError(f"adaptive weight: need 0 < minimum <= initial <= maximum, got "
                              f"minimum={minimum}, initial={initial}, maximum={maximum}")
@@ -72,7 +82,7 @@ class AdaptiveWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"target={self.target}, lr={self.lr}, minimum={math.exp(self.log_min):g}, "
-                f"maximum={math.exp(self.log_max):g}")
+                f"maximum={math.exp(self.log_max):g}, sign={self.sign:+g}")
 
     @property
     def value(self) -> Tensor:
@@ -83,4 +93,4 @@ class AdaptiveWeight(nn.Module):
     def step(self, statistic: Tensor) -> None:
         """One dual-ascent step from the measured ``statistic`` (no host read)."""
         error = (self.target - statistic.detach().to(self.log_weight)) / self.target
-        self.log_weight.add_(self.lr * error).clamp_(self.log_min, self.log_max)
+        self.log_weight.add_(self.sign * self.lr * error).clamp_(self.log_min, self.log_max)

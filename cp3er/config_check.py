@@ -113,10 +113,16 @@ def _check_stability(agent: DictConfig) -> None:
              "an integer >= 1 (1: the one-step sample itself)")
     _require(st.act_temperature > 0, "agent.stability.act_temperature", st.act_temperature,
              "a number > 0")
-    if st.target_spread is None:
+    _require(st.target_spread is None or st.target_bound_frac is None,
+             "agent.stability.target_bound_frac", st.target_bound_frac,
+             "null when agent.stability.target_spread is set (one adaptive target at a time)")
+    if st.target_spread is None and st.target_bound_frac is None:
         return
-    _require(st.target_spread > 0, "agent.stability.target_spread", st.target_spread,
-             "null (fixed lambda) or a number > 0")
+    _require(st.target_spread is None or st.target_spread > 0, "agent.stability.target_spread",
+             st.target_spread, "null (fixed lambda) or a number > 0")
+    _require(st.target_bound_frac is None or 0 < st.target_bound_frac < 1,
+             "agent.stability.target_bound_frac", st.target_bound_frac,
+             "null (fixed lambda) or a number in (0, 1)")
     _require(st.lambda_lr > 0, "agent.stability.lambda_lr", st.lambda_lr, "a number > 0")
     _require(0 < st.lambda_min <= agent.lambda_consistency <= st.lambda_max,
              "agent.lambda_consistency", agent.lambda_consistency,

@@ -182,6 +182,7 @@ class StabilityConfig:
     bound_penalty: float = MISSING
     actor_grad_clip: float | None = MISSING
     target_spread: float | None = MISSING
+    target_bound_frac: float | None = MISSING
     lambda_lr: float = MISSING
     lambda_min: float = MISSING
     lambda_max: float = MISSING

@@ -150,6 +150,9 @@ def test_adaptive_weight_dual_ascent_and_bounds() -> None:
     for _ in range(200):
         weight.step(torch.tensor(1.0))
     assert weight.value.item() == pytest.approx(0.01, rel=1e-5)
+    above = AdaptiveWeight(0.05, target=0.2, lr=0.1, raise_when="above")
+    above.step(torch.tensor(0.4))  # a bound fraction twice its target: log w + 0.1
+    assert above.value.item() == pytest.approx(0.05 * math.exp(0.1), rel=1e-5)
     restored = AdaptiveWeight(0.05, target=0.2)
     restored.load_state_dict(weight.state_dict())
     assert restored.value.item() == pytest.approx(0.01, rel=1e-5)
@@ -171,6 +174,19 @@ def test_adaptive_lambda_holds_the_spread_that_the_paper_lambda_loses() -> None:
     assert paper["bound_frac"] > 0.6 and paper["spread"] < 0.08, paper
     assert held["lambda"] > 1.0, held
     assert held["bound_frac"] < 0.2 and held["spread"] > 0.12, held
+
+
+def test_adaptive_lambda_holds_the_bound_fraction_under_its_target() -> None:
+    """The other statistic: lambda raised while more than 20% of the samples sit on the
+    bounds (measured: 0.21 on the bounds, lambda 1.6; the paper's lambda: 0.89)."""
+    torch.manual_seed(0)
+    loss = _loss(LinearCritic(0.1), lambda_consistency=0.05,
+                 adaptive_lambda=AdaptiveWeight(0.05, target=0.2, lr=0.02, maximum=10.0,
+                                                raise_when="above"),
+                 adaptive_statistic="action_bound_frac")
+    held = _train_actor(loss, 400)
+    assert held["lambda"] > 0.5, held
+    assert held["bound_frac"] < 0.35, held
 
 
 # -- actor gradient clipping -------------------------------------------------------------
@@ -250,7 +266,7 @@ def test_paper_defaults_switch_every_remedy_off(tmp_path) -> None:
     cfg = tiny_cfg(tmp_path)
     st = cfg.agent.stability
     assert (st.normalize_q, st.bound_penalty, st.actor_grad_clip, st.target_spread,
-            st.act_candidates) == (False, 0.0, None, None, 1)
+            st.target_bound_frac, st.act_candidates) == (False, 0.0, None, None, None, 1)
     assert cfg.agent.lambda_consistency == 0.05
 
 
@@ -259,6 +275,7 @@ def test_paper_defaults_switch_every_remedy_off(tmp_path) -> None:
     ("agent.stability.target_spread=0", "agent.stability.target_spread"),
     ("agent.stability.act_candidates=0", "agent.stability.act_candidates"),
     ("agent.stability.lambda_max=0.01", "agent.lambda_consistency"),
+    ("agent.stability.target_bound_frac=1.5", "agent.stability.target_bound_frac"),
 ])
 def test_bad_stability_values_are_refused(tmp_path, override, message) -> None:
     from cp3er.config_check import ConfigError, validate_config
@@ -268,6 +285,14 @@ def test_bad_stability_values_are_refused(tmp_path, override, message) -> None:
         overrides.append("agent.stability.target_spread=0.2")
     with pytest.raises(ConfigError, match=message):
         validate_config(tiny_cfg(tmp_path, *overrides))
+
+
+def test_one_adaptive_target_at_a_time(tmp_path) -> None:
+    from cp3er.config_check import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="one adaptive target at a time"):
+        validate_config(tiny_cfg(tmp_path, "agent.stability.target_spread=0.2",
+                                 "agent.stability.target_bound_frac=0.3"))
 
 
 def test_candidates_need_the_critic_in_process(tmp_path) -> None:

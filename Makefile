@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 
-.PHONY: run test test-all lint setup clean suite
+.PHONY: run test test-all lint setup clean suite state-suite
 
 setup: $(STAMP)
 
@@ -38,6 +38,14 @@ test-all: $(STAMP)
 ## suite: the CPU-sized CP3ER vs DrQ-v2 state suite (about an hour on 2 cores; docs/results)
 suite: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/cpu_state_suite.sh
+
+## state-suite: CP3ER (paper and stable preset) vs DrQ-v2 from states, 6 tasks x 3 seeds x
+## 100k frames at batch 256 (+profile=cpu_states; resumable lanes, one run per core;
+## benchmarks/state_suite.txt), then its CSV / table / plots (docs/results, "Collapse remedies")
+state-suite: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH PROFILE=cpu_states OUT=runs/state_suite \
+	  JOBS=benchmarks/state_suite.txt bash benchmarks/suite.sh
+	$(BIN)/python benchmarks/collect.py runs/state_suite --out runs/state_suite/state_suite --min-frames 100000
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

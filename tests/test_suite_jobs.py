@@ -1,0 +1,61 @@
+"""The suite job lists (benchmarks/*.txt, run by benchmarks/suite.sh) name real tasks,
+agents and overrides: each job composes and validates with its profile, so a typo fails
+here and not hours into a suite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from cp3er.config_check import validate_config
+from cp3er.train import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+#: job list -> the PROFILE its header names (benchmarks/suite.sh)
+JOB_LISTS = {
+    "cpu_pixel_main.txt": "cpu_pixels",
+    "cpu_pixel_ablations.txt": "cpu_pixels",
+    "state_screen.txt": "cpu_states",
+    "state_suite.txt": "cpu_states",
+}
+
+
+def _jobs(name: str) -> list[list[str]]:
+    lines = (ROOT / "benchmarks" / name).read_text().splitlines()
+    return [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("name", sorted(JOB_LISTS))
+def test_every_job_composes_and_validates(name: str, tmp_path: Path) -> None:
+    jobs = _jobs(name)
+    assert jobs, f"{name} lists no job"
+    seen, composed = set(), set()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        for task, agent, seed, *rest in jobs:
+            label = rest[0] if rest else agent
+            run = (task, label, seed)
+            assert run not in seen, f"{name}: {run} listed twice (one run folder)"
+            seen.add(run)
+            config = (task, agent, *rest[1:])  # seeds and labels compose alike: once each
+            if config in composed:
+                continue
+            composed.add(config)
+            cfg = compose(config_name="config", overrides=[
+                f"+profile={JOB_LISTS[name]}", f"task={task}", f"agent={agent}",
+                f"seed={seed}", f"label={label}", f"run_dir={tmp_path / 'r'}", *rest[1:]])
+            validate_config(cfg)
+
+
+def test_suite_refuses_an_unknown_profile(tmp_path: Path) -> None:
+    env = {**os.environ, "PROFILE": "cpu_nope", "OUT": str(tmp_path / "out"),
+           "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown PROFILE=cpu_nope" in result.stderr
+    assert "cpu_pixels" in result.stderr and "cpu_states" in result.stderr
+    assert not (tmp_path / "out").exists()

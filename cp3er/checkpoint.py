@@ -16,10 +16,12 @@ trusts them (``trust=True``: ``trust_checkpoint=true`` / ``--trust-checkpoint``)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import resource
 import shutil
 from collections.abc import Callable
@@ -49,6 +51,21 @@ class UntrustedCheckpointError(CheckpointError):
     """A checkpoint that only loads by unpickling (or without a content hash)."""
 
 
+class UnsafePathError(CheckpointError):
+    """A symlink in a run folder, or a path a checkpoint names that leaves it: following
+    either would read, write or delete outside the run folder."""
+
+
+def refuse_links(run_dir: Path, names: tuple[str, ...]) -> None:
+    """:class:`UnsafePathError` if any of ``names`` (paths relative to ``run_dir``) is a
+    symlink: reading or writing through it would reach outside the run folder."""
+    for name in names:
+        if (run_dir / name).is_symlink():
+            raise UnsafePathError(f"{run_dir / name} is a symlink (to "
+                                  f"{os.readlink(run_dir / name)}); a run folder's files must "
+                                  "be its own: remove the link")
+
+
 # -- files -------------------------------------------------------------------------------
 def fsync_dir(path: str | Path) -> None:
     """Make a folder's entries (creations, renames, deletions) durable."""
@@ -65,7 +82,15 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    try:  # never through a symlink planted at the temporary's name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnsafePathError(f"{tmp} is a symlink; refusing to write through it "
+                                  "(a run folder's files must be its own: remove the link)"
+                                  ) from None
+        raise
+    with os.fdopen(fd, "wb") as handle:
         write(handle)
         handle.flush()
         os.fsync(handle.fileno())
@@ -111,6 +136,8 @@ def checkpoint_path(target: str | Path) -> Path:
     """A run folder -> its latest checkpoint; a file -> itself. Raises if absent."""
     target = Path(target)
     path = target / "checkpoints" / CHECKPOINT_NAME if target.is_dir() else target
+    if target.is_dir():
+        refuse_links(target, ("checkpoints", f"checkpoints/{CHECKPOINT_NAME}"))
     if not path.is_file():
         raise CheckpointError(
             f"no checkpoint at {path} (give a run folder with checkpoints/{CHECKPOINT_NAME} "
@@ -121,6 +148,24 @@ def checkpoint_path(target: str | Path) -> Path:
 
 def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+_FAILED_UPDATE = re.compile(r"Failed to update '([^']+)' in tensordict")
+
+
+def load_error_detail(error: BaseException) -> str:
+    """One line for an agent's ``load_state_dict`` error: tensordict's nested "Failed to
+    update 'trunk' in tensordict TensorDict(<dump>" errors become the entry's dotted name
+    and the root cause (e.g. ``trunk.0.weight: The size of tensor a ...``)."""
+    keys: list[str] = []
+    cause: BaseException | None = error
+    while cause is not None and (match := _FAILED_UPDATE.match(str(cause))):
+        keys.append(match.group(1))
+        cause = cause.__cause__ or cause.__context__
+    if not keys:
+        return first_line(error)
+    return ".".join(keys) + (f": {first_line(cause)}" if cause is not None else
+                             ": shapes or entries differ")
 
 
 def _unsafe_globals(path: Path | io.BytesIO) -> list[str]:
@@ -251,6 +296,8 @@ def save_run_checkpoint(state: dict[str, Any], run_dir: str | Path, buffer, fram
     """
     ckpt_dir = Path(run_dir) / "checkpoints"
     replay_root = ckpt_dir / REPLAY_DIR
+    # the old buffer folders are deleted below: never those of a folder linked from here
+    refuse_links(Path(run_dir), ("checkpoints", f"checkpoints/{REPLAY_DIR}"))
     replay_root.mkdir(parents=True, exist_ok=True)
     state_bytes = _nbytes(state)
     check_room(ckpt_dir, buffer.dump_nbytes() + 2 * state_bytes,
@@ -278,11 +325,24 @@ def load_run_checkpoint(run_dir: str | Path, *,
     for key in ("counters", "rng", "replay"):
         if key not in state:
             raise CheckpointError(f"{path} has no {key!r} entry: not a resumable checkpoint")
-    replay = path.parent / state["replay"]
+    name = _replay_name(state["replay"], path)
+    refuse_links(Path(run_dir), (f"checkpoints/{REPLAY_DIR}", f"checkpoints/{name}"))
+    replay = path.parent / name
     if not replay.is_dir():
         raise CheckpointError(f"{path} names replay buffer folder {replay}, which is missing")
     check_manifest(replay, trust=trust)
     return state, replay
+
+
+def _replay_name(name: Any, path: Path) -> str:
+    """A checkpoint's ``replay`` entry, ``replay/<folder>`` (:func:`save_run_checkpoint`);
+    :class:`UnsafePathError` for an absolute path or one that leaves the folder."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (len(parts) != 2 or parts[0] != REPLAY_DIR or parts[1] in ("", ".", "..")
+            or "\\" in parts[1] or name.startswith("/")):
+        raise UnsafePathError(f"{path} names replay buffer folder {name!r}, which is not a "
+                              f"folder of {path.parent / REPLAY_DIR}; refused")
+    return name
 
 
 def _files(folder: Path) -> list[Path]:
@@ -322,6 +382,10 @@ def check_manifest(folder: Path, *, trust: bool = False) -> None:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"replay buffer checkpoint {folder} is unreadable: "
                               f"{MANIFEST} missing or damaged ({error})") from error
+    links = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_symlink())
+    if links:
+        raise UnsafePathError(f"replay buffer checkpoint {folder} holds symlinks {links}; a "
+                              "checkpoint's files must be its own")
     found = {str(p.relative_to(folder)): p for p in _files(folder)}
     if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
         if not trust:

@@ -172,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate one fixed action at every step of TASK instead of a run; "
                              "ACTION: comma-separated values, one per action dimension "
                              "(e.g. reacher_easy:-1,1)")
-    parser.add_argument("--obs", default="state", choices=("state", "pixels"),
+    parser.add_argument("--obs", default=None, choices=("state", "pixels"),
                         help="observation type of --random-policy's or --constant-action's "
-                             "env (same returns)")
+                             "env (same returns; default state); a run is evaluated on the "
+                             "observations it was trained on (another --obs is refused)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", nargs="?", const="", default=None,
                         help="write a GIF of the first episode (optional path)")
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target is None:
         from envs.registry import UnknownTaskError
 
+        args.obs = args.obs or "state"
         try:
             if args.random_policy is not None:
                 summary = random_policy_summary(args.random_policy, args.episodes,
@@ -223,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                                               trust=args.trust_checkpoint)
     except (CheckpointError, ValueError) as error:
         print(f"cp3er-eval: {error}", file=sys.stderr)
+        return 2
+    if args.obs is not None and args.obs != cfg.obs:
+        env.close()
+        print(f"cp3er-eval: --obs {args.obs}: {args.target} was trained on {cfg.obs} "
+              f"observations and is evaluated on them (drop --obs)", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     try:

@@ -4,6 +4,7 @@ preemption signals."""
 from __future__ import annotations
 
 import math
+import re
 import signal
 from collections.abc import Iterable, Mapping
 
@@ -14,13 +15,39 @@ class NumericalError(FloatingPointError):
     """A loss or parameter became NaN/inf; the message names it and where it happened."""
 
 
+#: Update metrics (losses, Q values) beyond this magnitude mean a blown-up run: returns
+#: are at most ~1e4 on every task here (DMC 1000 per episode; Meta-World 10 per step, Q at
+#: most ~2e3 with gamma 0.99), so a loss or Q of 1e8 is no learning state (``lr=1e6``:
+#: actor Q 3e13 at the first update, finite weights that pass the NaN checks).
+EXPLODING = 1e8
+#: The Q metrics checked with the losses (an agent reports the ones it has).
+Q_METRICS = ("q_mean", "target_mean", "actor_q")
+
+
 def check_finite_losses(metrics: Mapping[str, float], names: Iterable[str], *, update: int,
                         frame: int) -> None:
-    """Raise :class:`NumericalError` naming the first non-finite entry of ``names``."""
+    """Raise :class:`NumericalError` naming the first entry of ``names`` that is non-finite
+    or beyond :data:`EXPLODING` in magnitude."""
     for name in names:
         value = metrics.get(name)
         if value is not None and not math.isfinite(value):
             raise NumericalError(f"non-finite {name}={value} at update {update} (frame {frame})")
+        if value is not None and abs(value) > EXPLODING:
+            raise NumericalError(f"exploding {name}={value:.3g} (beyond +-{EXPLODING:.0e}) at "
+                                 f"update {update} (frame {frame}): the run has blown up "
+                                 "(learning rate too high?)")
+
+
+#: Errors torch raises inside an update when it meets non-finite values (the mixture
+#: critic's ancestral sampler: ``invalid multinomial distribution``).
+_NUMERIC_FAILURE = re.compile(r"multinomial|\b(nan|inf)\b|finite|invalid values",
+                              re.IGNORECASE)
+
+
+def numeric_failure(error: BaseException) -> bool:
+    """``error`` (raised by an update) is torch meeting NaN/inf values, not a bug."""
+    return (isinstance(error, (RuntimeError, ValueError))
+            and bool(_NUMERIC_FAILURE.search(str(error))))
 
 
 def check_finite_parameters(module: torch.nn.Module, *, update: int, frame: int) -> None:

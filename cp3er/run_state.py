@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cp3er.checkpoint import first_line, has_checkpoint, load_run_checkpoint
+from cp3er.checkpoint import UnsafePathError, first_line, has_checkpoint, load_run_checkpoint
 from cp3er.config_schema import known_entries
 from cp3er.runlog import flatten_config
 
@@ -194,3 +194,28 @@ def prepare_run_dir(run_dir: Path) -> Path:
         raise ResumeError(f"run_dir={run_dir} is not writable by this user; give a writable "
                           "folder")
     return run_dir
+
+
+#: What cp3er-train reads, writes and deletes in a run folder: never a symlink there.
+RUN_FILES = frozenset({".lock", "config.yaml", "metrics.csv", "checkpoints", "replay", "eval",
+                       ".hydra", "learning_curve.png"})
+
+
+def refuse_outside_links(run_dir: Path) -> None:
+    """One-line :class:`~cp3er.checkpoint.UnsafePathError` for a symlink in ``run_dir``
+    that a run would follow outside it: any symlink among the files the run reads, writes
+    or deletes (:data:`RUN_FILES`, everything under ``checkpoints/``), elsewhere (a
+    logger's folder) one whose target leaves the run folder."""
+    root = os.path.realpath(run_dir)
+    for folder, dirs, files in os.walk(run_dir):
+        for name in (*dirs, *files):
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                continue
+            relative = os.path.relpath(path, run_dir)
+            target = os.path.realpath(path)
+            if (relative.split(os.sep)[0] in RUN_FILES
+                    or os.path.commonpath([root, target]) != root):
+                raise UnsafePathError(
+                    f"run_dir={run_dir} holds a symlink {relative} -> {os.readlink(path)}; "
+                    "a run never reads or writes through links (remove it)")

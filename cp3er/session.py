@@ -10,7 +10,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from agents.agent import Agent
 from agents.build import build_agent
-from cp3er.checkpoint import CheckpointError, first_line, load_checkpoint
+from cp3er.checkpoint import CheckpointError, first_line, load_checkpoint, load_error_detail
 from cp3er.config_schema import complete_run_config
 from cp3er.replay import make_replay_buffer
 from cp3er.run_state import seed_everything
@@ -104,7 +104,7 @@ def restore_agent_for_eval(state: dict, seed: int, device: str = "cpu"
         env.close()
         raise CheckpointError(
             f"checkpoint does not match the {cfg.agent.name} agent for task {cfg.task_name} "
-            f"({cfg.obs}): {str(error).splitlines()[0]}"
+            f"({cfg.obs}): {load_error_detail(error)}"
         ) from error
     agent.loss.eval()
     return cfg, env, agent

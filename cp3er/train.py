@@ -51,6 +51,7 @@ from cp3er.checkpoint import (
     atomic_write,
     first_line,
     has_checkpoint,
+    load_error_detail,
     save_run_checkpoint,
 )
 from cp3er.collection import RayClusterError, ray_runtime, worker_collector
@@ -63,11 +64,13 @@ from cp3er.config_check import (
 from cp3er.config_schema import CONFIG_DIR
 from cp3er.evaluate import run_episodes, summarize, write_video
 from cp3er.faults import (
+    Q_METRICS,
     NumericalError,
     Preemption,
     check_finite_actions,
     check_finite_losses,
     check_finite_parameters,
+    numeric_failure,
     pass_on,
 )
 from cp3er.perf import tune_allocator
@@ -77,6 +80,7 @@ from cp3er.run_state import (
     LoopState,
     ResumeError,
     prepare_run_dir,
+    refuse_outside_links,
     resolve_run_config,
     rng_state,
     seed_everything,
@@ -121,10 +125,11 @@ class Trainer:
         try:
             self._setup(cfg)
         except BaseException:
-            self.lock.release()
+            self.lock.release(discard=True)  # a lock file this refused launch created
             raise
 
     def _setup(self, cfg: DictConfig) -> None:
+        refuse_outside_links(self.run_dir)  # before anything in the folder is read
         cfg, resume_state, replay_dir, self.resume_changes = resolve_run_config(cfg)
         validate_config(cfg)
         self.cfg = cfg
@@ -148,14 +153,6 @@ class Trainer:
         self.buffer = make_buffer(cfg, self.run_dir)
         self.metrics = MetricsWriter(self.run_dir / "metrics.csv", fresh=resume_state is None)
         self.logger = make_logger(cfg.log.backend, self.run_dir, cfg.task_name)
-        if resume_state is None or self.resume_changes:  # the run's record of its settings
-            record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-            record["resume"] = record["trust_checkpoint"] = False
-            atomic_write(self.run_dir / "config.yaml",
-                         lambda handle: handle.write(OmegaConf.to_yaml(record).encode()))
-        if resume_state is None:
-            log_config(self.logger, cfg.log.backend,
-                       OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         eval_every, ckpt_every = cfg.schedule.eval_every_frames, cfg.checkpoint_every
         self.loop = LoopState(next_eval=eval_every if eval_every > 0 else None,
                               next_ckpt=ckpt_every if ckpt_every > 0 else None)
@@ -167,8 +164,16 @@ class Trainer:
         self.last_return = float("nan")
         self.resumed_from: int | None = None  # frame of the checkpoint resumed from
         self._last_obs: torch.Tensor | None = None  # newest collected observation
-        if resume_state is not None:
+        if resume_state is not None:  # before config.yaml: a refused resume leaves it as it was
             self._restore(resume_state, replay_dir)
+        if resume_state is None or self.resume_changes:  # the run's record of its settings
+            record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            record["resume"] = record["trust_checkpoint"] = False
+            atomic_write(self.run_dir / "config.yaml",
+                         lambda handle: handle.write(OmegaConf.to_yaml(record).encode()))
+        if resume_state is None:
+            log_config(self.logger, cfg.log.backend,
+                       OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
     # -- schedule ------------------------------------------------------------------------
     def _steps(self, frames: int) -> int:
@@ -319,7 +324,18 @@ class Trainer:
         # built on replay.device: a host-to-device copy with replay.device=cpu, no copy
         # with replay.device=cuda (config_check: it is then the agent's device)
         batch = self.buffer.sample().to(self.device)
-        metrics = self.agent.update_on_device(batch)
+        try:
+            metrics = self.agent.update_on_device(batch)
+        except (RuntimeError, ValueError) as error:
+            if not numeric_failure(error):
+                raise
+            # an update that failed on NaN/inf values: name the first bad update read so
+            # far or a non-finite parameter, else the failure itself, in one line
+            self.read_metrics()
+            check_finite_parameters(self.agent.loss, update=self.loop.updates + 1,
+                                    frame=self.frame)
+            raise NumericalError(f"update {self.loop.updates + 1} (frame {self.frame}) "
+                                 f"failed on non-finite values: {first_line(error)}") from None
         self.loop.updates += 1
         self._unread.append((self.loop.updates, self.frame, metrics))
         if len(self._unread) >= self.cfg.log.metrics_every_updates:
@@ -338,7 +354,7 @@ class Trainer:
         values = torch.stack([torch.stack([m[n].float() for n in names])
                               for _, _, m in self._unread]).cpu()  # [updates, metrics]
         for (update, frame, _), row in zip(self._unread, values.tolist(), strict=True):
-            check_finite_losses(dict(zip(names, row, strict=True)), LOSS_METRICS,
+            check_finite_losses(dict(zip(names, row, strict=True)), (*LOSS_METRICS, *Q_METRICS),
                                 update=update, frame=frame)
         last_update, last_frame, _ = self._unread[-1]
         check_finite_parameters(self.agent.loss, update=last_update, frame=last_frame)
@@ -408,7 +424,7 @@ class Trainer:
             self.agent.load_state_dict(state["agent"])
         except (RuntimeError, KeyError, ValueError) as error:
             raise CheckpointError(f"the checkpoint does not match this run's agent: "
-                                  f"{str(error).splitlines()[0]}") from error
+                                  f"{load_error_detail(error)}") from error
         try:
             self.buffer.loads(replay_dir, trusted=self.cfg.trust_checkpoint)
         except UnsafeBufferError as error:
@@ -540,17 +556,25 @@ def _resume_command() -> str:
     return " ".join(["cp3er-train" + name, *overrides, "resume=true"])
 
 
-def _record_overrides(run_dir: Path) -> None:
-    """The command line's overrides in ``<run_dir>/.hydra/overrides.yaml``, where a single
-    run has them (Hydra's run folder is ``run_dir``) and ``benchmarks/collect.py`` reads
-    them: a multirun job's Hydra folder is the sweep's (``hydra.sweep.dir/<job>``)."""
+def _record_hydra(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's record of the launch in ``<run_dir>/.hydra``, written once the run folder
+    is this launch's (:class:`Trainer` built): :func:`cli` turns Hydra's own early writes
+    off, so a refused or invalid launch leaves a run's ``.hydra`` as it was. A single run
+    gets ``config.yaml``, ``hydra.yaml`` and ``overrides.yaml``; a multirun job (Hydra's
+    folder is the sweep's, ``hydra.sweep.dir/<job>``) gets ``overrides.yaml``, which
+    ``benchmarks/collect.py`` reads."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    if Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve():
-        return  # Hydra wrote it there
-    text = OmegaConf.to_yaml(list(hydra_cfg.overrides.task))
-    atomic_write(run_dir / ".hydra" / "overrides.yaml", lambda handle: handle.write(text.encode()))
+    single = Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve()
+    if single and hydra_cfg.output_subdir is not None:
+        return  # Hydra wrote them there (main called without cli)
+    files = {"overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task))}
+    if single:
+        files["config.yaml"] = OmegaConf.to_yaml(cfg)
+        files["hydra.yaml"] = OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg}))
+    for name, text in files.items():
+        atomic_write(run_dir / ".hydra" / name, lambda handle, t=text: handle.write(t.encode()))
 
 
 def _start_line(trainer: Trainer) -> str:
@@ -598,7 +622,7 @@ def main(cfg: DictConfig) -> None:
         _say(f"{trainer.run_dir} held metrics of a run that never checkpointed; moved to "
              f"{trainer.metrics.set_aside.name}")
     _say(_start_line(trainer))
-    _record_overrides(trainer.run_dir)
+    _record_hydra(trainer.run_dir, cfg)
     try:
         result = trainer.train()
     except (NumericalError, CheckpointError, OSError, RayClusterError) as error:
@@ -619,7 +643,8 @@ def cli() -> None:
     naming the closest choices), a value the schema refuses (``obs=rgb``, ``lr=fast``) and
     a ``run_dir=`` that cannot hold a run (Hydra writes ``<run_dir>/.hydra`` first)."""
     message = (check_group_overrides(sys.argv[1:], CONFIG_DIR)
-               or check_override_values(sys.argv[1:], CONFIG_DIR))
+               or check_override_values(sys.argv[1:], CONFIG_DIR)
+               or _check_added_keys(sys.argv[1:]))
     if message is not None:
         raise SystemExit(f"cp3er-train: {message}")
     for arg in reversed(sys.argv[1:]):
@@ -631,7 +656,36 @@ def cli() -> None:
                 except ResumeError as error:
                     raise SystemExit(f"cp3er-train: {error}") from None
             break
+    if not {"-m", "--multirun"} & set(sys.argv[1:]):
+        sys.argv += _quiet_hydra(sys.argv[1:])
     main()
+
+
+def _check_added_keys(args: list[str]) -> str | None:
+    """``+key=value`` adds a key the run config does not have (``+foo=1``, a typo such as
+    ``+agent.lr_actor=...``): nothing reads it, so the run would ignore it without a word.
+    Refused, unless it selects a config group (``+profile=cpu_pixels``) or is Hydra's."""
+    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    for arg in args:
+        if not arg.startswith("+") or arg.startswith("++") or "=" not in arg:
+            continue
+        key = arg.lstrip("+").partition("=")[0]
+        if key in groups or key.startswith(("hydra.", "hydra/")) or "/" in key:
+            continue
+        return (f"{arg}: the run config has no key {key!r} (a '+' adds one nothing reads); "
+                "drop the '+' to set an existing key, or fix its name")
+    return None
+
+
+def _quiet_hydra(args: list[str]) -> list[str]:
+    """Hydra overrides that keep a single run's Hydra from writing into ``run_dir`` before
+    :func:`main` decides whether the launch goes ahead: no ``.hydra/`` copy (main writes it,
+    :func:`_record_hydra`) and a log file opened only when something is logged."""
+    keys = {arg.lstrip("+").partition("=")[0] for arg in args}
+    extra = [] if "hydra.output_subdir" in keys else ["hydra.output_subdir=null"]
+    if not any(key.startswith(("hydra/job_logging", "hydra.job_logging")) for key in keys):
+        extra.append("++hydra.job_logging.handlers.file.delay=true")
+    return extra
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ folder as it was, symlinks and paths that leave the run folder, the numeric guar
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,18 @@ from tiny_run import tiny_command as _command
 from tiny_run import wait_for
 
 from cp3er import evaluate
-from cp3er.checkpoint import HASH, UntrustedCheckpointError, hash_bytes, load_checkpoint
-from cp3er.faults import pass_on
-from cp3er.train import Trainer
+from cp3er.checkpoint import (
+    HASH,
+    UnsafePathError,
+    UntrustedCheckpointError,
+    atomic_torch_save,
+    hash_bytes,
+    load_checkpoint,
+    load_run_checkpoint,
+)
+from cp3er.faults import NumericalError, pass_on
+from cp3er.runlock import RunLock
+from cp3er.train import Trainer, _check_added_keys
 
 
 def _one_line(text: str) -> str:
@@ -82,3 +92,154 @@ def test_a_pickle_inside_a_well_formed_envelope_is_a_one_line_refusal(
     with pytest.raises(UntrustedCheckpointError, match="could run code"):
         Trainer(_cfg(run, "frames=400", "resume=true"))
     assert not marker.exists()
+
+
+# -- item 5: a refused or invalid launch leaves the run folder as it was ------------------
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes; the lock file's only as present (it names its last holder)."""
+    return {str(p.relative_to(folder)): b"" if p.name == ".lock" else p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_refused_launches_leave_the_run_folder_as_it_was(finished_run: Path,
+                                                        tmp_path: Path) -> None:
+    run = _copy(finished_run, tmp_path)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")  # the run's own launch
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+    before = _snapshot(run)
+    # a finished run launched again without resume=true
+    refused = subprocess.run(_command(run, "frames=400", "seed=7"), capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 1 and "pass resume=true" in _one_line(refused.stderr)
+    assert _snapshot(run) == before  # .hydra/config.yaml still says seed 1
+    with RunLock(run):  # the run folder held by a live process
+        before = _snapshot(run)
+        held = subprocess.run(_command(run, "frames=800", "resume=true"), capture_output=True,
+                              text=True, timeout=300)
+        assert held.returncode == 75 and "is in use" in _one_line(held.stderr)
+        assert _snapshot(run) == before
+
+
+def test_an_invalid_launch_writes_nothing_into_a_new_run_folder(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"  # a value the agent's modules refuse
+    invalid = subprocess.run(_command(fresh, "agent.init_scale=0"), capture_output=True,
+                             text=True, timeout=300)
+    assert invalid.returncode == 1 and "is invalid" in _one_line(invalid.stderr)
+    assert _snapshot(fresh) == {} and not (fresh / ".hydra").exists()
+
+
+# -- item 2: symlinks and paths that leave the run folder --------------------------------
+def _outside(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder outside the run with a subfolder and a file that must survive."""
+    outside = tmp_path / "outside"
+    (outside / "precious").mkdir(parents=True)
+    victim = outside / "victim.txt"
+    victim.write_text("keep me\n")
+    return outside, victim
+
+
+@pytest.mark.parametrize("link", ["checkpoints/replay", "checkpoints/.latest.pt.tmp", ".lock",
+                                  "metrics.csv"])
+def test_a_resume_refuses_symlinks_in_the_run_folder(finished_run: Path, tmp_path: Path,
+                                                     link: str) -> None:
+    run = _copy(finished_run, tmp_path)
+    outside, victim = _outside(tmp_path)
+    if link == "checkpoints/replay":  # the buffer folders moved outside, linked back
+        shutil.move(run / link, outside / "replay")
+        (run / link).symlink_to(outside / "replay")
+        (outside / "replay" / "precious").mkdir()
+    else:
+        (run / link).unlink(missing_ok=True)
+        (run / link).symlink_to(victim)
+    before = _snapshot(outside)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        Trainer(_cfg(run, "frames=600", "resume=true"))
+    assert _snapshot(outside) == before and (outside / "precious").is_dir()
+    if link == "checkpoints/replay":
+        assert (outside / "replay" / "precious").is_dir()
+
+
+def test_writes_and_deletes_never_go_through_a_link_planted_mid_run(finished_run: Path,
+                                                                     tmp_path: Path) -> None:
+    run = _copy(finished_run, tmp_path)
+    outside, victim = _outside(tmp_path)
+    trainer = Trainer(_cfg(run, "frames=600", "resume=true"))
+    (run / "checkpoints" / ".latest.pt.tmp").symlink_to(victim)
+    with pytest.raises(UnsafePathError, match="refusing to write through it"):
+        trainer.save_checkpoint()
+    (run / "checkpoints" / ".latest.pt.tmp").unlink()
+    shutil.move(run / "checkpoints" / "replay", outside / "replay")
+    (run / "checkpoints" / "replay").symlink_to(outside / "replay")
+    before = _snapshot(outside)  # the old buffer folders would be deleted after the write
+    with pytest.raises(UnsafePathError, match="symlink"):
+        trainer.save_checkpoint()
+    trainer.lock.release()
+    assert victim.read_text() == "keep me\n" and _snapshot(outside) == before
+    assert (outside / "replay" / "frame_0000000400").is_dir()
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/tmp", "replay/..", "replay/../../x"])
+def test_a_checkpoint_naming_a_buffer_outside_the_run_is_refused(
+        finished_run: Path, tmp_path: Path, name: str) -> None:
+    run = _copy(finished_run, tmp_path)
+    state, _ = load_run_checkpoint(run)
+    atomic_torch_save({**state, "replay": name}, run / "checkpoints" / "latest.pt")
+    with pytest.raises(UnsafePathError, match="refused"):
+        load_run_checkpoint(run)
+    with pytest.raises(UnsafePathError):
+        Trainer(_cfg(run, "frames=600", "resume=true"))
+
+
+# -- item 4: the numeric guard catches a blow-up where it first appears ------------------
+@pytest.mark.parametrize("every", [1, 1000])
+def test_a_blown_up_run_stops_at_its_first_exploding_update(tmp_path: Path, every: int) -> None:
+    """``lr=1e6``: finite weights, Q ~1e13 from the first update on (and, read late, an
+    ``invalid multinomial distribution`` in the critic's sampler): the run stops naming
+    update 1, and the checkpoint kept is the one before it."""
+    trainer = Trainer(_cfg(tmp_path, "lr=1e6", "frames=1200", "checkpoint_every=100",
+                           f"log.metrics_every_updates={every}"))
+    with pytest.raises(NumericalError, match=r"exploding \w+=\S+ .*at update 1 \(frame 200\)"):
+        trainer.train()
+    state, _ = load_run_checkpoint(tmp_path)
+    assert state["counters"]["updates"] == 0
+    assert max(float(t.abs().max()) for t in state["agent"]["loss"].values()
+               if t.is_floating_point()) < 1e3
+
+
+def test_an_update_failing_on_non_finite_values_is_a_numerical_error(tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(tmp_path, "frames=1200", "checkpoint_every=0"))
+
+    def failing(batch):
+        raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
+
+    trainer.agent.update_on_device = failing
+    with pytest.raises(NumericalError, match=r"update 1 \(frame 200\) failed on non-finite "
+                                             r"values: invalid multinomial distribution"):
+        trainer.train()
+
+
+# -- item 8: smaller refusals ------------------------------------------------------------
+def test_eval_refuses_another_obs_and_names_the_mismatched_entry(finished_run: Path,
+                                                                 tmp_path: Path, capsys) -> None:
+    assert evaluate.main([str(finished_run), "--obs", "pixels", "--episodes", "1"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("cp3er-eval: --obs pixels: ") and "trained on state" in line
+    state = load_checkpoint(finished_run)
+    state["config"]["task_name"] = "cheetah_run"  # 17-d states instead of cartpole's 5
+    atomic_torch_save(state, tmp_path / "other.pt")
+    assert evaluate.main([str(tmp_path / "other.pt"), "--episodes", "1"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "TensorDict(" not in line and re.search(r"agent for task cheetah_run \(state\): "
+                                                   r"\w+(\.\w+)*: The size of tensor", line)
+
+
+def test_an_added_unknown_key_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = subprocess.run(_command(run, "+foo=1"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert "+foo=1: the run config has no key 'foo'" in _one_line(result.stderr)
+    assert not run.exists()
+    assert _check_added_keys(["+profile=cpu_pixels", "++lr=0.001", "+hydra.job.name=x"]) is None
+    assert "no key 'agent.lr_actor'" in _check_added_keys(["+agent.lr_actor=0.1"])

@@ -287,6 +287,22 @@ def test_bad_stability_values_are_refused(tmp_path, override, message) -> None:
         validate_config(tiny_cfg(tmp_path, *overrides))
 
 
+def test_stable_preset_is_the_paper_agent_plus_its_two_remedies(tmp_path) -> None:
+    """agent=cp3er_stable changes the bound penalty and the adaptive lambda target and
+    nothing else of agent=cp3er (its name stays cp3er: checkpoints, evaluation, resume)."""
+    from omegaconf import OmegaConf
+
+    paper = OmegaConf.to_container(tiny_cfg(tmp_path).agent)
+    stable = OmegaConf.to_container(tiny_cfg(tmp_path, "agent=cp3er_stable").agent)
+    changed = {k for k in paper["stability"] if paper["stability"][k] != stable["stability"][k]}
+    assert changed == {"bound_penalty", "target_bound_frac"}
+    assert stable["stability"]["bound_penalty"] > 0
+    assert 0 < stable["stability"]["target_bound_frac"] < 0.5
+    paper.pop("stability")
+    stable.pop("stability")
+    assert stable == paper
+
+
 def test_one_adaptive_target_at_a_time(tmp_path) -> None:
     from cp3er.config_check import ConfigError, validate_config
 

@@ -33,17 +33,20 @@ def _jobs(name: str) -> list[list[str]]:
 def test_every_job_composes_and_validates(name: str, tmp_path: Path) -> None:
     jobs = _jobs(name)
     assert jobs, f"{name} lists no job"
-    seen, composed = set(), set()
+    seen, composed, tasks = set(), set(), set()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         for task, agent, seed, *rest in jobs:
             label = rest[0] if rest else agent
             run = (task, label, seed)
             assert run not in seen, f"{name}: {run} listed twice (one run folder)"
             seen.add(run)
-            config = (task, agent, *rest[1:])  # seeds and labels compose alike: once each
-            if config in composed:
+            # seeds and labels compose alike, and a task file only adds its deltas: each
+            # agent with its overrides and each task is composed at least once
+            config = (agent, *rest[1:])
+            if config in composed and task in tasks:
                 continue
             composed.add(config)
+            tasks.add(task)
             cfg = compose(config_name="config", overrides=[
                 f"+profile={JOB_LISTS[name]}", f"task={task}", f"agent={agent}",
                 f"seed={seed}", f"label={label}", f"run_dir={tmp_path / 'r'}", *rest[1:]])

@@ -45,6 +45,7 @@ import contextlib
 import functools
 import importlib.util
 import math
+import re
 import signal
 import threading
 import warnings
@@ -187,6 +188,73 @@ def ray_init_config(address: str | None, workers: int) -> dict[str, Any]:
     if address is None:
         config["num_cpus"] = workers
     return config
+
+
+class WorkerDiedError(RuntimeError):
+    """A collector worker (a process, a Ray actor) died; the message names it."""
+
+
+_WORKER_FAILED = re.compile(r"process(es)? failed|worker \d+ \(exit code", re.IGNORECASE)
+
+
+def worker_death(error: BaseException) -> WorkerDiedError | None:
+    """``error``, raised while waiting for the workers' batches, as a one-line
+    :class:`WorkerDiedError` if it says a worker died: TorchRL's local collectors raise
+    ``RuntimeError: At least one process failed: worker 1 (exit code -9)``, Ray an
+    ``ActorDiedError``/``RayActorError``; ``None`` for any other error."""
+    kind = type(error).__name__
+    text = (str(error).strip().splitlines() or [kind])[0]
+    if "ActorDied" in kind or "RayActorError" in kind:
+        return WorkerDiedError(f"a collector worker (Ray actor) died: {text}")
+    if isinstance(error, RuntimeError) and _WORKER_FAILED.search(text):
+        found = re.search(r"worker (\d+) \(exit code (-?\d+)\)", text)
+        if found is None:
+            return WorkerDiedError(f"a collector worker died: {text}")
+        return _worker_died(int(found[1]), int(found[2]))
+    return None
+
+
+def _worker_died(worker: int, code: int | None) -> WorkerDiedError:
+    how = (f", killed by {signal.Signals(-code).name}"
+           if code is not None and -code in signal.valid_signals() else "")
+    return WorkerDiedError(f"collector worker {worker} died (exit code {code}{how})")
+
+
+@contextlib.contextmanager
+def watching_workers(collector: BaseCollector, poll_s: float = 0.5) -> Iterator[None]:
+    """Run the block (a weight push: TorchRL waits for every worker's acknowledgement
+    without a timeout, forever for a dead one) while a thread polls the local collector's
+    worker processes: a dead one interrupts the main thread's wait (SIGUSR1), which raises
+    :class:`WorkerDiedError` naming it. Without worker processes (Ray) or off the main
+    thread, just the block."""
+    procs = list(getattr(collector, "procs", None) or [])
+    if not procs or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    died: list[WorkerDiedError] = []
+    main, stop = threading.main_thread().ident, threading.Event()
+
+    def interrupt(signum, frame) -> None:
+        if died:
+            raise died[0]
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            for index, proc in enumerate(procs):
+                if not proc.is_alive():
+                    died.append(_worker_died(index, proc.exitcode))
+                    signal.pthread_kill(main, signal.SIGUSR1)
+                    return
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    watcher = threading.Thread(target=watch, name="cp3er-worker-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
 
 
 class RayClusterError(RuntimeError):

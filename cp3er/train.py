@@ -14,9 +14,11 @@ states, counters and loop state are written to ``<run_dir>/checkpoints``;
 resumed run starts its collector on a fresh reset, the interrupted episode is cut (the
 replay buffer treats the cut like a truncation: no n-step target crosses it) and gets no
 metrics row. SIGTERM/SIGINT checkpoint at the next batch boundary and exit (code 0 for
-SIGTERM, 130 for SIGINT). A non-finite loss, parameter or action stops the run before
-anything more is written, so the last checkpoint stays the last good one. One process
-at a time trains a run folder (an ``flock`` on ``<run_dir>/.lock``).
+SIGTERM, 130 for SIGINT). A non-finite loss, parameter or action, or a loss or Q value
+beyond 1e8, stops the run before anything more is written, so the last checkpoint stays
+the last good one. A collector worker that dies stops the run after a checkpoint of what
+was collected. One process at a time trains a run folder (an ``flock`` on
+``<run_dir>/.lock``), never through a symlink.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -54,7 +57,14 @@ from cp3er.checkpoint import (
     load_error_detail,
     save_run_checkpoint,
 )
-from cp3er.collection import RayClusterError, ray_runtime, worker_collector
+from cp3er.collection import (
+    RayClusterError,
+    WorkerDiedError,
+    ray_runtime,
+    watching_workers,
+    worker_collector,
+    worker_death,
+)
 from cp3er.config_check import (
     ConfigError,
     check_group_overrides,
@@ -234,7 +244,8 @@ class Trainer:
         into their shared copy (local workers), sent on to each actor (Ray workers:
         ``RayCollector.update_policy_weights_``, torch.distributed from this process)."""
         self.worker_policy.load_state_dict(self.agent.collect_policy.state_dict())
-        collector.update_policy_weights_()
+        with watching_workers(collector):  # a dead worker never acknowledges
+            collector.update_policy_weights_()
 
     def due_updates(self) -> int:
         """Updates the schedule calls for by the current agent step: one per
@@ -453,7 +464,13 @@ class Trainer:
         folder's lock is released at the end, whatever the outcome."""
         try:
             with Preemption():  # a signal after the last batch just finishes the run
-                received = self.run(self.cfg.frames)
+                try:
+                    received = self.run(self.cfg.frames)
+                except WorkerDiedError:  # keep what the live workers collected
+                    self.save_checkpoint()
+                    self.env.close()
+                    self.eval_env.close()
+                    raise
                 if received is not None:
                     self.save_checkpoint()
                     self.env.close()
@@ -491,14 +508,30 @@ class Trainer:
         with runtime:
             self._collect_from(self.make_collector(until_frame), until_frame, preemption)
 
+    @staticmethod
+    def _next_batch(batches: Iterator[TensorDict]) -> TensorDict | None:
+        """The collector's next batch (``None`` at its end); a worker that died is a
+        one-line :class:`~cp3er.collection.WorkerDiedError` (:meth:`train` then
+        checkpoints what was collected)."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except Exception as error:
+            died = worker_death(error)
+            if died is None:
+                raise
+            raise died from None
+
     def _collect_from(self, collector: BaseCollector, until_frame: int,
                       preemption: Preemption) -> None:
         cfg, loop = self.cfg, self.loop
         pushed = loop.updates  # the update count the workers' weights are from
         progress = tqdm(total=until_frame, initial=self.frame, unit="frame",
                         disable=not cfg.log.progress, dynamic_ncols=True)
+        batches = iter(collector)
         try:
-            for batch in collector:
+            while (batch := self._next_batch(batches)) is not None:
                 # [workers, T] (a MultiSyncCollector's stack) or one worker's [T] chunk
                 rows = batch.reshape(-1, batch.shape[-1])
                 steps = rows.numel()
@@ -625,6 +658,9 @@ def main(cfg: DictConfig) -> None:
     _record_hydra(trainer.run_dir, cfg)
     try:
         result = trainer.train()
+    except WorkerDiedError as error:
+        raise SystemExit(f"cp3er-train: run stopped: {error}; checkpoint written at frame "
+                         f"{trainer.frame:,}; continue with: {_resume_command()}") from None
     except (NumericalError, CheckpointError, OSError, RayClusterError) as error:
         kept = (f"the last good checkpoint is left untouched in {trainer.run_dir / 'checkpoints'}"
                 if has_checkpoint(trainer.run_dir) else "no checkpoint was written")

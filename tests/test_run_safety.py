@@ -5,11 +5,15 @@ folder as it was, symlinks and paths that leave the run folder, the numeric guar
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +32,7 @@ from cp3er.checkpoint import (
     load_checkpoint,
     load_run_checkpoint,
 )
+from cp3er.collection import WorkerDiedError, watching_workers
 from cp3er.faults import NumericalError, pass_on
 from cp3er.runlock import RunLock
 from cp3er.train import Trainer, _check_added_keys
@@ -243,3 +248,80 @@ def test_an_added_unknown_key_is_refused_before_anything_is_written(tmp_path: Pa
     assert not run.exists()
     assert _check_added_keys(["+profile=cpu_pixels", "++lr=0.001", "+hydra.job.name=x"]) is None
     assert "no key 'agent.lr_actor'" in _check_added_keys(["+agent.lr_actor=0.1"])
+
+
+# -- item 1: a dead collector worker stops the run, after a checkpoint -------------------
+class _DyingCollector:
+    """A collector whose worker dies after ``batches`` batches, as TorchRL reports it."""
+
+    def __init__(self, inner, batches: int) -> None:
+        self.inner, self.batches = inner, batches
+
+    def __iter__(self):
+        for index, batch in enumerate(self.inner):
+            if index == self.batches:
+                raise RuntimeError("At least one process failed: worker 1 (exit code -9). "
+                                   "Check for more infos in the log.")
+            yield batch
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+def test_a_dead_worker_stops_the_run_after_a_checkpoint_of_what_was_collected(
+        tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(tmp_path, "frames=2000", "checkpoint_every=0"))
+    make = trainer.make_collector
+    trainer.make_collector = lambda until: _DyingCollector(make(until), batches=60)
+    with pytest.raises(WorkerDiedError, match=r"^collector worker 1 died \(exit code -9, "
+                                              r"killed by SIGKILL\)$"):
+        trainer.train()
+    state, _ = load_run_checkpoint(tmp_path)
+    assert state["counters"]["step"] == trainer.step == 120  # 60 batches of 2 steps
+    assert not trainer.lock.held
+
+
+@pytest.mark.slow
+def test_a_killed_worker_process_is_one_line_and_a_checkpoint(tmp_path: Path) -> None:
+    """``collector.workers=2``, one worker killed (SIGKILL) after the first checkpoint: the
+    run stops within seconds, one line naming the worker, a checkpoint after the first."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(_command(run, "frames=20000", "collector.workers=2",
+                                        "checkpoint_every=400",
+                                        "schedule.update_every_steps=10"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run / "checkpoints" / "latest.pt").is_file(), process)
+    first = load_run_checkpoint(run)[0]["counters"]["step"]
+    workers = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "spawn_main"],
+                             capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert re.match(r"cp3er-train: run stopped: collector worker \d died \(exit code -9, "
+                    r"killed by SIGKILL\); checkpoint written at frame", line), line
+    assert load_run_checkpoint(run)[0]["counters"]["step"] >= first
+
+
+def test_a_worker_dying_during_a_weight_push_interrupts_the_wait() -> None:
+    """TorchRL waits for every worker's acknowledgement of new weights without a timeout:
+    a worker killed then hung the trainer for good (no CPU, SIGTERM ignored)."""
+    import multiprocessing
+    import queue
+
+    context = multiprocessing.get_context("fork")
+    worker = context.Process(target=time.sleep, args=(60,), daemon=True)
+    worker.start()
+    collector = SimpleNamespace(procs=[worker])
+    never = context.Queue()  # the acknowledgement that never comes
+    threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL)).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(WorkerDiedError, match=r"^collector worker 0 died \(exit code -9"), \
+                watching_workers(collector, poll_s=0.1):
+            never.get(timeout=10)  # without the watch: queue.Empty after 10 s
+    except queue.Empty:
+        pytest.fail("the wait for a dead worker was not interrupted")
+    assert time.monotonic() - started < 5
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL

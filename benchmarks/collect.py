@@ -111,8 +111,11 @@ def plot_collapse(paths: list[Path], out: Path) -> None:
     tasks = sorted({run.task for run in runs})
     agents = sorted({run.agent for run in runs})
     colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(agents)}
+    columns = min(len(agents), 4)
+    legend_rows = -(-len(agents) // columns)
     fig, axes = plt.subplots(len(COLLAPSE_METRICS), len(tasks), squeeze=False,
-                             figsize=(3.6 * len(tasks), 5.5), sharex=True)
+                             figsize=(max(3.6 * len(tasks), 7.5), 5.0 + 0.25 * legend_rows),
+                             sharex=True)
     for col, task in enumerate(tasks):
         for row, name in enumerate(COLLAPSE_METRICS):
             ax = axes[row, col]
@@ -124,8 +127,8 @@ def plot_collapse(paths: list[Path], out: Path) -> None:
             ax.set_xlabel("frames" if row == len(COLLAPSE_METRICS) - 1 else "", fontsize=8)
             ax.tick_params(labelsize=7)
     handles = [plt.Line2D([], [], color=colours[a], label=a) for a in agents]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(agents), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8)
+    fig.tight_layout(rect=(0, 0.045 * legend_rows + 0.01, 1, 1))
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)

@@ -329,3 +329,25 @@ def test_damaged_run_files_and_nan_rows_are_one_line_each(dmc_runs, tmp_path, ca
     assert (f"cp3er-plot: warning: {nan_run / 'metrics.csv'}: 1 eval row(s) with a "
             "non-finite episode_return (frames 30000) left out") in err
     assert report["left_out"] == [{"run": str(nan_run), "phase": "eval", "frames": [30_000]}]
+
+
+def test_collect_reports_the_collapse_metrics_at_the_end_of_each_run(tmp_path) -> None:
+    """bound_frac_end / spread_end: means over the train rows of the last 10% of the run's
+    frames; a run (DrQ-v2) that logs no spread gets an empty cell."""
+    from cp3er.plot import Run
+
+    collect = benchmark_module("collect")
+    rows = [{"frame": str(f), "phase": "train", "action_bound_frac": str(f / 100_000),
+             "action_spread": "0.5" if f < 90_000 else "0.1"} for f in range(10_000, 100_001,
+                                                                              5_000)]
+    rows.insert(3, {"frame": "25000", "phase": "eval", "action_bound_frac": "",
+                    "action_spread": ""})
+    run = Run(tmp_path, "cheetah_run", "cp3er", "state", 1, rows)
+    # frames 90k < f <= 100k: 95k and 100k
+    assert collect.collapse_end(run, "action_bound_frac", 100_000) == pytest.approx(0.975)
+    assert collect.collapse_end(run, "action_spread", 100_000) == pytest.approx(0.1)
+    # at a 50k-frame final evaluation: 50k only (45k < f <= 50k)
+    assert collect.collapse_end(run, "action_bound_frac", 50_000) == pytest.approx(0.5)
+    no_spread = Run(tmp_path, "cheetah_run", "drqv2", "state", 1,
+                    [{**r, "action_spread": ""} for r in rows])
+    assert collect.collapse_end(no_spread, "action_spread", 100_000) == ""

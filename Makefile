@@ -23,8 +23,9 @@ run: $(STAMP)
 	@echo "make run: CP3ER on pixel cartpole_balance, 8,000 frames (about 10 minutes on 2 cores)."
 	@echo "  What to expect: a check that the whole pipeline runs, not a learning result: 8,000"
 	@echo "  frames are too few for CP3ER (or DrQ-v2) to learn from pixels, and the evaluation"
-	@echo "  return can go down. Learning from pixels takes about an hour per run on one core:"
-	@echo "  cp3er-train +profile=cpu_pixels task=cartpole_swingup (docs/results/README.md)."
+	@echo "  return can go down. A run that learns, from states, in about 20 minutes on one core:"
+	@echo "  cp3er-train +profile=cpu_states task=cartpole_swingup (seed 1: 868 at 100k frames,"
+	@echo "  DrQ-v2 854; uniform random actions 49). Pixels: docs/results/README.md."
 	$(BIN)/cp3er-train --config-name demo $(ARGS)
 
 ## test: the default (fast) test suite

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -105,10 +106,13 @@ class MetricsWriter:
         if unknown:
             raise KeyError(f"metrics {sorted(unknown)} are not columns of metrics.csv")
         clean = {k: _fmt(v) for k, v in row.items()}
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, self.columns).writerow(clean)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, "a", newline="") as handle:
+                csv.DictWriter(handle, self.columns).writerow(clean)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:  # a full disk: the message names the file
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
 
 
 def _free_name(path: Path) -> Path:
@@ -125,6 +129,25 @@ def _fmt(value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)
     return value
+
+
+def close_logger_files(logger, name: str) -> Path | str:
+    """After a write of scalar ``name`` failed (a full disk): close the TorchRL CSV
+    logger's open files, ignoring their failing flushes, so that no ``__del__`` flushes
+    them again at exit (an "Exception ignored" traceback after the one-line error).
+    Returns the file (CSV logger) or folder the scalar went to, for the message."""
+    experiment = getattr(logger, "experiment", None)
+    files = getattr(experiment, "files", None)
+    if isinstance(files, dict):
+        for handle in files.values():
+            with contextlib.suppress(OSError):
+                handle.close()  # closed even when its flush fails
+        files.clear()
+    log_dir = getattr(experiment, "log_dir", None) or getattr(logger, "log_dir", None)
+    if log_dir is None:
+        return f"the {type(logger).__name__}'s files"
+    return Path(log_dir) / "scalars" / f"{name}.csv" if isinstance(files, dict) \
+        else Path(log_dir)
 
 
 def make_logger(backend: str, run_dir: Path, name: str):

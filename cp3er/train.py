@@ -100,6 +100,7 @@ from cp3er.runlock import RunLock, RunLockedError
 from cp3er.runlog import (
     MetricsFileError,
     MetricsWriter,
+    close_logger_files,
     log_config,
     log_eval_video,
     make_logger,
@@ -275,7 +276,11 @@ class Trainer:
 
     def _log_scalars(self, values: dict[str, float]) -> None:
         for name, value in values.items():
-            self.logger.log_scalar(name, value, step=self.frame)
+            try:
+                self.logger.log_scalar(name, value, step=self.frame)
+            except OSError as error:  # a full disk: name the file, leave nothing to flush
+                raise OSError(error.errno, error.strerror,
+                              str(close_logger_files(self.logger, name))) from None
 
     def _finish_episodes(self, rows: TensorDict, step_before: int) -> None:
         """A train row of ``metrics.csv`` for each episode ending in ``rows`` (``[W, T]``:

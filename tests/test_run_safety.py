@@ -4,12 +4,15 @@ folder as it was, symlinks and paths that leave the run folder, the numeric guar
 
 from __future__ import annotations
 
+import errno
+import gc
 import io
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -325,3 +328,53 @@ def test_a_worker_dying_during_a_weight_push_interrupts_the_wait() -> None:
         pytest.fail("the wait for a dead worker was not interrupted")
     assert time.monotonic() - started < 5
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+class _FullDiskFile:
+    """A log file on a full disk: writes are buffered, every flush fails (ENOSPC); a
+    close flushes (and fails) once, then the file is closed, as Python's own files."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.closed = False
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.flush()
+
+
+def test_a_full_disk_names_the_log_file_and_leaves_no_exit_traceback(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    import torchrl.record.loggers.csv as torchrl_csv
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    trainer = Trainer(_cfg(tmp_path, "frames=1000", "checkpoint_every=0"))
+    monkeypatch.setattr(torchrl_csv, "open", _FullDiskFile, raising=False)
+    with pytest.raises(OSError, match=r"No space left on device: '.*/logs/scalars/"
+                                      r"train/\w+\.csv'") as info:
+        trainer.train()
+    assert info.value.errno == errno.ENOSPC
+    del trainer, info
+    gc.collect()
+    assert not unraisable, [u.exc_value for u in unraisable]  # the logger's __del__: quiet
+
+
+def test_a_full_disk_under_metrics_csv_names_it(tmp_path: Path, monkeypatch) -> None:
+    import cp3er.runlog as runlog
+
+    writer = runlog.MetricsWriter(tmp_path / "metrics.csv", fresh=True)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runlog.os, "fsync", full)
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: "
+                                                f"'{tmp_path / 'metrics.csv'}'")):
+        writer.write({"frame": 2, "phase": "train"})

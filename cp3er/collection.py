@@ -194,7 +194,8 @@ class WorkerDiedError(RuntimeError):
     """A collector worker (a process, a Ray actor) died; the message names it."""
 
 
-_WORKER_FAILED = re.compile(r"process(es)? failed|worker \d+ \(exit code", re.IGNORECASE)
+_WORKER_FAILED = re.compile(r"process(es)? failed|worker \d+ \(exit code|worker \d+ failed to "
+                            r"initiali[sz]e", re.IGNORECASE)
 
 
 def worker_death(error: BaseException) -> WorkerDiedError | None:
@@ -208,6 +209,10 @@ def worker_death(error: BaseException) -> WorkerDiedError | None:
         return WorkerDiedError(f"a collector worker (Ray actor) died: {text}")
     if isinstance(error, RuntimeError) and _WORKER_FAILED.search(text):
         found = re.search(r"worker (\d+) \(exit code (-?\d+)\)", text)
+        starting = re.search(r"worker (\d+) failed to initiali[sz]e", text, re.IGNORECASE)
+        if starting is not None:
+            return WorkerDiedError(f"collector worker {starting[1]} died during its start-up "
+                                   "(building its environment)")
         if found is None:
             return WorkerDiedError(f"a collector worker died: {text}")
         return _worker_died(int(found[1]), int(found[2]))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import math
 import shutil
 import signal
@@ -472,7 +473,8 @@ class Trainer:
                 try:
                     received = self.run(self.cfg.frames)
                 except WorkerDiedError:  # keep what the live workers collected
-                    self.save_checkpoint()
+                    if self.step > 0 and self.frame != self.resumed_from:
+                        self.save_checkpoint()
                     self.env.close()
                     self.eval_env.close()
                     raise
@@ -511,7 +513,20 @@ class Trainer:
         runtime = (ray_runtime(collector_cfg.ray_address, collector_cfg.workers)
                    if collector_cfg.backend == "ray" else contextlib.nullcontext())
         with runtime:
-            self._collect_from(self.make_collector(until_frame), until_frame, preemption)
+            self._collect_from(self._start_collector(until_frame), until_frame, preemption)
+
+    def _start_collector(self, until_frame: int) -> BaseCollector:
+        """:meth:`make_collector`; a worker that dies while it starts is a one-line
+        :class:`~cp3er.collection.WorkerDiedError`, raised once the half-built collector
+        is collected (its weight-sync queues, left to the interpreter's exit, hung it)."""
+        try:
+            return self.make_collector(until_frame)
+        except Exception as error:
+            died = worker_death(error)
+            if died is None:
+                raise
+        gc.collect()  # outside the except: nothing refers to the half-built collector
+        raise died
 
     @staticmethod
     def _next_batch(batches: Iterator[TensorDict]) -> TensorDict | None:
@@ -664,7 +679,10 @@ def main(cfg: DictConfig) -> None:
     try:
         result = trainer.train()
     except WorkerDiedError as error:
-        raise SystemExit(f"cp3er-train: run stopped: {error}; checkpoint written at frame "
+        if not has_checkpoint(trainer.run_dir):
+            raise SystemExit(f"cp3er-train: run stopped: {error}; nothing was collected, "
+                             "no checkpoint was written") from None
+        raise SystemExit(f"cp3er-train: run stopped: {error}; checkpoint at frame "
                          f"{trainer.frame:,}; continue with: {_resume_command()}") from None
     except (NumericalError, CheckpointError, OSError, RayClusterError) as error:
         kept = (f"the last good checkpoint is left untouched in {trainer.run_dir / 'checkpoints'}"

@@ -303,8 +303,30 @@ def test_a_killed_worker_process_is_one_line_and_a_checkpoint(tmp_path: Path) ->
     assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
     assert re.match(r"cp3er-train: run stopped: collector worker \d died \(exit code -9, "
-                    r"killed by SIGKILL\); checkpoint written at frame", line), line
+                    r"killed by SIGKILL\); checkpoint at frame", line), line
     assert load_run_checkpoint(run)[0]["counters"]["step"] >= first
+
+
+@pytest.mark.slow
+def test_a_worker_dying_at_start_up_is_one_line_and_the_process_exits(tmp_path: Path) -> None:
+    """Worker 1's environment factory exits its process: TorchRL raised a traceback, then
+    the trainer hung at exit (a half-built collector's weight-sync queue)."""
+    (tmp_path / "dying_worker.py").write_text(
+        "import functools, os\n"
+        "def die(*args):\n    os._exit(3)\n"
+        "def factories(cfg, seed):\n"
+        "    from cp3er.session import worker_env_factories\n"
+        "    return [worker_env_factories(cfg, seed)[0], functools.partial(die)]\n")
+    launch = ("import cp3er.train as train, dying_worker; "
+              "train.worker_env_factories = dying_worker.factories; train.cli()")
+    run = tmp_path / "run"
+    command = [sys.executable, "-c", launch, *_command(run, "collector.workers=2")[3:]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "cp3er-train: run stopped: collector worker 1 died during its start-up (building its "
+        "environment); nothing was collected, no checkpoint was written")
 
 
 def test_a_worker_dying_during_a_weight_push_interrupts_the_wait() -> None:

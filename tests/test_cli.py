@@ -51,7 +51,7 @@ def test_mistyped_config_names_get_the_closest_choices() -> None:
     message = check_group_overrides(["task=cheetah_rn", "seed=2"], CONFIG_DIR)
     assert message.startswith("unknown task 'cheetah_rn'") and "cheetah_run" in message
     message = check_group_overrides(["agent=drqv3"], CONFIG_DIR)
-    assert message == "unknown agent 'drqv3'; valid choices: cp3er, drqv2"
+    assert message == "unknown agent 'drqv3'; valid choices: cp3er, cp3er_stable, drqv2"
     assert "cpu_pixels" in check_group_overrides(["+profile=cpu_pixel"], CONFIG_DIR)
     assert "demo" in check_group_overrides(["--config-name", "demoo"], CONFIG_DIR)
     assert check_group_overrides(["task=cheetah_run", "agent=drqv2", "seed=3", "--config-name",

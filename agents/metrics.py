@@ -2,7 +2,7 @@
 
 One place for the names: :meth:`agents.agent.Agent.update` returns only these, the
 trainer writes them as ``metrics.csv`` columns (``cp3er.runlog.METRIC_COLUMNS``) and the
-README's "metrics.csv glossary" explains each one; ``tests/test_metrics.py`` checks all
+glossary of docs/usage.md explains each one; ``tests/test_metrics.py`` checks all
 three against this table.
 """
 

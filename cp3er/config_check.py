@@ -151,7 +151,7 @@ def _unknown(kind: str, value: str, choices: list[str]) -> str:
     listed = ", ".join(choices) if len(choices) <= 8 else ", ".join(close)
     label = "valid choices" if len(choices) <= 8 else "closest"
     if not listed:
-        return f"unknown {kind} {value!r} ({len(choices)} choices: see the README)"
+        return f"unknown {kind} {value!r} ({len(choices)} choices: see docs/usage.md)"
     return f"unknown {kind} {value!r}; {label}: {listed}"
 
 

@@ -4,7 +4,7 @@ the RNG states, and which config and checkpoint a (resumed) run uses.
 A checkpoint (``checkpoints/latest.pt``) holds ``{"agent", "config", "counters", "rng"}``:
 ``counters`` is a :class:`LoopState` as a plain dict (format 2 loads with
 ``torch.load(weights_only=True)``), ``rng`` is :func:`rng_state`. What may change on a
-resume is decided by :func:`resolve_run_config` (README "Checkpoints, resume and faults").
+resume is decided by :func:`resolve_run_config` (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class LoopState:
         return state
 
 
-# What a resumed run may take from its command line (README "Checkpoints, resume and
-# faults"): MACHINE_KEYS silently (machine-specific; ``replay.device`` goes with
+# What a resumed run may take from its command line (docs/checkpoints.md):
+# MACHINE_KEYS silently (machine-specific; ``replay.device`` goes with
 # ``device``, and a checkpoint loads onto either; a requeued job's Ray cluster has a new
 # address); RESUME_MAY_CHANGE with a printed line (``frames``: a larger value extends the
 # run, a finished one too; logging and speed switches, which keep the math up to float

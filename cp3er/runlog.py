@@ -12,7 +12,7 @@ from typing import Any
 
 from agents.metrics import UPDATE_METRICS
 
-# Fixed columns so every run's metrics.csv reads the same (glossary: README.md,
+# Fixed columns so every run's metrics.csv reads the same (glossary: docs/usage.md,
 # "metrics.csv glossary"): the loop's own, the agents' registered update metrics, then the
 # environment's.
 METRIC_COLUMNS = [

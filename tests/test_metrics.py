@@ -1,5 +1,5 @@
 """One metric registry (``agents.metrics``): what every agent update reports is in it,
-``metrics.csv`` has a column for each entry and the README glossary explains each one."""
+``metrics.csv`` has a column for each entry and the glossary of docs/usage.md explains each one."""
 
 from __future__ import annotations
 
@@ -59,14 +59,14 @@ def test_metrics_csv_has_a_column_per_registered_metric() -> None:
     assert set(LOSS_METRICS) == {"loss_critic", "loss_actor", "loss_teacher"}
 
 
-def test_readme_glossary_explains_every_column() -> None:
-    text = (ROOT / "README.md").read_text()
-    glossary = text.split("### metrics.csv glossary", 1)[1].split("\n### ", 1)[0]
+def test_usage_glossary_explains_every_column() -> None:
+    text = (ROOT / "docs" / "usage.md").read_text()
+    glossary = text.split("## metrics.csv glossary", 1)[1].split("\n## ", 1)[0]
     documented = set()
     for row in re.findall(r"^\| (`[^|]+) \|", glossary, flags=re.M):
         documented |= set(re.findall(r"`([a-z_]+)`", row))
     missing = set(METRIC_COLUMNS) - documented
-    assert not missing, f"README glossary lacks {sorted(missing)}"
+    assert not missing, f"docs/usage.md glossary lacks {sorted(missing)}"
 
 
 def test_an_unregistered_metric_is_refused() -> None:

@@ -246,8 +246,16 @@ class Trainer:
         into their shared copy (local workers), sent on to each actor (Ray workers:
         ``RayCollector.update_policy_weights_``, torch.distributed from this process)."""
         self.worker_policy.load_state_dict(self.agent.collect_policy.state_dict())
-        with watching_workers(collector):  # a dead worker never acknowledges
-            collector.update_policy_weights_()
+        try:
+            with watching_workers(collector):  # a dead worker never acknowledges
+                collector.update_policy_weights_()
+        except WorkerDiedError:  # a local worker, named by the watch
+            raise
+        except Exception as error:  # a Ray actor's death surfaces in its acknowledgement
+            died = worker_death(error)
+            if died is None:
+                raise
+            raise died from None
 
     def due_updates(self) -> int:
         """Updates the schedule calls for by the current agent step: one per

@@ -20,10 +20,12 @@ ray = pytest.importorskip("ray", reason="collector.backend=ray needs the ray ext
 
 from tiny_run import tiny_cfg  # noqa: E402
 
+from cp3er.checkpoint import load_run_checkpoint  # noqa: E402
 from cp3er.collection import (  # noqa: E402
     RAY_WEIGHT_SYNC_TIMEOUT,
     TRAJ_ID_OFFSET,
     RayClusterError,
+    WorkerDiedError,
     lengthen_ray_weight_sync_timeout,
     ray_random_steps,
     ray_runtime,
@@ -150,3 +152,30 @@ def test_ray_async_chunks_go_to_their_workers_streams_and_preemption_stops_ray(
     assert set().union(*workers) == {0, 1}
     trainer.save_checkpoint()
     trainer.lock.release()
+
+
+def test_a_ray_actor_killed_mid_run_is_one_line_and_a_checkpoint(tmp_path: Path) -> None:
+    """Issue "run safety, round 3", item 1 for the Ray backend: a worker actor killed
+    (``ray.kill``, as a lost node or an out-of-memory kill ends it) after 30 updates stops
+    the run with a :class:`WorkerDiedError` naming a Ray actor, not a hang; ``train`` writes
+    a checkpoint of what was collected and Ray, started by the run, is shut down."""
+    trainer = Trainer(tiny_cfg(tmp_path, "frames=2000", *RAY))
+    make_collector, update = trainer.make_collector, trainer.update
+    collectors = []
+
+    def keep_collector(until_frame: int):
+        collectors.append(make_collector(until_frame))
+        return collectors[-1]
+
+    def update_then_kill():
+        if trainer.loop.updates + 1 == 30:
+            ray.kill(collectors[0].remote_collectors[1])
+        return update()
+
+    trainer.make_collector, trainer.update = keep_collector, update_then_kill
+    with pytest.raises(WorkerDiedError, match=r"^a collector worker \(Ray actor\) died"):
+        trainer.train()
+    assert not ray.is_initialized()
+    state, _ = load_run_checkpoint(tmp_path)
+    assert 0 < state["counters"]["step"] == trainer.step < 1000
+    assert trainer.loop.updates >= 30 and not trainer.lock.held

@@ -7,7 +7,7 @@
 #      train_fps_workers: collector.workers 1, 4, 8, sync and async, with updates per frame;
 #      sample_ms with the replay storage on the GPU (replay.device);
 #   2. perf.precision fp32 / tf32 / bf16: losses of the first updates and ms per update
-#      (benchmarks/precision.py, pixels, the reference sizes);
+#      (benchmarks/diagnostics/precision.py, pixels, the reference sizes);
 #   3. a short pixel cheetah_run training run on the GPU with the replay on the GPU and the
 #      update captured as a CUDA graph (collect, update, evaluate, checkpoint), resumed
 #      once to 4,500 frames (the graph captured again), and cp3er-eval of its checkpoint;
@@ -23,7 +23,7 @@ export MUJOCO_GL=${MUJOCO_GL:-egl}
 "$PYTHON" -m cp3er.bench --device cuda --json --compile --fps-updates 200 \
   --env-tasks cheetah_run --checkpoint-transitions 0 > "$OUT_DIR/bench_gpu.json"
 
-"$PYTHON" benchmarks/precision.py --device cuda --obs pixels --updates 20 \
+"$PYTHON" benchmarks/diagnostics/precision.py --device cuda --obs pixels --updates 20 \
   > "$OUT_DIR/precision_gpu.json"
 
 TRAIN=(task=cheetah_run obs=pixels device=cuda replay.device=cuda perf.cuda_graph=true

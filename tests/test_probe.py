@@ -1,4 +1,4 @@
-"""benchmarks/probe_checkpoint.py: the collapse probe of a run's checkpoint, and the
+"""benchmarks/diagnostics/probe_checkpoint.py: the collapse probe of a run's checkpoint, and the
 restore of an agent from a checkpoint loaded once (cp3er.session.restore_agent_for_eval)."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_between_states_of_known_policies() -> None:
 
 def test_reevaluation_matches_cp3er_eval_and_resumes(tiny_run: Path, tmp_path: Path,
                                                      capsys) -> None:
-    """benchmarks/reevaluate.py: the same episodes and returns as cp3er-eval's with the same
+    """benchmarks/diagnostics/reevaluate.py: the same episodes and returns as cp3er-eval's with the same
     seed, one line per run, and a second invocation evaluates nothing again."""
     from cp3er.evaluate import run_episodes
 

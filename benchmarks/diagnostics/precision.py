@@ -1,4 +1,4 @@
-"""What ``perf.precision`` changes in the update: ``python benchmarks/precision.py
+"""What ``perf.precision`` changes in the update: ``python benchmarks/diagnostics/precision.py
 [--device cpu|cuda] [--task cheetah_run] [--obs state] [--agent cp3er] [--updates 20]
 [overrides ...]`` prints one JSON object.
 

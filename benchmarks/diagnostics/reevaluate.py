@@ -1,5 +1,5 @@
 """Re-evaluate runs' latest checkpoints on common episodes: ``python
-benchmarks/reevaluate.py <run_dir>... --out FILE.jsonl [--episodes 20] [--seed 12345]``.
+benchmarks/diagnostics/reevaluate.py <run_dir>... --out FILE.jsonl [--episodes 20] [--seed 12345]``.
 
 A run's logged final return is the mean of its last evaluation's few episodes (5 in the
 CPU pixel profile). Where a task's returns are bimodal (reacher_easy: an episode scores ~0

@@ -1,4 +1,4 @@
-"""Probe a run's checkpoint for policy collapse: ``python benchmarks/probe_checkpoint.py
+"""Probe a run's checkpoint for policy collapse: ``python benchmarks/diagnostics/probe_checkpoint.py
 <run_dir> [--states 20] [--samples 64]`` prints one JSON object.
 
 At ``--states`` states of an evaluation rollout of the checkpoint's own policy:

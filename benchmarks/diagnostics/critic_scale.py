@@ -1,5 +1,5 @@
 """How fast can each critic's output reach the scale of the returns? ``python
-benchmarks/critic_scale.py [--steps 10000] [--scale 100]`` prints one JSON object.
+benchmarks/diagnostics/critic_scale.py [--steps 10000] [--scale 100]`` prints one JSON object.
 
 A supervised stand-in for the first phase of TD learning: regress Q(s, a) onto a fixed
 target of magnitude ``--scale`` (``scale * (1 + 0.2 tanh(w.s) - 0.1 a^2)``, 64-dim random

@@ -1,5 +1,5 @@
 """Does CP3ER's sample-based entropy term hold the policy's spread against a critic that
-prefers the action bounds? ``python benchmarks/actor_balance.py [--updates 2000]
+prefers the action bounds? ``python benchmarks/diagnostics/actor_balance.py [--updates 2000]
 [--seeds 2]`` prints one JSON object (docs/results/actor_balance.json).
 
 A controlled stand-in for the actor step of the pixel runs (docs/results, "Diagnosis"):

@@ -87,7 +87,8 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
                               acfg.consistency.sigma_data)
     network = {"hidden_dim": cfg.hidden_dim, "schedule": schedule, "clip": str(acfg.clip),
                "trunk_dim": cfg.feature_dim if acfg.actor_trunk else None}
-    actor = make_consistency_actor(repr_dim, action_dim, **network)
+    actor = make_consistency_actor(repr_dim, action_dim, deterministic=str(acfg.eval_noise),
+                                   **network)
     critic = MoGCritic(repr_dim, action_dim, feature_dim=cfg.feature_dim,
                        hidden_dim=cfg.hidden_dim, num_components=acfg.num_components,
                        init_scale=acfg.init_scale)

@@ -15,7 +15,9 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictSequential
 from tensordict.utils import NestedKey
 from torch import nn
+from torchrl.data import Bounded, Composite, TensorSpec
 from torchrl.envs.utils import ExplorationType, exploration_type
+from torchrl.objectives import LossModule
 
 from agents.actor_critic_loss import EncoderActorCriticLoss
 from agents.critic import MoGCritic, mog_log_prob, mog_mean
@@ -24,6 +26,7 @@ from agents.stability import AdaptiveWeight, bound_penalty, normalized_q_term
 from cp3er.consistency import (
     ConditionalMLP,
     ConsistencyTrainingLoss,
+    ConstantsModule,
     Denoiser,
     DenoisingLoss,
     KarrasSchedule,
@@ -32,27 +35,82 @@ from cp3er.consistency import (
     ema_update,
     sample_one_step,
     sample_one_step_unclipped,
+    sample_zero_noise,
 )
 
 #: States of a batch (its first ones) and draws per state of the ``action_spread`` metric.
 SPREAD_STATES, SPREAD_SAMPLES = 16, 4
 
 
-class ConsistencyPolicy(nn.Module):
+#: What :class:`ConsistencyPolicy` does under ``ExplorationType.DETERMINISTIC``:
+#: ``zero_noise`` acts ``D(0, sigma_max | s)``; ``sample`` ignores it and keeps sampling (the
+#: reference's evaluation; the CP3ER agent's default, ``agent.eval_noise``).
+DETERMINISTIC_MODES = ("zero_noise", "sample")
+
+
+class ConsistencyPolicy(ConstantsModule):
     """``features -> action``: one-step consistency sampling ``a = D(80 z, 80 | s)``.
 
     The noise is drawn inside ``forward``, so the module is a stochastic actor that
     TorchRL objectives (``TD3Loss``, ``DDPGLoss``) can call like any deterministic one;
     gradients flow through the denoiser (one-step sampling, docs/implementation.md, item 4).
+
+    Under ``ExplorationType.DETERMINISTIC`` (TorchRL's evaluation mode) ``deterministic``
+    decides: ``"zero_noise"`` acts ``a = D(0, sigma_max | s)``, the one-step map of the
+    prior's mean (repeatable: the same state gives the same action; not a sample), as
+    TorchRL's ``DiffusionActor`` starts its chain from zeros; ``"sample"`` ignores the mode
+    and draws as always (the CP3ER reference evaluates this way). Any other exploration
+    type (``RANDOM``, TorchRL collectors' default, or none) samples.
+
+    The denoiser works in ``[-1, 1]``; ``bounds=(low, high)`` (per action dimension, from
+    an action spec: :func:`make_consistency_actor`) maps its output affinely onto
+    ``[low, high]``: ``a = low + (u + 1) (high - low) / 2``; :meth:`to_unit` is the
+    inverse, for replayed actions a consistency loss reads. ``low``/``high`` follow
+    ``.to()`` as buffers do but are constants (:class:`ConstantsModule`): not among the
+    tensors a TorchRL loss collects for the optimiser, and not saved (they come from the
+    spec). Without ``bounds`` actions stay in ``[-1, 1]``.
     """
 
-    def __init__(self, denoiser: Denoiser, action_dim: int) -> None:
+    constants = ("low", "high")
+
+    def __init__(self, denoiser: Denoiser, action_dim: int, *,
+                 deterministic: str = "zero_noise",
+                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
+        if deterministic not in DETERMINISTIC_MODES:
+            raise ValueError(f"deterministic must be one of {DETERMINISTIC_MODES}, "
+                             f"got {deterministic!r}")
         self.denoiser = denoiser
         self.action_dim = action_dim
+        self.deterministic = deterministic
+        self.bounded = bounds is not None
+        self.low, self.high = (None, None) if bounds is None else (
+            torch.as_tensor(b, dtype=torch.float32) for b in bounds)
+
+    def extra_repr(self) -> str:
+        bounds = (f", low={self.low.tolist()}, high={self.high.tolist()}" if self.bounded
+                  else ", bounds=[-1, 1]")
+        return f"action_dim={self.action_dim}, deterministic={self.deterministic!r}{bounds}"
 
     def forward(self, features: torch.Tensor | ProjectedCondition) -> torch.Tensor:
-        return sample_one_step(self.denoiser, features, self.action_dim)
+        if (self.deterministic == "zero_noise"
+                and exploration_type() == ExplorationType.DETERMINISTIC):
+            action = sample_zero_noise(self.denoiser, features, self.action_dim)
+        else:
+            action = sample_one_step(self.denoiser, features, self.action_dim)
+        return self.from_unit(action)
+
+    def from_unit(self, action: torch.Tensor) -> torch.Tensor:
+        """``[-1, 1]`` -> the action bounds (the tensor itself without bounds)."""
+        if not self.bounded:
+            return action
+        return self.low + (action + 1) * (self.high - self.low) / 2
+
+    def to_unit(self, action: torch.Tensor) -> torch.Tensor:
+        """The action bounds -> ``[-1, 1]`` (the tensor itself without bounds)."""
+        if not self.bounded:
+            return action
+        return 2 * (action - self.low) / (self.high - self.low) - 1
 
     def condition(self, features: torch.Tensor) -> torch.Tensor | ProjectedCondition:
         """``features`` projected once through the network's first layer when it supports
@@ -78,39 +136,126 @@ class ConsistencyPolicy(nn.Module):
         return self(cond)
 
 
+def set_deterministic_mode(module: nn.Module, mode: str) -> int:
+    """Set ``deterministic`` (:data:`DETERMINISTIC_MODES`) of every
+    :class:`ConsistencyPolicy` inside ``module`` (an agent's loss or policy): how a trained
+    actor acts under ``ExplorationType.DETERMINISTIC``. Returns how many it set (0: no
+    consistency actor, e.g. DrQ-v2's, which acts its mean there anyway)."""
+    if mode not in DETERMINISTIC_MODES:
+        raise ValueError(f"deterministic mode must be one of {DETERMINISTIC_MODES}, "
+                         f"got {mode!r}")
+    policies = [m for m in module.modules() if isinstance(m, ConsistencyPolicy)]
+    for policy in policies:
+        policy.deterministic = mode
+    return len(policies)
+
+
+def spec_bounds(spec: TensorSpec, action_dim: int, key: NestedKey = "action"
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(low, high)`` of a TorchRL action spec, each ``[action_dim]``, for
+    :class:`ConsistencyPolicy`; ``None`` when they are ``[-1, 1]`` (no map needed).
+
+    Accepts a continuous ``Bounded`` spec (or a ``Composite`` holding one at ``key``) with
+    finite bounds, ``low < high``, the same in every batch entry; ``ValueError`` naming the
+    problem otherwise (an ``Unbounded`` or discrete spec: the policy's output is a box)."""
+    if isinstance(spec, Composite):
+        if key not in spec.keys(True):
+            raise ValueError(f"the action spec is a Composite without {key!r}: pass the "
+                             "action's own spec (env.action_spec)")
+        spec = spec[key]
+    if not isinstance(spec, Bounded) or not spec.dtype.is_floating_point:
+        raise ValueError(
+            f"the consistency actor needs a continuous Bounded action spec, got "
+            f"{type(spec).__name__} (dtype {spec.dtype}): its actions are a box, mapped "
+            "affinely onto [low, high]; an unbounded or discrete action space is not "
+            "supported (bound it, e.g. with TorchRL's ActionScaling/ClipTransform, or pass no "
+            "spec for [-1, 1])")
+    if spec.shape[-1:] != (action_dim,):
+        raise ValueError(f"the action spec's shape {tuple(spec.shape)} does not end in "
+                         f"action_dim={action_dim}")
+    low, high = (torch.as_tensor(b).detach().cpu().to(torch.float32).reshape(-1, action_dim)
+                 for b in (spec.space.low, spec.space.high))
+    if not (bool((low == low[0]).all()) and bool((high == high[0]).all())):
+        raise ValueError("the action spec's bounds differ between batch entries; the "
+                         "consistency actor takes one [low, high] per action dimension")
+    low, high = low[0], high[0]
+    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise ValueError(f"the action spec has infinite bounds (low {low.tolist()}, high "
+                         f"{high.tolist()}): the consistency actor needs a finite box")
+    if not bool((low < high).all()):
+        raise ValueError(f"the action spec needs low < high in every dimension, got low "
+                         f"{low.tolist()}, high {high.tolist()}")
+    if bool((low == -1).all() and (high == 1).all()):
+        return None
+    return low, high
+
+
+#: The standalone actor's default width: 256 units for state tasks (TorchRL's DiffusionActor
+#: and TD3 examples use 256); the CP3ER agent passes ``hidden_dim`` from its config (the
+#: pixel paper's 1024, ``configs/config.yaml``).
+STATE_HIDDEN_DIM = 256
+
+
 def make_consistency_actor(
-    repr_dim: int,
+    repr_dim: int | None,
     action_dim: int,
     *,
     in_key: NestedKey = "features",
     out_key: NestedKey = "action",
+    spec: TensorSpec | None = None,
+    deterministic: str = "zero_noise",
+    hidden_dim: int = STATE_HIDDEN_DIM,
     **denoiser: Any,
 ) -> TensorDictModule:
     """The CP3ER actor as a ``TensorDictModule`` reading ``in_key`` and writing ``out_key``.
 
-    ``denoiser``: the keywords of :func:`make_denoiser` (``hidden_dim``, ``num_layers``,
-    ``trunk_dim``, ``schedule``, ``clip``). With ``trunk_dim=None`` the MLP reads the raw
-    encoder output (the reference: 39,200 features for pixels, ~42M parameters); an int
-    adds the Linear+LayerNorm+Tanh trunk.
+    Args:
+        repr_dim: size of the conditioning input (features or observation); ``None``: read
+            on the first call (a lazy first layer; call the actor once on a batch before
+            building an optimiser or a loss from it).
+        action_dim: size of the action.
+        spec: the environment's action spec (``env.action_spec``): a continuous
+            ``Bounded`` spec; actions land in its ``[low, high]`` (an affine map of the
+            denoiser's ``[-1, 1]``). ``None``: actions in ``[-1, 1]``. An unbounded or
+            discrete spec is refused (``ValueError``, :func:`spec_bounds`).
+        deterministic: what ``ExplorationType.DETERMINISTIC`` (evaluation) does:
+            ``"zero_noise"`` (default, TorchRL's convention: a repeatable action
+            ``D(0, sigma_max | s)``) or ``"sample"`` (ignore it and keep sampling, the
+            CP3ER reference's evaluation). Train on samples: ``ConsistencyRegularizedLoss``
+            and ``CP3ERLoss`` run under ``RANDOM``; a bare TorchRL loss runs its loss
+            methods under ``DETERMINISTIC`` (set its ``deterministic_sampling_mode``).
+        hidden_dim: width of the MLP; the default 256 suits state tasks, the pixel paper
+            uses 1024 (the CP3ER agent passes its config's ``hidden_dim``).
+        denoiser: the other keywords of :func:`make_denoiser` (``num_layers``,
+            ``trunk_dim``, ``schedule``, ``clip``). With ``trunk_dim=None`` the MLP reads
+            the raw encoder output (the reference: 39,200 features for pixels, ~42M
+            parameters); an int adds the Linear+LayerNorm+Tanh trunk.
+
+    No additive exploration module (TorchRL's ``AdditiveGaussianModule``) is needed: the
+    policy is stochastic, each action is a fresh one-step sample, and the consistency
+    regulariser keeps that spread (CP3ER explores with the policy's own samples).
     """
+    bounds = None if spec is None else spec_bounds(spec, action_dim, out_key)
+    network = make_denoiser(repr_dim, action_dim, hidden_dim=hidden_dim, **denoiser)
     return TensorDictModule(
-        ConsistencyPolicy(make_denoiser(repr_dim, action_dim, **denoiser), action_dim),
+        ConsistencyPolicy(network, action_dim, deterministic=deterministic, bounds=bounds),
         in_keys=[in_key], out_keys=[out_key],
     )
 
 
 def make_denoiser(
-    repr_dim: int,
+    repr_dim: int | None,
     action_dim: int,
     *,
-    hidden_dim: int = 1024,
+    hidden_dim: int = STATE_HIDDEN_DIM,
     num_layers: int = 3,
     trunk_dim: int | None = None,
     schedule: KarrasSchedule | None = None,
     clip: str = "clamp",
 ) -> Denoiser:
-    """``D(x, t | features)``: the actor's network (a :class:`ConditionalMLP`) in the EDM
-    preconditioning; also the diffusion teacher of ``agent.consistency.loss=distillation``."""
+    """``D(x, t | features)``: the actor's network (a :class:`ConditionalMLP`; ``repr_dim``
+    ``None``: lazy first layer) in the EDM preconditioning, acting in ``[-1, 1]``; also
+    the diffusion teacher of ``agent.consistency.loss=distillation``."""
     network = ConditionalMLP(action_dim, repr_dim, hidden_dim, num_layers, trunk_dim=trunk_dim)
     return Denoiser(network, schedule or KarrasSchedule(), clip=clip)
 
@@ -126,6 +271,8 @@ class QSelectedPolicy(nn.Module):
     selection, Chen et al. 2024), or the best one under ``ExplorationType.DETERMINISTIC``
     (evaluation). Q is the mixture mean of the loss's current critic. Acting only: the
     actor's training objective is unchanged (``agent.stability.act_candidates``).
+    With an actor in the ``zero_noise`` deterministic mode, ``DETERMINISTIC`` acts its
+    repeatable action ``D(0, sigma_max | s)`` (every candidate would be that one action).
 
     The loss is held by reference, not registered: the actor's and the critic's weights
     are saved with the loss, and this module adds no state of its own.
@@ -144,11 +291,14 @@ class QSelectedPolicy(nn.Module):
     @torch.no_grad()
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         loss = self._loss[0]
+        deterministic = exploration_type() == ExplorationType.DETERMINISTIC
+        if deterministic and loss.policy.deterministic == "zero_noise":
+            return loss.policy(features)
         expanded = features.expand(self.num_candidates, *features.shape)
         candidates = loss.policy(expanded)  # [N, *batch, action_dim]
         with loss.critic_params.to_module(loss.critic):
             q = loss.critic.mean(expanded, candidates).squeeze(-1)  # [N, *batch]
-        if exploration_type() == ExplorationType.DETERMINISTIC:
+        if deterministic:
             choice = q.argmax(0)
         else:
             logits = (q / self.temperature).movedim(0, -1)
@@ -212,6 +362,10 @@ class CP3ERLoss(EncoderActorCriticLoss):
     """
 
     critic: MoGCritic
+    #: The objective is over the policy's samples: TorchRL runs a loss's ``forward`` and its
+    #: public ``*_loss`` methods under this mode (``DETERMINISTIC`` by default, which a
+    #: ``zero_noise`` actor answers with ``D(0, sigma_max | s)``).
+    deterministic_sampling_mode = ExplorationType.RANDOM
 
     def __init__(
         self,
@@ -294,7 +448,7 @@ class CP3ERLoss(EncoderActorCriticLoss):
         the reference's sampled targets)."""
         action = tensordict[self.tensor_keys.action]
         with torch.no_grad():
-            next_action = self.policy(next_features)
+            next_action = self.policy(next_features)  # in the actor's bounds, as replayed
             with self.target_critic_params.to_module(self.critic):
                 q_samples = self.critic.sample_values(
                     next_features, next_action, self.target_samples
@@ -321,12 +475,13 @@ class CP3ERLoss(EncoderActorCriticLoss):
         denoiser = self.policy.denoiser
         # = self.policy(cond), the same draw: kept before the clip for the bound penalty
         unclipped = sample_one_step_unclipped(denoiser, cond, self.policy.action_dim)
-        action = denoiser.apply_clip(unclipped)
+        unit_action = denoiser.apply_clip(unclipped)  # in [-1, 1]
+        action = self.policy.from_unit(unit_action)  # in the actor's bounds
         with self.critic_params.detach().to_module(self.critic):
             q = self.critic.mean(features, action)
         consistency, _ = self.consistency_loss(
-            denoiser, tensordict[keys.action], cond, target=self.ema_denoiser
-        )
+            denoiser, self.policy.to_unit(tensordict[keys.action]), cond,
+            target=self.ema_denoiser)
         q_term = normalized_q_term(q)[0] if self.normalize_q else -q.mean()
         weight = self.consistency_weight
         loss = q_term + weight * consistency.mean()
@@ -339,7 +494,7 @@ class CP3ERLoss(EncoderActorCriticLoss):
             "lambda_consistency": torch.as_tensor(weight, dtype=q.dtype,
                                                   device=q.device).detach(),
             "action_spread": action_spread(samples),
-            "action_bound_frac": bound_fraction(action.detach()),
+            "action_bound_frac": bound_fraction(unit_action.detach()),
             "preclip_beyond_frac": (unclipped.detach().abs() > 1).float().mean(),
         }
         return loss, metadata
@@ -352,8 +507,8 @@ class CP3ERLoss(EncoderActorCriticLoss):
             raise ValueError("teacher_loss needs a distillation consistency_loss "
                              "(agent.consistency.loss=distillation); this loss has no teacher")
         per_sample, _ = self.denoising_loss(
-            self.teacher, tensordict[self.tensor_keys.action], features.detach()
-        )
+            self.teacher, self.policy.to_unit(tensordict[self.tensor_keys.action]),
+            features.detach())
         return per_sample.mean(), {}
 
 
@@ -361,13 +516,17 @@ class ConsistencyRegularizer(nn.Module):
     """CP3ER's sample-based entropy regulariser as a term for *any* actor loss.
 
     ``weight * mean L_c(a_replay, s)`` (docs/implementation.md, item 5): the
-    consistency-training loss of the actor's denoiser on replayed actions, conditioned on
-    the actor's input. Add it to another objective's actor loss, e.g. TorchRL's ``TD3Loss``::
+    consistency-training loss of the actor's denoiser on replayed actions (mapped from the
+    actor's bounds back to ``[-1, 1]``), conditioned on the actor's input. Add it to
+    another objective's actor loss, e.g. TorchRL's ``TD3Loss``::
 
         td3 = TD3Loss(actor, qvalue, action_spec=spec)
         regularizer = ConsistencyRegularizer(actor, weight=0.05)
-        out = td3(batch)
-        (out["loss_actor"] + regularizer(batch)).backward()
+        actor_value, _ = td3.actor_loss(batch)
+        (actor_value + regularizer(batch)).backward()
+
+    or use :class:`ConsistencyRegularizedLoss`, a ``LossModule`` whose output holds it as
+    ``loss_consistency``.
 
     Args:
         actor: the consistency actor, a ``TensorDictModule`` wrapping a
@@ -394,8 +553,103 @@ class ConsistencyRegularizer(nn.Module):
             actor.module.denoiser.schedule)
         self.action_key = action_key
 
-    def forward(self, tensordict: TensorDictBase) -> torch.Tensor:
+    def unweighted(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """``mean L_c(a_replay, s)`` (without ``weight``)."""
+        policy = self.actor.module
         cond = tensordict[self.actor.in_keys[0]].detach()
-        value, _ = self.consistency_loss(self.actor.module.denoiser,
-                                         tensordict[self.action_key], cond)
-        return self.weight * value.mean()
+        value, _ = self.consistency_loss(policy.denoiser,
+                                         policy.to_unit(tensordict[self.action_key]), cond)
+        return value.mean()
+
+    def forward(self, tensordict: TensorDictBase) -> torch.Tensor:
+        return self.weight * self.unweighted(tensordict)
+
+
+class ConsistencyRegularizedLoss(LossModule):
+    """A TorchRL actor-critic loss (``TD3Loss``, ``DDPGLoss``) plus CP3ER's regulariser.
+
+    ``forward`` returns the wrapped loss's TensorDict with ``loss_consistency``
+    (``weight * mean L_c(a_replay, s)``, :class:`ConsistencyRegularizer`) added, and the
+    detached metric ``consistency_loss`` (unweighted), so the usual sum of the ``loss_*``
+    entries is the wrapped objective plus the regulariser. ``loss_consistency`` reaches the
+    actor's parameters only (the conditioning input is detached, no critic involved).
+    :meth:`consistency_loss` gives ``(loss, metadata)`` alone, for recipes that step the
+    actor separately (TD3's delayed policy update: add it to ``actor_loss``).
+
+    The actor is trained on its samples: this loss and the wrapped one run their ``forward``
+    and ``*_loss`` methods under ``ExplorationType.RANDOM`` (``deterministic_sampling_mode``,
+    set here on the wrapped loss too; TorchRL losses default to ``DETERMINISTIC``, which a
+    ``zero_noise`` actor answers with its repeatable action ``D(0, sigma_max | s)``, so a
+    plain ``TD3Loss`` would train that action only). Build the value estimator and the
+    ``SoftUpdate`` on the wrapped loss (it holds the target networks).
+
+    Args:
+        loss: the wrapped ``LossModule``; its actor is read from ``loss.actor_network``
+            unless ``actor`` is given.
+        actor: the consistency actor (``make_consistency_actor``), the module ``loss``
+            trains.
+        weight: lambda (CP3ER: 0.05).
+        consistency_loss: as in :class:`ConsistencyRegularizer`.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl.data import Bounded
+        >>> from torchrl.modules import MLP, ValueOperator
+        >>> from torchrl.objectives import TD3Loss
+        >>> spec = Bounded(-2.0, 2.0, shape=(1,))
+        >>> actor = make_consistency_actor(3, 1, in_key="observation", spec=spec,
+        ...                                hidden_dim=32)
+        >>> qvalue = ValueOperator(MLP(in_features=4, out_features=1, num_cells=[32]),
+        ...                        in_keys=["observation", "action"])
+        >>> loss = ConsistencyRegularizedLoss(TD3Loss(actor, qvalue, action_spec=spec))
+        >>> batch = TensorDict({"observation": torch.randn(8, 3),
+        ...     "action": torch.rand(8, 1) * 4 - 2,
+        ...     "next": {"observation": torch.randn(8, 3), "reward": torch.randn(8, 1),
+        ...              "done": torch.zeros(8, 1, dtype=torch.bool),
+        ...              "terminated": torch.zeros(8, 1, dtype=torch.bool)}}, [8])
+        >>> out = loss(batch)
+        >>> sorted(k for k in out.keys() if k.startswith("loss_"))
+        ['loss_actor', 'loss_consistency', 'loss_qvalue']
+    """
+
+    deterministic_sampling_mode = ExplorationType.RANDOM
+
+    def __init__(self, loss: LossModule, actor: TensorDictModule | None = None, *,
+                 weight: float = 0.05,
+                 consistency_loss: ConsistencyTrainingLoss | None = None) -> None:
+        super().__init__()
+        actor = actor if actor is not None else getattr(loss, "actor_network", None)
+        if actor is None:
+            raise TypeError(f"{type(loss).__name__} has no actor_network: pass the "
+                            "consistency actor as actor=")
+        action_key = getattr(getattr(loss, "tensor_keys", None), "action", "action")
+        self.loss_module = loss
+        loss.deterministic_sampling_mode = ExplorationType.RANDOM
+        self.regularizer = ConsistencyRegularizer(actor, weight, consistency_loss,
+                                                  action_key=action_key)
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        return sorted({*self.loss_module.in_keys, self.regularizer.action_key,
+                       *self.regularizer.actor.in_keys}, key=str)
+
+    @property
+    def out_keys(self) -> list[NestedKey]:
+        return [*self.loss_module.out_keys, "loss_consistency"]
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:  # the wrapped loss's own
+        pass
+
+    def consistency_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """``(weight * mean L_c, {"consistency_loss": mean L_c, detached})``."""
+        unweighted = self.regularizer.unweighted(tensordict)
+        return self.regularizer.weight * unweighted, {"consistency_loss": unweighted.detach()}
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        out = self.loss_module(tensordict)
+        value, metadata = self.consistency_loss(tensordict)
+        out.set("loss_consistency", value)
+        for key, metric in metadata.items():
+            out.set(key, metric)
+        return out

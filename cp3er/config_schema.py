@@ -28,6 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from agents.agent import PRECISIONS
 from agents.build import AGENTS, COMPILE_MODES, CONSISTENCY_LOSSES, DIFFICULTIES
+from agents.cp3er import DETERMINISTIC_MODES
 from cp3er.collection import COLLECTOR_BACKENDS
 from cp3er.consistency import CLIP_MODES, COUPLINGS, ODE_SOLVERS
 from cp3er.replay import SAMPLER_MODES, STORAGE_DEVICES, STORAGES
@@ -65,6 +66,7 @@ OdeSolver = choices("OdeSolver", ODE_SOLVERS)
 Coupling = choices("Coupling", COUPLINGS)
 ClipMode = choices("ClipMode", CLIP_MODES)
 CollectorBackend = choices("CollectorBackend", COLLECTOR_BACKENDS)
+EvalNoise = choices("EvalNoise", DETERMINISTIC_MODES)
 
 
 @dataclass
@@ -202,6 +204,7 @@ class CP3ERAgentConfig:
     target_samples: int = MISSING
     actor_trunk: bool = MISSING
     clip: ClipMode = MISSING
+    eval_noise: EvalNoise = MISSING
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 

@@ -9,6 +9,11 @@ policy (the floor a learning curve is read against),
 ``cp3er-eval --constant-action <task>:<a1,a2,...> --episodes N`` for one fixed action at
 every step (what a policy collapsed onto one action, the same at every state, scores: on
 cartpole_swingup a constant push, on reacher_easy an arm spinning at full torque).
+
+A CP3ER run's object also names ``eval_noise``, how its actor acted: ``sample`` (one-step
+samples, the reference's evaluation and the agent's default ``agent.eval_noise``) or
+``zero_noise`` (the repeatable ``D(0, sigma_max | s)``); ``--eval-noise`` chooses it for any
+checkpoint, one written before the key existed included.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tensordict import TensorDictBase
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from agents.cp3er import DETERMINISTIC_MODES, set_deterministic_mode
 from cp3er.faults import NumericalError, check_finite_actions
 from cp3er.stats import bootstrap_mean_ci, interquartile_mean
 
@@ -147,6 +153,19 @@ def summarize(task: str, results: EpisodeResults, seed: int = 0) -> dict:
     return summary
 
 
+def _eval_noise(cfg, agent, requested: str | None) -> str | None:
+    """The evaluation mode of a CP3ER run's actor (``requested`` set on it), ``None`` for
+    another agent; ``ValueError`` when ``requested`` does not apply."""
+    if cfg.agent.name != "cp3er":
+        if requested is None:
+            return None
+        raise ValueError(f"--eval-noise applies to CP3ER runs; this is a {cfg.agent.name} "
+                          "run, whose evaluation acts its deterministic action already")
+    mode = requested or str(cfg.agent.eval_noise)
+    set_deterministic_mode(agent.loss, mode)
+    return mode
+
+
 def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 25) -> Path:
     """Write frames as a GIF (no ffmpeg needed)."""
     import imageio.v3 as iio
@@ -180,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", nargs="?", const="", default=None,
                         help="write a GIF of the first episode (optional path)")
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--eval-noise", choices=DETERMINISTIC_MODES, default=None,
+                        help="a CP3ER run's evaluation actions: sample (one-step samples, the "
+                             "reference's) or zero_noise (the repeatable D(0, sigma_max | s)); "
+                             "default: the run's agent.eval_noise (sample before it existed)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that needs unpickling (written before "
                              "checkpoint format 2); unpickling can run code: trusted files only")
@@ -231,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cp3er-eval: --obs {args.obs}: {args.target} was trained on {cfg.obs} "
               f"observations and is evaluated on them (drop --obs)", file=sys.stderr)
         return 2
+    try:
+        eval_noise = _eval_noise(cfg, agent, args.eval_noise)
+    except ValueError as error:
+        env.close()
+        print(f"cp3er-eval: {error}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     try:
         results = run_episodes(env, agent.policy, args.episodes,
@@ -245,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         target = Path(args.target)
         default = (target if target.is_dir() else target.parent.parent) / "eval" / "cp3er-eval.gif"
         summary["video"] = str(write_video(results.frames, args.video or default))
+    if eval_noise is not None:
+        summary["eval_noise"] = eval_noise
     print(json.dumps(summary))
     return 0
 

@@ -12,8 +12,10 @@ Runs on a state-based DMC task (default ``cartpole_balance``)::
     python examples/td3_consistency_actor.py --frames 40000 [--threads auto] [--device cpu]
 
 and prints the evaluation return every ``--eval-every`` frames (environment frames: agent
-steps x action repeat 2, as everywhere in cp3er). Any TorchRL env with a
-continuous action spec in [-1, 1] and an ``observation`` entry works the same way.
+steps x action repeat 2, as everywhere in cp3er). Any TorchRL env with a bounded
+continuous action spec and an ``observation`` entry works the same way (the actor maps its
+output onto the spec's bounds). docs/torchrl_actor.md shows the same swap with the
+regulariser as a ``LossModule`` (``ConsistencyRegularizedLoss``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, ReplayBuffer
+from torchrl.envs.utils import ExplorationType
 from torchrl.modules import MLP, ValueOperator
 from torchrl.objectives import SoftUpdate, TD3Loss
 from tqdm import tqdm
@@ -51,10 +54,13 @@ def build(obs_dim: int, action_dim: int, action_spec, hidden: int = 256,
           weight: float = 0.05, gamma: float = 0.99):
     """(policy, TD3Loss, regulariser) for vector observations read from ``observation``."""
     actor = make_consistency_actor(obs_dim, action_dim, hidden_dim=hidden,
-                                   in_key="observation")
+                                   in_key="observation", spec=action_spec)
     qvalue = ValueOperator(QNetwork(obs_dim, action_dim, hidden),
                            in_keys=["observation", "action"])
     loss = TD3Loss(actor, qvalue, action_spec=action_spec, loss_function="l2")
+    # TorchRL runs value_loss/actor_loss under DETERMINISTIC by default, where the actor acts
+    # its repeatable D(0, sigma_max | s): train on its samples instead
+    loss.deterministic_sampling_mode = ExplorationType.RANDOM
     loss.make_value_estimator(gamma=gamma)
     return actor, loss, ConsistencyRegularizer(actor, weight=weight)
 

@@ -39,7 +39,9 @@ class LinearCritic(nn.Module):
 
 def _loss(critic: nn.Module, hidden: int = 64, **options) -> CP3ERLoss:
     encoder = TensorDictModule(nn.Identity(), ["observation"], ["features"])
-    actor = make_consistency_actor(REPR, ACTION_DIM, hidden_dim=hidden)
+    # deterministic="sample": the agent's default (agent.eval_noise), so DETERMINISTIC picks
+    # the best of sampled candidates
+    actor = make_consistency_actor(REPR, ACTION_DIM, hidden_dim=hidden, deterministic="sample")
     return CP3ERLoss(encoder, actor, critic, **options)
 
 

@@ -19,7 +19,8 @@ feature ``cond``:
   :class:`ReconstructionLoss` (CPQL), :class:`PhasedConsistencyLoss` (phased consistency,
   Wang et al. 2024) and :class:`DenoisingLoss` (EDM, to train a diffusion teacher).
 - Samplers, one signature ``sampler(denoiser, cond, action_dim, *, ..., generator=None)``:
-  :func:`sample_one_step`, :func:`sample_multi_step`, :func:`sample_phased`, and
+  :func:`sample_one_step`, :func:`sample_multi_step`, :func:`sample_phased`,
+  :func:`sample_zero_noise` (``D(0, sigma_max)``: a repeatable action, not a sample), and
   :func:`sample_ode` (a diffusion model's probability-flow ODE, Euler or Heun steps of
   :func:`probability_flow_step`).
 - :func:`ema_target`: an exponential-moving-average copy of a denoiser to use as the
@@ -70,7 +71,12 @@ from cp3er.consistency.losses import (
     PhasedConsistencyLoss,
     ReconstructionLoss,
 )
-from cp3er.consistency.network import ConditionalMLP, ProjectedCondition, SinusoidalTimeEmbedding
+from cp3er.consistency.network import (
+    ConditionalMLP,
+    ConstantsModule,
+    ProjectedCondition,
+    SinusoidalTimeEmbedding,
+)
 from cp3er.consistency.ode import ODE_SOLVERS, probability_flow_step
 from cp3er.consistency.samplers import (
     ode_calls,
@@ -79,6 +85,7 @@ from cp3er.consistency.samplers import (
     sample_one_step,
     sample_one_step_unclipped,
     sample_phased,
+    sample_zero_noise,
 )
 from cp3er.consistency.schedule import KarrasSchedule, phase_edges
 
@@ -90,6 +97,7 @@ __all__ = [
     "ConditionalMLP",
     "ConsistencyDistillationLoss",
     "ConsistencyTrainingLoss",
+    "ConstantsModule",
     "Denoiser",
     "DenoiserFn",
     "DenoisingLoss",
@@ -110,6 +118,7 @@ __all__ = [
     "sample_one_step",
     "sample_one_step_unclipped",
     "sample_phased",
+    "sample_zero_noise",
     "schedule_of",
     "unclipped",
     "unwrap",

@@ -142,6 +142,10 @@ def ema_target(denoiser: nn.Module, decay: float = 0.995) -> AveragedModel:
     (first update done) here, so the first call already averages. Call it like the
     denoiser: ``target(x, sigma, cond)``; its schedule is ``target.module.schedule``.
     """
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in denoiser.parameters()):
+        raise ValueError("ema_target: the denoiser has a lazy layer not initialised yet "
+                         "(cond_dim=None); call it once on a batch first, so the target "
+                         "copies its weights")
     target = AveragedModel(
         denoiser, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
     )

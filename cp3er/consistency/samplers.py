@@ -27,6 +27,7 @@ __all__ = [
     "sample_one_step",
     "sample_one_step_unclipped",
     "sample_phased",
+    "sample_zero_noise",
 ]
 
 
@@ -47,6 +48,22 @@ def sample_one_step(
     """One-step consistency sampling, ``D(sigma_max z, sigma_max)`` (Song et al. 2023, alg. 1)."""
     sigma_max = schedule_of(denoiser).sigma_max
     return denoiser(sigma_max * _noise(cond, action_dim, generator), sigma_max, cond)
+
+
+def sample_zero_noise(
+    denoiser: DenoiserFn,
+    cond: Tensor,
+    action_dim: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``D(0, sigma_max)``: the one-step consistency map of the prior's mean (zero initial
+    noise; Song et al. 2023's one-step sampler at ``z = 0``), repeatable; not a sample.
+    ``generator`` is unused (the common signature)."""
+    sigma_max = schedule_of(denoiser).sigma_max
+    shape = (*cond.shape[:-1], action_dim)
+    zeros = torch.zeros(shape, device=cond.device, dtype=cond.dtype)
+    return denoiser(zeros, sigma_max, cond)
 
 
 def sample_one_step_unclipped(

@@ -2,7 +2,8 @@
 
 ``cp3er-eval <run_dir or checkpoint> --episodes N [--video]`` prints one JSON object:
 ``task``, ``episodes``, ``return_mean``, ``return_iqm``, ``return_ci`` (bootstrap 95% CI
-of the mean), ``returns`` (each episode's, in order), and ``success_rate`` for
+of the mean), ``returns`` (each episode's, in order), ``frame`` (a run's: the frame its
+checkpoint was written at) and ``success_rate`` for
 Meta-World (success at any step of an episode, the reference convention). ``cp3er-eval
 --random-policy <task> --episodes N`` prints the same object for the uniform random
 policy (the floor a learning curve is read against),
@@ -177,9 +178,9 @@ def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 25) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cp3er.checkpoint import CheckpointError
+    from cp3er.checkpoint import CheckpointError, load_checkpoint
     from cp3er.runlog import quiet_torchrl
-    from cp3er.session import load_agent_for_eval
+    from cp3er.session import checkpoint_frame, restore_agent_for_eval
     from cp3er.threads import add_device_threads_arguments, apply_threads
 
     parser = argparse.ArgumentParser(prog="cp3er-eval", description=__doc__,
@@ -244,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
         return 0
     try:
-        cfg, env, agent = load_agent_for_eval(args.target, seed=args.seed, device=args.device,
-                                              trust=args.trust_checkpoint)
+        state = load_checkpoint(args.target, trust=args.trust_checkpoint)
+        cfg, env, agent = restore_agent_for_eval(state, seed=args.seed, device=args.device)
     except (CheckpointError, ValueError) as error:
         print(f"cp3er-eval: {error}", file=sys.stderr)
         return 2
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         env.close()
     summary = summarize(cfg.task_name, results, seed=args.seed)
+    summary["frame"] = checkpoint_frame(state)  # the weights' and the counters' checkpoint
     if args.video is not None and results.frames:
         target = Path(args.target)
         default = (target if target.is_dir() else target.parent.parent) / "eval" / "cp3er-eval.gif"

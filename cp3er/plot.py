@@ -82,6 +82,9 @@ METRICS = ("episode_return", "success")
 PHASES = ("eval", "train")
 # Divisor that maps a metric to a [0, 1] normalized score for the aggregates.
 SCORE_SCALE = {"episode_return": 1000.0, "success": 1.0}
+#: A run's uniform-random-policy reference (``cp3er.console.random_reference``), drawn on
+#: its learning curve: ``cp3er.evaluate.summarize``'s JSON.
+RANDOM_POLICY_FILE = Path("eval") / "random_policy.json"
 
 
 class PlotError(ValueError):
@@ -367,7 +370,9 @@ def _plot_aggregate(figure, cell, aggregate: dict[str, dict], colors: dict[str, 
 
 
 def plot_learning_curve(run_dir: str | Path, out_png: str | Path | None = None) -> Path:
-    """Plot one run's eval and train returns (and eval success rate if logged) vs frames.
+    """Plot one run's eval and train returns (and eval success rate if logged) vs frames,
+    with the uniform random policy's return (a dashed line) if the run measured it
+    (:data:`RANDOM_POLICY_FILE`).
 
     Writes ``out_png`` (default ``<run_dir>/learning_curve.png``) and returns its path; a
     run without finished episodes still gets a figure saying so.
@@ -391,6 +396,13 @@ def plot_learning_curve(run_dir: str | Path, out_png: str | Path | None = None) 
     if ("eval", "episode_return") in series:
         axes[0].plot(*series["eval", "episode_return"], "-o", color="C1", markersize=3,
                      label="eval (mean over episodes)")
+    reference = _random_reference(run_dir)
+    if reference is not None:
+        episodes = int(reference["episodes"])
+        axes[0].axhline(reference["return_mean"], color="0.35", linestyle="--", linewidth=1,
+                        label=f"uniform random actions ({reference['return_mean']:.1f}, "
+                              f"{episodes} episode{'' if episodes == 1 else 's'})")
+    if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize="small")
     if not series:
         axes[0].text(0.5, 0.5, "no finished episodes yet", ha="center", va="center",
@@ -404,6 +416,16 @@ def plot_learning_curve(run_dir: str | Path, out_png: str | Path | None = None) 
         _frames_axis(ax)
     figure.suptitle(_run_title(run_dir))
     return _save(figure, out_png or run_dir / "learning_curve.png")
+
+
+def _random_reference(run_dir: Path) -> dict | None:
+    """The run's :data:`RANDOM_POLICY_FILE` summary, ``None`` if absent or unreadable."""
+    try:
+        reference = json.loads((run_dir / RANDOM_POLICY_FILE).read_text())
+        int(reference["episodes"])
+        return reference if math.isfinite(float(reference["return_mean"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _run_title(run_dir: Path) -> str:

@@ -85,6 +85,12 @@ def load_agent_for_eval(target: str | Path, seed: int, device: str = "cpu",
     return restore_agent_for_eval(load_checkpoint(target, trust=trust), seed, device)
 
 
+def checkpoint_frame(state: dict) -> int:
+    """The environment frame a run checkpoint was written at (agent steps x action repeat),
+    from a :func:`~cp3er.checkpoint.load_checkpoint` state."""
+    return int(state["counters"]["step"]) * int(state["config"]["env"]["action_repeat"])
+
+
 def restore_agent_for_eval(state: dict, seed: int, device: str = "cpu"
                            ) -> tuple[DictConfig, object, Agent]:
     """:func:`load_agent_for_eval` from a checkpoint already loaded with

@@ -73,6 +73,17 @@ from cp3er.config_check import (
     validate_config,
 )
 from cp3er.config_schema import CONFIG_DIR
+from cp3er.console import (
+    TIMED_UPDATES,
+    eval_line,
+    expected_duration,
+    help_text,
+    measured_duration,
+    plural,
+    random_reference,
+    reference_phrase,
+    say,
+)
 from cp3er.evaluate import run_episodes, summarize, write_video
 from cp3er.faults import (
     Q_METRICS,
@@ -165,6 +176,9 @@ class Trainer:
         self.buffer = make_buffer(cfg, self.run_dir)
         self.metrics = MetricsWriter(self.run_dir / "metrics.csv", fresh=resume_state is None)
         self.logger = make_logger(cfg.log.backend, self.run_dir, cfg.task_name)
+        if cfg.log.backend == "csv":  # TorchRL's CSV logger makes logs/videos; GIFs go to eval/
+            with contextlib.suppress(OSError):  # kept if not empty (a run of an older version)
+                (self.run_dir / "logs" / "videos").rmdir()
         eval_every, ckpt_every = cfg.schedule.eval_every_frames, cfg.checkpoint_every
         self.loop = LoopState(next_eval=eval_every if eval_every > 0 else None,
                               next_ckpt=ckpt_every if ckpt_every > 0 else None)
@@ -176,6 +190,15 @@ class Trainer:
         self.last_return = float("nan")
         self.resumed_from: int | None = None  # frame of the checkpoint resumed from
         self._last_obs: torch.Tensor | None = None  # newest collected observation
+        # the measured duration (console.measured_duration): (updates, frame, time) at this
+        # process's first update, then None once reported; duration_announced: the start
+        # line gave an estimate (cp3er-train's main), so the measured one follows anyway
+        self._speed_mark: tuple[int, int, float] | None = None
+        self._speed_reported = False
+        self.duration_announced = False
+        # the uniform random policy's return (console.random_reference), or why not measured
+        self.random_reference: dict | None = None
+        self.random_note: str | None = None
         if resume_state is not None:  # before config.yaml: a refused resume leaves it as it was
             self._restore(resume_state, replay_dir)
         if resume_state is None or self.resume_changes:  # the run's record of its settings
@@ -388,7 +411,11 @@ class Trainer:
         self._unread.clear()
 
     def evaluate(self) -> dict:
+        """``schedule.eval_episodes`` episodes of the deterministic policy on the eval env:
+        an eval row of ``metrics.csv``, the logger's scalars, a GIF of the first episode
+        (pixels, ``log.video``) and one console line (:func:`~cp3er.console.eval_line`)."""
         cfg = self.cfg
+        started = time.perf_counter()
         record = bool(cfg.log.video) and cfg.obs == "pixels"
         self.agent.loss.eval()
         results = run_episodes(self.eval_env, self.agent.policy, cfg.schedule.eval_episodes,
@@ -409,7 +436,25 @@ class Trainer:
         if record and results.frames:
             gif = write_video(results.frames, self.run_dir / "eval" / f"frame_{self.frame:09d}.gif")
             log_eval_video(self.logger, cfg.log.backend, gif, self.frame)
+        say(eval_line(self.frame, summary, time.perf_counter() - started))
         return summary
+
+    def _report_speed(self) -> None:
+        """Time this process's first :data:`~cp3er.console.TIMED_UPDATES` updates (with
+        the collection and evaluations between them), then print the run's expected
+        remaining duration if it is over an hour or the start line gave an estimate."""
+        now = time.perf_counter()
+        if self._speed_mark is None:
+            self._speed_mark = (self.loop.updates, self.frame, now)
+            return
+        updates, frame, start = self._speed_mark
+        if self.loop.updates - updates < TIMED_UPDATES or now <= start:
+            return
+        self._speed_reported = True
+        line = measured_duration(self.cfg.frames - self.frame, (self.frame - frame) / (now - start),
+                                 self.loop.updates - updates, self.duration_announced)
+        if line is not None:
+            say(line)
 
     def save_checkpoint(self) -> None:
         """Agent, replay buffer, RNG states, counters and loop state (see
@@ -494,6 +539,9 @@ class Trainer:
                 if self.loop.last_eval_frame != self.frame:
                     self.evaluate()
                 self.save_checkpoint()
+                # after the last checkpoint, on an env of its own, the RNG states restored
+                self.random_reference, self.random_note = random_reference(
+                    self.cfg, self.run_dir, self.cfg.frames)
             plot_learning_curve(self.run_dir)
             self.env.close()
             self.eval_env.close()
@@ -580,6 +628,8 @@ class Trainer:
                 if due > loop.updates:
                     while loop.updates < due:
                         self.update()
+                    if not self._speed_reported:
+                        self._report_speed()
                     if (self.worker_policy is not None
                             and loop.updates - pushed >= cfg.collector.sync_every):
                         self.push_weights(collector)
@@ -643,17 +693,24 @@ def _start_line(trainer: Trainer) -> str:
     label = f" ({cfg.label})" if cfg.label not in (None, cfg.agent.name) else ""
     start = "" if trainer.resumed_from is None else f", from frame {trainer.resumed_from}"
     return (f"{cfg.agent.name}{label} on {cfg.task_name} ({cfg.obs}), seed {cfg.seed}, "
-            f"{cfg.frames:,} frames{start}; {cfg.device}, {trainer.threads} threads "
+            f"{cfg.frames:,} frames{start}; {cfg.device}, {plural(trainer.threads, 'thread')} "
             f"({trainer.threads_how}); run folder {trainer.run_dir}")
 
 
 def _end_line(trainer: Trainer) -> str:
     run_dir = trainer.run_dir
     evals = [r for r in trainer.metrics.rows() if r.get("phase") == "eval"]
-    final = (f"final evaluation {float(evals[-1]['episode_return']):.1f} "
-             f"(mean of {trainer.cfg.schedule.eval_episodes} episodes) at frame "
-             f"{trainer.frame:,}; " if evals else "")
-    videos = "" if not (run_dir / "eval").is_dir() else f", videos {run_dir / 'eval'}"
+    final = ""
+    if evals:
+        final_return = float(evals[-1]["episode_return"])
+        episodes = plural(trainer.cfg.schedule.eval_episodes, "episode")
+        final = f"final evaluation {final_return:.1f} ({episodes}) at frame {trainer.frame:,}; "
+        if trainer.random_reference is not None:
+            final += reference_phrase(final_return, trainer.random_reference) + "; "
+        elif trainer.random_note is not None:
+            final += f"uniform random actions {trainer.random_note}; "
+    videos = ("" if not any((run_dir / "eval").glob("*.gif"))
+              else f", videos {run_dir / 'eval'}")
     cfg = trainer.cfg
     per_frame = trainer.updates_per_frame()
     ratio = (f"{trainer.loop.updates:,} updates, {per_frame:.4f} per frame after the seed "
@@ -675,14 +732,19 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, UnknownTaskError, ResumeError, CheckpointError,
             MetricsFileError) as error:
         raise SystemExit(f"cp3er-train: {error}") from None
+    # from here the run folder is this launch's: say() also keeps the lines in train.log
     if trainer.resumed_from is not None:
-        _say(f"resumed {trainer.run_dir} from frame {trainer.resumed_from}")
+        say(f"resumed {trainer.run_dir} from frame {trainer.resumed_from}")
     for change in trainer.resume_changes:
-        _say(f"resume takes {change} from the command line")
+        say(f"resume takes {change} from the command line")
     if trainer.metrics.set_aside is not None:
-        _say(f"{trainer.run_dir} held metrics of a run that never checkpointed; moved to "
-             f"{trainer.metrics.set_aside.name}")
-    _say(_start_line(trainer))
+        say(f"{trainer.run_dir} held metrics of a run that never checkpointed; moved to "
+            f"{trainer.metrics.set_aside.name}")
+    say(_start_line(trainer))
+    estimate = expected_duration(trainer.cfg, trainer.frame)
+    if estimate is not None:
+        say(estimate)
+        trainer.duration_announced = True
     _record_hydra(trainer.run_dir, cfg)
     try:
         result = trainer.train()
@@ -697,18 +759,23 @@ def main(cfg: DictConfig) -> None:
                 if has_checkpoint(trainer.run_dir) else "no checkpoint was written")
         raise SystemExit(f"cp3er-train: run stopped: {first_line(error)}; {kept}") from None
     if result != "done":
-        _say(f"{result.name} received: checkpoint written at frame {trainer.frame:,}; "
-             f"continue with: {_resume_command()}")
+        say(f"{result.name} received: checkpoint written at frame {trainer.frame:,}; "
+            f"continue with: {_resume_command()}")
         pass_on(result)  # submitit (SIGUSR2): requeue the job, which resumes from here
         raise SystemExit(EXIT_CODES[result])
-    _say(_end_line(trainer))
+    say(_end_line(trainer))
 
 
 def cli() -> None:
     """``cp3er-train``: :func:`main`, after the checks Hydra would answer with a traceback or
     a long dump: a config group value that does not exist (``task=cheetah_rn``: one line
     naming the closest choices), a value the schema refuses (``obs=rgb``, ``lr=fast``) and
-    a ``run_dir=`` that cannot hold a run (Hydra writes ``<run_dir>/.hydra`` first)."""
+    a ``run_dir=`` that cannot hold a run (Hydra writes ``<run_dir>/.hydra`` first).
+    ``--help``/``-h``: this project's help (:func:`~cp3er.console.help_text`), not Hydra's
+    template (``--hydra-help`` is Hydra's)."""
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(help_text(CONFIG_DIR), end="")
+        raise SystemExit(0)
     message = (check_group_overrides(sys.argv[1:], CONFIG_DIR)
                or check_override_values(sys.argv[1:], CONFIG_DIR)
                or _check_added_keys(sys.argv[1:]))

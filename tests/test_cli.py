@@ -73,9 +73,11 @@ def test_mistyped_task_on_the_command_line_is_one_line() -> None:
 
 def test_run_console_has_our_lines_only_and_eval_takes_threads_and_device(
         tmp_path: Path) -> None:
-    """A state run's stderr holds cp3er-train's own lines (first: what runs where; last:
-    the final evaluation and where the outputs are) and no library warning; cp3er-eval
-    takes --threads/--device and prints nothing but its JSON."""
+    """A state run's stderr holds cp3er-train's own lines (first: what runs where; one per
+    evaluation; last: the final evaluation and where the outputs are), kept in train.log
+    too, and no library warning; the csv logger leaves no empty videos/ folder (GIFs go to
+    eval/); cp3er-eval takes --threads/--device and prints nothing but its JSON, which
+    names the checkpoint's frame."""
     run_dir = tmp_path / "run"
     result = subprocess.run(_train_command(run_dir, "frames=400", "threads=1",
                                            "schedule.eval_every_frames=400"),
@@ -84,8 +86,16 @@ def test_run_console_has_our_lines_only_and_eval_takes_threads_and_device(
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert all(line.startswith("cp3er-train: ") for line in lines), result.stderr[-3000:]
     assert "cp3er on cartpole_balance (state)" in lines[0] and str(run_dir) in lines[0]
-    assert "1 threads (set)" in lines[0]
+    assert "1 thread (set)" in lines[0]
+    assert lines[1].startswith("cp3er-train: eval at frame 400: return ")
+    assert "(1 episode)" in lines[1] and lines[1].endswith(" s")
     assert lines[-1].startswith("cp3er-train: done: final evaluation ")
+    assert " (1 episode) at frame 400" in lines[-1]
+    # train.log: the same lines, timestamped (Hydra's job logging, configs/config.yaml)
+    logged = (run_dir / "train.log").read_text().splitlines()
+    assert [line.split("] - ", 1)[1] for line in logged] == [
+        line.removeprefix("cp3er-train: ") for line in lines]
+    assert not (run_dir / "logs" / "videos").exists()
     assert str(run_dir / "learning_curve.png") in lines[-1]
     # the csv logger holds the resolved config as its hyper-parameters
     hparams = (run_dir / "logs" / "texts" / "hparams0.txt").read_text()
@@ -97,6 +107,7 @@ def test_run_console_has_our_lines_only_and_eval_takes_threads_and_device(
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.strip() == ""
     assert json.loads(result.stdout)["episodes"] == 1
+    assert json.loads(result.stdout)["frame"] == 400
     bad = subprocess.run([*cmd[:-5], "--threads", "abc"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "threads='abc' is invalid" in bad.stderr

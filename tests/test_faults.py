@@ -205,6 +205,7 @@ def test_a_policy_emitting_non_finite_actions_stops_the_run(tmp_path: Path, at: 
 
 def test_eval_refuses_a_policy_emitting_non_finite_actions(tmp_path: Path, capsys) -> None:
     Trainer(_cfg(tmp_path / "run", "frames=400")).train()
+    capsys.readouterr()  # the run's own lines (its evaluations)
     state = load_checkpoint(tmp_path / "run")
     weights = state["agent"]["loss"]
     for name, tensor in weights.items():

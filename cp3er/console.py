@@ -1,0 +1,252 @@
+"""What ``cp3er-train`` tells its user besides ``metrics.csv``.
+
+- :func:`say`: a ``cp3er-train: ...`` line on stderr, above the progress bar, also kept
+  (timestamped) in Hydra's ``<run_dir>/train.log`` (the ``cp3er.console`` logger of
+  ``configs/config.yaml``'s ``hydra.job_logging``);
+- :func:`eval_line`: one line per evaluation (frame, mean return, spread, seconds), as
+  DrQ-v2's eval log;
+- :func:`expected_duration` / :func:`measured_duration`: a run expected to take more than
+  an hour says so at its start (from docs/performance.md's figures) and again once its first
+  updates are timed;
+- :func:`random_reference`: the uniform random policy's return on the run's task, the
+  floor its final evaluation is read against (end line, learning curve);
+- :func:`help_text`: ``cp3er-train --help``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cp3er.plot import RANDOM_POLICY_FILE
+
+LOG = logging.getLogger("cp3er.console")
+
+#: A run expected to take longer than this (seconds) says so at its start.
+LONG_RUN_S = 3600.0
+#: Training frames per second measured in docs/performance.md, by (obs, device, actor
+#: trunk), with where they come from. A rough guide: other sizes run at other speeds.
+DOCUMENTED_FPS: dict[tuple[str, str, bool], tuple[float, str]] = {
+    ("pixels", "cpu", False): (3.3, "docs/performance.md: pixels on a 2-core CPU, the "
+                                    "paper's sizes"),
+    ("pixels", "cpu", True): (4.9, "docs/performance.md: pixels on a 2-core CPU, the paper's "
+                                   "sizes with the actor trunk"),
+    ("pixels", "cuda", False): (84.0, "docs/performance.md: pixels on one H200"),
+    ("pixels", "cuda", True): (84.0, "docs/performance.md: pixels on one H200"),
+    ("state", "cpu", False): (80.0, "+profile=cpu_states: 100,000 frames in 15-25 minutes on "
+                                    "one core at hidden_dim 256; larger networks are slower"),
+    ("state", "cpu", True): (80.0, "+profile=cpu_states: 100,000 frames in 15-25 minutes on "
+                                   "one core at hidden_dim 256; larger networks are slower"),
+}
+#: Updates timed (from this process's first) before the measured estimate.
+TIMED_UPDATES = 50
+
+#: The random-policy reference: episodes and seed of ``cp3er-eval --random-policy``'s
+#: defaults' seed, so ``cp3er-eval --random-policy TASK --episodes 10`` prints the same.
+RANDOM_EPISODES, RANDOM_SEED = 10, 12345
+#: Measured when its frames (from states: no rendering, no updates) are at most this share
+#: of the run's frames, which keeps it under ~10% of the run's time: a random step from
+#: states costs 0.5-1 ms (docs/performance.md: 0.54-1.25 ms per agent step), a training
+#: frame ~2-5 ms from states and ~40-300 ms from pixels.
+RANDOM_SHARE = {"state": 0.5, "pixels": 4.0}
+
+
+def say(message: str) -> None:
+    """``cp3er-train: <message>`` on stderr, above a tqdm bar if one is drawn, and into
+    ``train.log`` when Hydra's job logging is set up (``cp3er-train``, not a bare
+    :class:`~cp3er.train.Trainer`)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"cp3er-train: {message}", file=sys.stderr)
+    sys.stderr.flush()
+    LOG.info(message)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 episode``, ``2 episodes``."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+def eval_line(frame: int, summary: dict, seconds: float) -> str:
+    """``eval at frame 10,000: return 241.3 (10 episodes, min 198.0, max 290.2, std
+    27.1), 12.3 s`` (and the success rate on Meta-World) of a :func:`cp3er.evaluate.summarize`
+    summary."""
+    returns = summary["returns"]
+    spread = "" if len(returns) == 1 else (
+        f", min {min(returns):.1f}, max {max(returns):.1f}, std {_std(returns):.1f}")
+    success = ("" if "success_rate" not in summary
+               else f", success {summary['success_rate']:.2f}")
+    return (f"eval at frame {frame:,}: return {summary['return_mean']:.1f} "
+            f"({plural(len(returns), 'episode')}{spread}){success}, {seconds:.1f} s")
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def duration(seconds: float) -> str:
+    """``40 seconds``, ``45 minutes``, ``3.8 hours``, ``11 days``."""
+    if seconds < 90:
+        return f"{seconds:.0f} seconds"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} minutes"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86400:.0f} days"
+
+
+def expected_duration(cfg: DictConfig, from_frame: int = 0) -> str | None:
+    """The start-up line of a run expected to take more than :data:`LONG_RUN_S`, from the
+    figure of :data:`DOCUMENTED_FPS` for its observations and device; ``None`` for a
+    shorter run or one without a documented figure."""
+    trunk = bool(cfg.agent.get("actor_trunk", False))
+    figure = DOCUMENTED_FPS.get((str(cfg.obs), str(cfg.device), trunk))
+    frames = cfg.frames - from_frame
+    if figure is None or frames / figure[0] <= LONG_RUN_S:
+        return None
+    fps, source = figure
+    return (f"expected duration about {duration(frames / fps)}: {frames:,} frames at "
+            f"~{fps:g} frames/s ({source}); measured again after the first "
+            f"{TIMED_UPDATES} updates. Runs of minutes: +profile=cpu_states (states) or "
+            "--config-name demo")
+
+
+def measured_duration(frames_left: int, fps: float, updates: int, announced: bool = False
+                      ) -> str | None:
+    """The line after the first ``updates`` updates of a run whose ``frames_left`` at the
+    measured ``fps`` take more than :data:`LONG_RUN_S`, or of any run whose start
+    ``announced`` an estimate (:func:`expected_duration`); else ``None``."""
+    if fps <= 0 or (frames_left / fps <= LONG_RUN_S and not announced):
+        return None
+    return (f"measured {fps:.2f} frames/s over {updates} updates: about "
+            f"{duration(frames_left / fps)} left for {frames_left:,} frames")
+
+
+def random_reference(cfg: DictConfig, run_dir: Path, frames: int
+                     ) -> tuple[dict | None, str | None]:
+    """``(summary, None)``: :func:`cp3er.evaluate.summarize` of :data:`RANDOM_EPISODES`
+    episodes of uniform random actions on the run's task (seed :data:`RANDOM_SEED`, state
+    observations, which give pixel runs the same returns without rendering), measured on
+    an env of its own and written to ``<run_dir>/eval/random_policy.json``, or read from
+    there; ``(None, reason)`` when not measured: a run too short for it to be cheap
+    (:data:`RANDOM_SHARE`), or a task without state observations. The run's RNG states
+    are restored afterwards (the measurement draws from torch's global RNG, like
+    ``cp3er-eval --random-policy``)."""
+    from envs import TASKS
+
+    path = run_dir / RANDOM_POLICY_FILE
+    cached = _read_reference(path, cfg.task_name)
+    if cached is not None:
+        return cached, None
+    cost = RANDOM_EPISODES * TASKS[cfg.task_name].episode_env_steps
+    if cost > RANDOM_SHARE[str(cfg.obs)] * frames:
+        return None, (f"not measured: {RANDOM_EPISODES} episodes ({cost:,} frames) would "
+                      f"cost more than ~10% of this {frames:,}-frame run; cp3er-eval "
+                      f"--random-policy {cfg.task_name} --episodes {RANDOM_EPISODES} "
+                      "measures it")
+    from cp3er.checkpoint import atomic_write
+
+    # a reference that cannot be had is said, never fails the finished run
+    try:
+        summary = _measure_random(cfg)
+        summary.update(obs="state", seed=RANDOM_SEED, policy="uniform random actions")
+        atomic_write(path, lambda handle: handle.write(json.dumps(summary).encode()))
+    except (ValueError, RuntimeError, KeyError, OSError, ImportError) as error:
+        detail = (str(error).splitlines() or [""])[0]
+        return None, f"not measured: {type(error).__name__}: {detail}"
+    return summary, None
+
+
+def _read_reference(path: Path, task: str) -> dict | None:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    if (summary.get("task"), summary.get("episodes"), summary.get("seed")) != (
+            task, RANDOM_EPISODES, RANDOM_SEED):
+        return None
+    return summary
+
+
+def _measure_random(cfg: DictConfig) -> dict:
+    """The measurement of :func:`random_reference`, on a fresh state env with the run's
+    env settings (action repeat), the caller's RNG states untouched."""
+    import torch
+
+    from cp3er.evaluate import run_episodes, summarize
+    from cp3er.run_state import rng_state, set_rng_state
+    from cp3er.session import env_overrides
+    from envs import make_env
+
+    saved = rng_state()
+    try:
+        env = make_env(cfg.task_name, "state", seed=RANDOM_SEED, **env_overrides(cfg))
+        try:
+            torch.manual_seed(RANDOM_SEED)  # the action spec's uniform draws: torch's RNG
+            results = run_episodes(env, None, RANDOM_EPISODES)
+        finally:
+            env.close()
+    finally:
+        set_rng_state(saved)
+    return summarize(cfg.task_name, results, seed=RANDOM_SEED)
+
+
+def reference_phrase(final_return: float, reference: dict) -> str:
+    """``uniform random actions 332.1 (10 episodes): the trained policy is below random``."""
+    random_return = reference["return_mean"]
+    verdict = "below" if final_return < random_return else "above"
+    episodes = plural(reference["episodes"], "episode")
+    return (f"uniform random actions {random_return:.1f} ({episodes} from states, seed "
+            f"{reference['seed']}): the trained policy is {verdict} random")
+
+
+def help_text(config_dir: str | Path) -> str:
+    """``cp3er-train --help``: usage, examples and the config choices (``configs/``)."""
+    config_dir = Path(config_dir)
+
+    def names(group: str) -> list[str]:
+        return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+    tasks = names("task")
+    dmc = [t for t in tasks if not t.startswith("mw_")]
+    return f"""\
+usage: cp3er-train [--config-name demo] [KEY=VALUE ...] [+profile=NAME] [-m]
+
+Train an agent on one task: environment -> collector -> replay -> updates, with
+evaluations, checkpoints and metrics in the run folder. Every setting is a Hydra override
+of configs/config.yaml (print the composed config with --cfg job).
+
+Examples:
+  cp3er-train +profile=cpu_states task=cartpole_swingup
+      learns from states in about 20 minutes on one core (100,000 frames)
+  cp3er-train --config-name demo
+      `make run`: 8,000 pixel frames of cartpole_balance, a pipeline check (~10 minutes)
+  cp3er-train task=cartpole_balance obs=state frames=20000 seed=2 run_dir=runs/try
+  cp3er-train +profile=cpu_pixels task=reacher_easy
+      pixels sized for a CPU (60,000 frames, about 70 minutes on one core)
+  cp3er-train task=cheetah_run device=cuda
+      the paper's pixel setting: 3,100,000 frames, ~10 hours on one H200 (~11 days on
+      a 2-core CPU; docs/performance.md)
+  cp3er-train run_dir=runs/try resume=true
+      continue a stopped run from its last checkpoint
+  cp3er-train -m task=cartpole_balance,walker_walk seed=1,2,3
+      a sweep, one run folder per job
+
+Common keys:
+  agent=NAME      {", ".join(names("agent"))} (default cp3er)
+  task=NAME       {len(tasks)} tasks (configs/task/): {len(dmc)} DeepMind Control
+                  (cartpole_balance, cheetah_run, walker_walk, ...), {len(tasks) - len(dmc)} \
+Meta-World (mw_assembly, ...)
+  +profile=NAME   {", ".join(names("profile"))}: sizes for a CPU (configs/profile/)
+  obs=pixels|state  device=cpu|cuda  seed=INT  frames=INT  run_dir=PATH
+  checkpoint_every=FRAMES  resume=true|false|auto  threads=auto|INT  log.progress=false
+
+Hydra's own options: --cfg job (the composed config), --info, --hydra-help.
+"""

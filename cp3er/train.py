@@ -7,7 +7,7 @@ evaluation every
 ``schedule.eval_every_frames`` frames on a separate environment whose transitions never
 enter the replay buffer. "Frames" are environment frames (agent steps x action repeat).
 
-Checkpoints, resume and faults (README "Checkpoints, resume and faults"): every
+Checkpoints, resume and faults (docs/checkpoints.md): every
 ``checkpoint_every`` frames (and at the end) the agent, the replay buffer, the RNG
 states, counters and loop state are written to ``<run_dir>/checkpoints``;
 ``resume=true`` continues from there. The training environment itself is not saved: a

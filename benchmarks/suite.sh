@@ -22,13 +22,7 @@
 # invocation, and lanes of a stopped suite never block a later one. A run stopped by
 # SIGTERM/SIGINT (checkpoint written, see README) stops its lane too: send the signal to
 # the cp3er-train processes to stop a suite; the next invocation resumes them.
-#
-# Checkpoints written before checkpoint format 2 (cp3er before the run-safety changes:
-# pickled, see README "Checkpoints, resume and faults") resume only with
-# trust_checkpoint=true: TRUST_CHECKPOINTS=1 passes it to this suite's resumes (its own
-# runs; once is enough, the next checkpoint is in format 2). Without it such a run is
-# refused (exit 3), not marked failed, and its lane stops with a line saying so. A run
-# folder held by another process (exit 75) is skipped.
+# A run folder held by another process (exit 75) is skipped.
 set -euo pipefail
 if ! command -v cp3er-train > /dev/null; then
   echo "suite: cp3er-train is not on PATH (activate .venv)" >&2
@@ -42,8 +36,6 @@ fi
 OUT=${OUT:-runs/cpu_pixels/main}
 JOBS=${JOBS:-benchmarks/cpu_pixel_main.txt}
 LANES=${LANES:-2}
-TRUST=()
-[ "${TRUST_CHECKPOINTS:-0}" = 1 ] && TRUST=(trust_checkpoint=true)
 mkdir -p "$OUT/.locks"
 mapfile -t LINES < <(grep -v '^\s*\(#\|$\)' "$JOBS")
 
@@ -55,21 +47,15 @@ run_job() {  # run_job task agent seed [label [override ...]]: 0 ran, 1 skipped,
   [ -f "$OUT/.locks/$name.failed" ] && return 1  # a run that cannot start: see its log
   exec {lock}> "$OUT/.locks/$name.lock"
   if ! flock -n "$lock"; then exec {lock}>&-; return 1; fi
-  local resume=false trust=()
-  [ -f "$run_dir/checkpoints/latest.pt" ] && resume=true && trust=("${TRUST[@]}")
+  local resume=false
+  [ -f "$run_dir/checkpoints/latest.pt" ] && resume=true
   echo "$(date -u +%FT%TZ) start $run_dir (resume=$resume)"
   local code=0
   cp3er-train "+profile=$PROFILE" "task=$task" "agent=$agent" "seed=$seed" "label=$label" \
-    "run_dir=$run_dir" "resume=$resume" log.progress=false "${trust[@]}" "${overrides[@]}" \
+    "run_dir=$run_dir" "resume=$resume" log.progress=false "${overrides[@]}" \
     >> "$run_dir.log" 2>&1 || code=$?
   if [ "$code" -eq 75 ]; then  # another process holds the run folder
     exec {lock}>&-; echo "$(date -u +%FT%TZ) skipped $run_dir (in use)"; return 1
-  fi
-  if [ "$code" -eq 3 ]; then
-    exec {lock}>&-
-    echo "$(date -u +%FT%TZ) refused $run_dir: its checkpoint needs trust_checkpoint=true" \
-      "(pickled: written before format 2); if you trust it, rerun with TRUST_CHECKPOINTS=1; lane stops"
-    return 2
   fi
   [ "$code" -eq 0 ] || {
     echo "$(date -u +%FT%TZ) FAILED ($code) $run_dir (see $run_dir.log)"

@@ -6,18 +6,14 @@
 and the payload's content hash is checked before it is read. The replay buffer of a
 checkpoint lives in ``checkpoints/replay/<name>/`` with a ``manifest.json`` holding the size
 and content hash of every file. The hash is XXH3-128 (``xxhash``): it detects accidental
-corruption (a flipped byte, a torn write) at ~5 GB/s, five times SHA-256's speed here; it
-is not a defence against a forger, who could rewrite the manifest along with the file
-(nor would SHA-256 be: neither is signed). Format-2 checkpoints hashed with SHA-256 (cp3er
-before XXH3) are verified with SHA-256. Checkpoints written before format 2 (pickled numpy
-RNG state, TorchRL's ``prefetch.pkl``, size-only manifests) load only when the caller
-trusts them (``trust=True``: ``trust_checkpoint=true`` / ``--trust-checkpoint``).
+corruption (a flipped byte, a torn write); it is not a defence against a forger, who could
+rewrite the manifest along with the file. Any other checkpoint (format 1: pickled, or
+size-only manifests; format 2 hashed with SHA-256) is refused in one line naming its format.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -34,10 +30,10 @@ import xxhash
 CHECKPOINT_NAME = "latest.pt"
 REPLAY_DIR = "replay"  # checkpoints/replay/<name>/: the buffer of a checkpoint
 MANIFEST = "manifest.json"  # size and content hash of every file of a buffer folder
-HASH = "xxh3_128"  # the content hash written; HASHES: those verified (older: sha256)
+HASH = "xxh3_128"  # the content hash written and verified
 FORMAT = 2  # 1 (no field): pickled torch.save, size-only manifest
-TRUST_HINT = ("pass trust_checkpoint=true (cp3er-eval: --trust-checkpoint) only if you "
-              "trust its source (e.g. your own run checkpointed by cp3er before format 2)")
+OLD_FORMAT = ("this cp3er reads checkpoint format 2 hashed with xxh3_128 only; start a new "
+              "run_dir (or load it with the cp3er version that wrote it)")
 _CHUNK = 1 << 24
 _MARGIN = 16 << 20  # bytes of free disk kept beyond a checkpoint's estimated size
 
@@ -45,10 +41,6 @@ _MARGIN = 16 << 20  # bytes of free disk kept beyond a checkpoint's estimated si
 class CheckpointError(RuntimeError):
     """A missing, unreadable, corrupted or mismatched checkpoint, or one that cannot be
     written."""
-
-
-class UntrustedCheckpointError(CheckpointError):
-    """A checkpoint that only loads by unpickling (or without a content hash)."""
 
 
 class UnsafePathError(CheckpointError):
@@ -98,19 +90,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(path.parent)
 
 
-HASHES: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+def hash_bytes(data: Any) -> str:
+    """XXH3-128 hex digest of a bytes-like object."""
+    return xxhash.xxh3_128_hexdigest(data)
 
 
-def hash_bytes(data: Any, algorithm: str = HASH) -> str:
-    """Hex digest of a bytes-like object with ``algorithm`` (a key of :data:`HASHES`)."""
-    digest = HASHES[algorithm]()
-    digest.update(data)
-    return digest.hexdigest()
-
-
-def hash_file(path: Path, fsync: bool = False, algorithm: str = HASH) -> str:
-    """Hex digest of a file's content (``fsync``: also flush it to disk)."""
-    digest = HASHES[algorithm]()
+def hash_file(path: Path, fsync: bool = False) -> str:
+    """XXH3-128 hex digest of a file's content (``fsync``: also flush it to disk)."""
+    digest = xxhash.xxh3_128()
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     with open(path, "rb") as handle:
@@ -168,76 +155,51 @@ def load_error_detail(error: BaseException) -> str:
                              ": shapes or entries differ")
 
 
-def _unsafe_globals(path: Path | io.BytesIO) -> list[str]:
-    """The Python objects a file's pickle would import ([] if none, or unreadable)."""
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # a damaged file: reported as corrupted by the caller
-        return []
-
-
-def _unwrap(outer: Any, path: Path, trust: bool) -> Any:
+def _unwrap(outer: Any, path: Path) -> Any:
     if not (isinstance(outer, dict) and "cp3er_format" in outer):
-        if trust:
-            return outer
-        raise UntrustedCheckpointError(f"checkpoint {path} has no content hash (not written "
-                                       f"as cp3er checkpoint format {FORMAT}); {TRUST_HINT}")
+        raise CheckpointError(f"checkpoint {path} is in checkpoint format 1 (no content hash); "
+                              f"{OLD_FORMAT}")
     if outer["cp3er_format"] != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {outer['cp3er_format']!r}; this "
                               f"cp3er reads format {FORMAT}")
+    if HASH not in outer:
+        raise CheckpointError(f"checkpoint {path} has no {HASH} hash (format 2 hashed with "
+                              f"SHA-256, or damaged); {OLD_FORMAT}")
     payload = outer.get("payload")
     if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
         raise CheckpointError(f"checkpoint {path} is corrupted: no payload")
     data = payload.numpy()
-    algorithm = next((a for a in HASHES if a in outer), None)
-    if algorithm is None or hash_bytes(data, algorithm) != outer[algorithm]:
+    if hash_bytes(data) != outer[HASH]:
         raise CheckpointError(f"checkpoint {path} is corrupted: its content does not match "
-                              f"the hash ({algorithm or 'none'}) written with it")
-    inner = io.BytesIO(data.tobytes())
+                              f"the hash ({HASH}) written with it")
+    return _weights_only(io.BytesIO(data.tobytes()), path)
+
+
+def _weights_only(source: Path | io.BytesIO, path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of ``source`` (``path`` or its payload); a one-line
+    :class:`CheckpointError` for pickled objects (format 1) or a damaged file."""
     try:
-        return torch.load(inner, map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle inside a well-formed envelope, or a bad payload
-        return _load_pickled(inner, path, trust, error)
-
-
-def _load_pickled(source: Path | io.BytesIO, path: Path, trust: bool,
-                  error: Exception) -> Any:
-    """``source`` (``path`` or the payload of its envelope), which a weights-only load
-    refused with ``error``: a one-line :class:`CheckpointError` if it is damaged, an
-    :class:`UntrustedCheckpointError` naming what its pickle would import unless
-    ``trust``; with ``trust``, unpickled."""
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    unsafe = _unsafe_globals(source)
-    if not unsafe:
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
-                              f"{first_line(error)}") from error
-    if not trust:
-        raise UntrustedCheckpointError(
-            f"checkpoint {path} holds pickled Python objects ({', '.join(unsafe[:4])}) "
-            f"and loading it could run code; refused: {TRUST_HINT}") from None
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    try:
-        return torch.load(source, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
-                              f"{first_line(error)}") from error
-
-
-def load_checkpoint(target: str | Path, *, trust: bool = False) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`atomic_torch_save`: weights-only, hash verified.
-
-    ``trust=True`` also accepts an older checkpoint (pickled objects, no content hash):
-    unpickling can run code, so only for files of a trusted source.
-    """
-    path = checkpoint_path(target)
-    try:
-        outer = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated/corrupt files
-        state = _load_pickled(path, path, trust, error)
-    else:
-        state = _unwrap(outer, path, trust)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        try:
+            pickled = list(torch.serialization.get_unsafe_globals_in_checkpoint(source))
+        except Exception:  # damaged: not even its pickle's imports can be listed
+            pickled = []
+        if pickled:
+            raise CheckpointError(f"checkpoint {path} holds pickled Python objects "
+                                  f"({', '.join(pickled[:4])}): checkpoint format 1, or not "
+                                  f"written by cp3er; refused (loading could run code); "
+                                  f"{OLD_FORMAT}") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted: "
+                              f"{first_line(error)}") from error
+
+
+def load_checkpoint(target: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`atomic_torch_save`: weights-only, hash verified."""
+    path = checkpoint_path(target)
+    state = _unwrap(_weights_only(path, path), path)
     if not isinstance(state, dict) or "agent" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a cp3er checkpoint (no agent/config entries)")
     return state
@@ -317,10 +279,9 @@ def save_run_checkpoint(state: dict[str, Any], run_dir: str | Path, buffer, fram
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def load_run_checkpoint(run_dir: str | Path, *,
-                        trust: bool = False) -> tuple[dict[str, Any], Path]:
+def load_run_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
     """The latest resumable checkpoint of ``run_dir`` and its verified buffer folder."""
-    state = load_checkpoint(Path(run_dir), trust=trust)
+    state = load_checkpoint(Path(run_dir))
     path = checkpoint_path(Path(run_dir))
     for key in ("counters", "rng", "replay"):
         if key not in state:
@@ -330,7 +291,7 @@ def load_run_checkpoint(run_dir: str | Path, *,
     replay = path.parent / name
     if not replay.is_dir():
         raise CheckpointError(f"{path} names replay buffer folder {replay}, which is missing")
-    check_manifest(replay, trust=trust)
+    check_manifest(replay)
     return state, replay
 
 
@@ -363,19 +324,10 @@ def _write_manifest(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def _content_matches(path: Path, entry: dict, sized_only: bool) -> bool:
-    """``path`` hashes to the digest of its manifest ``entry`` (any algorithm of
-    :data:`HASHES`); an entry without one passes only in a size-only (trusted) manifest."""
-    algorithm = next((a for a in HASHES if a in entry), None)
-    if algorithm is None:
-        return sized_only
-    return hash_file(path, algorithm=algorithm) == entry[algorithm]
-
-
-def check_manifest(folder: Path, *, trust: bool = False) -> None:
+def check_manifest(folder: Path) -> None:
     """Every file of a buffer folder present, with its written size and content hash, and no
     other file (memmaps of a truncated file would otherwise load as zeros: torch extends
-    short files). A size-only manifest (before format 2) needs ``trust``."""
+    short files)."""
     try:
         with open(folder / MANIFEST) as handle:
             manifest = json.load(handle)
@@ -388,25 +340,24 @@ def check_manifest(folder: Path, *, trust: bool = False) -> None:
                               "checkpoint's files must be its own")
     found = {str(p.relative_to(folder)): p for p in _files(folder)}
     if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
-        if not trust:
-            raise UntrustedCheckpointError(f"replay buffer checkpoint {folder} has no content "
-                                           f"hashes (written before format {FORMAT}); "
-                                           f"{TRUST_HINT}")
-        expected = {k: {"size": v} for k, v in manifest.items()}
-        sized_only = True
-    else:
-        expected, sized_only = manifest.get("files", {}), False
+        raise CheckpointError(f"replay buffer checkpoint {folder} is in checkpoint format 1 "
+                              f"(a manifest of sizes only); {OLD_FORMAT}")
+    expected = manifest.get("files", {})
+    unhashed = sorted(k for k, v in expected.items() if HASH not in v)
+    if unhashed:
+        raise CheckpointError(f"replay buffer checkpoint {folder} lists {unhashed[:3]} without "
+                              f"an {HASH} hash (format 2 hashed with SHA-256, or damaged); "
+                              f"{OLD_FORMAT}")
     bad = sorted(k for k in expected
                  if k not in found or found[k].stat().st_size != expected[k].get("size"))
     if bad:
         raise CheckpointError(f"replay buffer checkpoint {folder} is unreadable: missing or "
                               f"truncated files {bad}")
     extra = sorted(set(found) - set(expected))
-    if extra and not trust:
+    if extra:
         raise CheckpointError(f"replay buffer checkpoint {folder} holds files its manifest "
                               f"does not list: {extra}")
-    damaged = sorted(k for k, v in expected.items()
-                     if not _content_matches(found[k], v, sized_only))
+    damaged = sorted(k for k, v in expected.items() if hash_file(found[k]) != v[HASH])
     if damaged:
         raise CheckpointError(f"replay buffer checkpoint {folder} is corrupted: the content "
                               f"of {damaged} does not match its hash in {MANIFEST}")

@@ -143,7 +143,6 @@ class RunConfig:
     label: str | None = MISSING
     checkpoint_every: int = MISSING
     resume: Any = MISSING  # true | false | auto (cp3er.config_check)
-    trust_checkpoint: bool = MISSING
     env: EnvConfig = field(default_factory=EnvConfig)
     lr: float = MISSING
     batch_size: int = MISSING

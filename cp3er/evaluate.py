@@ -204,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="a CP3ER run's evaluation actions: sample (one-step samples, the "
                              "reference's) or zero_noise (the repeatable D(0, sigma_max | s)); "
                              "default: the run's agent.eval_noise (sample before it existed)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load a checkpoint that needs unpickling (written before "
-                             "checkpoint format 2); unpickling can run code: trusted files only")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (one bar per episode on stderr by default)")
     add_device_threads_arguments(parser)
@@ -245,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
         return 0
     try:
-        state = load_checkpoint(args.target, trust=args.trust_checkpoint)
+        state = load_checkpoint(args.target)
         cfg, env, agent = restore_agent_for_eval(state, seed=args.seed, device=args.device)
     except (CheckpointError, ValueError) as error:
         print(f"cp3er-eval: {error}", file=sys.stderr)

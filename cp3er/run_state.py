@@ -50,10 +50,8 @@ class LoopState:
 
     @classmethod
     def from_checkpoint(cls, state: dict) -> LoopState:
-        """The loop state of a checkpoint's ``state``; checkpoints written before this class
-        kept ``pending_metrics`` beside ``counters``."""
+        """The loop state of a checkpoint's ``state``."""
         counters = dict(state["counters"])
-        counters.setdefault("pending_metrics", state.get("pending_metrics", {}))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(counters) - names
         if unknown:
@@ -71,8 +69,8 @@ class LoopState:
 # rounding: ``perf.precision`` changes that rounding; where the collector workers run, the
 # same workers and replay streams). Every other entry that differs from the run's
 # config.yaml (task, agent, seed, lr, batch_size, ...: the experiment itself) is refused.
-MACHINE_KEYS = ("run_dir", "device", "replay.device", "threads", "log.progress",
-                "trust_checkpoint", "resume", "collector.ray_address")
+MACHINE_KEYS = ("run_dir", "device", "replay.device", "threads", "log.progress", "resume",
+                "collector.ray_address")
 RESUME_MAY_CHANGE = ("frames", "log", "perf", "collector.backend")
 
 
@@ -97,13 +95,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state` (or the pickled numpy tuple of checkpoint format 1)."""
+    """Restore :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    if isinstance(numpy_state, dict):
-        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
-                       numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
-    np.random.set_state(numpy_state)  # noqa: NPY002
+    saved = state["numpy"]
+    np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32),  # noqa: NPY002
+                         saved["pos"], saved["has_gauss"], saved["cached"]))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
 
 
@@ -163,7 +159,7 @@ def resolve_run_config(
         raise ResumeError(f"cannot resume {run_dir}: the command line differs from the run's "
                           f"config.yaml ({detail}); resume with the run's settings (only "
                           f"{', '.join(RESUME_MAY_CHANGE)} may change) or start a new run_dir")
-    state, replay = load_run_checkpoint(run_dir, trust=bool(new.get("trust_checkpoint")))
+    state, replay = load_run_checkpoint(run_dir)
     frame = LoopState.from_checkpoint(state).step * old["env.action_repeat"]
     if new["frames"] < frame:
         raise ResumeError(f"cannot resume {run_dir} with frames={new['frames']}: its "

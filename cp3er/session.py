@@ -77,12 +77,11 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
     )
 
 
-def load_agent_for_eval(target: str | Path, seed: int, device: str = "cpu",
-                        trust: bool = False) -> tuple[DictConfig, object, Agent]:
+def load_agent_for_eval(target: str | Path, seed: int,
+                        device: str = "cpu") -> tuple[DictConfig, object, Agent]:
     """Config, a fresh evaluation env and the agent restored from ``target``, its networks
-    on ``device`` (the environment stays on the CPU); ``trust``: see
-    :func:`~cp3er.checkpoint.load_checkpoint`."""
-    return restore_agent_for_eval(load_checkpoint(target, trust=trust), seed, device)
+    on ``device`` (the environment stays on the CPU)."""
+    return restore_agent_for_eval(load_checkpoint(target), seed, device)
 
 
 def checkpoint_frame(state: dict) -> int:

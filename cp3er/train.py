@@ -49,9 +49,7 @@ from agents.agent import Agent
 from agents.build import build_agent
 from agents.metrics import LOSS_METRICS
 from cp3er.checkpoint import (
-    TRUST_HINT,
     CheckpointError,
-    UntrustedCheckpointError,
     atomic_write,
     first_line,
     has_checkpoint,
@@ -97,7 +95,6 @@ from cp3er.faults import (
 )
 from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
-from cp3er.replay import UnsafeBufferError
 from cp3er.run_state import (
     LoopState,
     ResumeError,
@@ -131,10 +128,9 @@ from envs.registry import UnknownTaskError
 
 # after a preemption checkpoint (SIGUSR2: a cluster's requeue handler, if any, exits first)
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130, signal.SIGUSR2: 0}
-# Refusals that are not the run's fault (benchmarks/cpu_pixel_suite.sh tells them apart
-# from errors, exit code 1): the run folder is held by a live process (EX_TEMPFAIL), the
-# checkpoint needs trust_checkpoint=true.
-EXIT_LOCKED, EXIT_UNTRUSTED = 75, 3
+# The run folder is held by a live process (EX_TEMPFAIL): not the run's fault
+# (benchmarks/suite.sh tells it apart from errors, exit code 1).
+EXIT_LOCKED = 75
 
 
 class Trainer:
@@ -203,7 +199,7 @@ class Trainer:
             self._restore(resume_state, replay_dir)
         if resume_state is None or self.resume_changes:  # the run's record of its settings
             record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-            record["resume"] = record["trust_checkpoint"] = False
+            record["resume"] = False
             atomic_write(self.run_dir / "config.yaml",
                          lambda handle: handle.write(OmegaConf.to_yaml(record).encode()))
         if resume_state is None:
@@ -463,7 +459,7 @@ class Trainer:
         check_finite_parameters(self.agent.loss, update=self.loop.updates, frame=self.frame)
         self._check_policy_acts()
         config = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
-        config["resume"] = config["trust_checkpoint"] = False
+        config["resume"] = False
         state = {
             "agent": self.agent.state_dict(),
             "config": config,
@@ -496,9 +492,7 @@ class Trainer:
             raise CheckpointError(f"the checkpoint does not match this run's agent: "
                                   f"{load_error_detail(error)}") from error
         try:
-            self.buffer.loads(replay_dir, trusted=self.cfg.trust_checkpoint)
-        except UnsafeBufferError as error:
-            raise UntrustedCheckpointError(f"{error}; refused: {TRUST_HINT}") from None
+            self.buffer.loads(replay_dir)
         except Exception as error:  # torchrl/tensordict raise several types for bad folders
             raise CheckpointError(f"replay buffer checkpoint {replay_dir} is unreadable: "
                                   f"{first_line(error)}") from error
@@ -725,10 +719,9 @@ def main(cfg: DictConfig) -> None:
     quiet_torchrl()
     try:
         trainer = Trainer(cfg)
-    except (RunLockedError, UntrustedCheckpointError) as error:
+    except RunLockedError as error:
         _say(str(error))
-        raise SystemExit(EXIT_LOCKED if isinstance(error, RunLockedError)
-                         else EXIT_UNTRUSTED) from None
+        raise SystemExit(EXIT_LOCKED) from None
     except (ConfigError, UnknownTaskError, ResumeError, CheckpointError,
             MetricsFileError) as error:
         raise SystemExit(f"cp3er-train: {error}") from None

@@ -1,6 +1,6 @@
 """Run safety (issue 15): one writer per run folder, a loadable checkpoint after a kill at
 any filesystem operation, no code run from a checkpoint, corruption detected, and
-checkpoints of the previous format resumed only on request."""
+checkpoints of an older format refused in one line."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from tiny_run import tiny_command as _command
 from cp3er import evaluate
 from cp3er.checkpoint import (
     CheckpointError,
-    UntrustedCheckpointError,
+    check_manifest,
+    hash_file,
     load_checkpoint,
     load_run_checkpoint,
     save_run_checkpoint,
@@ -211,7 +212,7 @@ def test_a_crafted_checkpoint_runs_no_code(finished_run: Path, tmp_path: Path,
     marker = tmp_path / "pwned"
     crafted = tmp_path / "crafted.pt"
     torch.save({"agent": {}, "config": {}, "x": _Payload(marker)}, crafted)
-    with pytest.raises(UntrustedCheckpointError, match="trust_checkpoint=true"):
+    with pytest.raises(CheckpointError, match="checkpoint format 1"):
         load_checkpoint(crafted)
     assert evaluate.main([str(crafted), "--episodes", "1"]) == 2
     line = _one_line_error(capsys.readouterr().err)
@@ -219,7 +220,7 @@ def test_a_crafted_checkpoint_runs_no_code(finished_run: Path, tmp_path: Path,
     # the same file as a run's latest.pt: resume refuses it
     run = _copy(finished_run, tmp_path)
     shutil.copy(crafted, run / "checkpoints" / "latest.pt")
-    with pytest.raises(UntrustedCheckpointError, match="could run code"):
+    with pytest.raises(CheckpointError, match="could run code"):
         Trainer(_cfg(run, "frames=400", "resume=true"))
     assert not marker.exists()
 
@@ -233,10 +234,9 @@ def test_a_pickle_in_the_buffer_folder_is_refused(finished_run: Path, tmp_path: 
         pickle.dump(_Payload(marker), handle)
     manifest = json.loads((replay / "manifest.json").read_text())  # a forged manifest too
     manifest["files"]["prefetch.pkl"] = {"size": (replay / "prefetch.pkl").stat().st_size,
-                                         "sha256": __import__("hashlib").sha256(
-                                             (replay / "prefetch.pkl").read_bytes()).hexdigest()}
+                                         "xxh3_128": hash_file(replay / "prefetch.pkl")}
     (replay / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UntrustedCheckpointError, match=r"prefetch\.pkl.*trust_checkpoint=true"):
+    with pytest.raises(CheckpointError, match=r"prefetch\.pkl.*could run code"):
         Trainer(_cfg(run, "frames=400", "resume=true"))
     assert not marker.exists()
 
@@ -274,12 +274,12 @@ def _rehash_with_sha256(run: Path) -> Path:
     ``latest.pt`` envelope and in the buffer manifest."""
     import hashlib
 
+    _, replay = load_run_checkpoint(run)
     ckpt = run / "checkpoints" / "latest.pt"
     envelope = torch.load(ckpt, weights_only=True)
     del envelope["xxh3_128"]
     envelope["sha256"] = hashlib.sha256(envelope["payload"].numpy()).hexdigest()
     torch.save(envelope, ckpt)
-    _, replay = load_run_checkpoint(run)
     manifest = json.loads((replay / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         del entry["xxh3_128"]
@@ -288,31 +288,7 @@ def _rehash_with_sha256(run: Path) -> Path:
     return replay
 
 
-def test_sha256_hashed_format_2_checkpoints_still_verify(finished_run: Path,
-                                                         tmp_path: Path) -> None:
-    """Checkpoints hashed with SHA-256 (cp3er before XXH3-128) load without the trust
-    opt-in and their corruption is still detected; a format-2 manifest entry with no hash
-    at all is refused (it would skip verification)."""
-    run = _copy(finished_run, tmp_path)
-    replay = _rehash_with_sha256(run)
-    trainer = Trainer(_cfg(run, "frames=400", "resume=true"))
-    assert trainer.step == 200
-    trainer.lock.release()
-    reward = replay / "storage" / "reward.memmap"
-    good = reward.read_bytes()
-    reward.write_bytes(bytes([good[0] ^ 0x01]) + good[1:])
-    with pytest.raises(CheckpointError, match=r"reward\.memmap'\] does not match its hash"):
-        Trainer(_cfg(run, "frames=400", "resume=true"))
-    reward.write_bytes(good)
-    manifest = json.loads((replay / "manifest.json").read_text())
-    del manifest["files"]["storage/reward.memmap"]["sha256"]
-    (replay / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"reward\.memmap'\] does not match"):
-        Trainer(_cfg(run, "frames=400", "resume=true"))
-
-
-# -- the previous checkpoint format: resumed only when trusted ---------------------------
-def _as_previous_format(run: Path) -> None:
+def _as_format_1(run: Path) -> Path:
     """Rewrite a run's checkpoint as cp3er wrote it before format 2: ``torch.save`` of the
     state with numpy's RNG state as a pickled tuple, TorchRL's ``prefetch.pkl`` in the
     buffer folder, a manifest of sizes only."""
@@ -324,38 +300,39 @@ def _as_previous_format(run: Path) -> None:
     sizes = {str(p.relative_to(replay)): p.stat().st_size for p in sorted(replay.rglob("*"))
              if p.is_file() and p.name != "manifest.json"}
     (replay / "manifest.json").write_text(json.dumps(sizes))
+    return replay
 
 
-def test_a_previous_format_checkpoint_resumes_only_when_trusted(finished_run: Path,
-                                                                tmp_path: Path,
-                                                                capsys) -> None:
+# -- 5. an older checkpoint format: one line naming it -----------------------------------
+@pytest.mark.parametrize(("rewrite", "named"), [(_as_format_1, "checkpoint format 1"),
+                                                (_rehash_with_sha256, "hashed with SHA-256")])
+def test_an_older_format_is_refused_in_one_line_naming_it(finished_run: Path, tmp_path: Path,
+                                                          capsys, rewrite, named: str) -> None:
+    """A format-1 checkpoint (pickled ``latest.pt``, size-only manifest) and a format-2 one
+    hashed with SHA-256 (cp3er before XXH3-128): ``cp3er-eval`` and a resume refuse each
+    in one line naming its format, and so does its buffer folder's manifest alone."""
     run = _copy(finished_run, tmp_path)
-    _as_previous_format(run)
-    with pytest.raises(UntrustedCheckpointError, match="trust_checkpoint=true"):
+    good = (run / "checkpoints" / "latest.pt").read_bytes()
+    replay = rewrite(run)
+    with pytest.raises(CheckpointError, match=named):
         Trainer(_cfg(run, "frames=400", "resume=true"))
     assert evaluate.main([str(run), "--episodes", "1"]) == 2
-    assert "--trust-checkpoint" in _one_line_error(capsys.readouterr().err)
-    assert evaluate.main([str(run), "--episodes", "1", "--trust-checkpoint"]) == 0
-    trainer = Trainer(_cfg(run, "frames=400", "resume=true", "trust_checkpoint=true"))
-    assert trainer.step == 200 and trainer.buffer.write_count > 0
-    assert trainer.train() == "done"  # a finished run: checkpointed again
-    # the run's next checkpoint is in the current format: no trust needed from now on,
-    # and the opt-in is not stored in the run
-    state, replay = load_run_checkpoint(run)
-    assert state["counters"]["step"] == 200 and not (replay / "prefetch.pkl").exists()
-    assert state["config"]["trust_checkpoint"] is False
-    assert Trainer(_cfg(run, "frames=400", "resume=true")).step == 200
+    assert named in _one_line_error(capsys.readouterr().err)
+    (run / "checkpoints" / "latest.pt").write_bytes(good)  # the buffer folder's turn
+    manifest = "sizes only" if rewrite is _as_format_1 else "without an xxh3_128 hash"
+    with pytest.raises(CheckpointError, match=manifest):
+        check_manifest(replay)
 
 
-def test_train_cli_refusal_is_one_line_naming_the_opt_in(finished_run: Path,
-                                                         tmp_path: Path) -> None:
+def test_train_cli_refuses_a_format_1_checkpoint_in_one_line(finished_run: Path,
+                                                             tmp_path: Path) -> None:
     run = _copy(finished_run, tmp_path)
-    _as_previous_format(run)
+    _as_format_1(run)
     result = subprocess.run(_command(run, "frames=400", "resume=true"), capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 3  # not an error of the run: benchmark suites tell it apart
+    assert result.returncode == 1
     line = _one_line_error(result.stderr)
-    assert line.startswith("cp3er-train: checkpoint ") and "trust_checkpoint=true" in line
+    assert line.startswith("cp3er-train: checkpoint ") and "checkpoint format 1" in line
 
 
 # -- 6. what a resume may change ---------------------------------------------------------

@@ -1,7 +1,7 @@
 """The diagnostic scripts behind docs/results' pixel diagnosis reproduce what they are cited
-for: benchmarks/diagnostics/actor_balance.py (the entropy term against a fixed critic that prefers the
-bounds) and benchmarks/diagnostics/critic_scale.py (how fast each critic's output reaches the returns'
-scale)."""
+for: benchmarks/diagnostics/actor_balance.py (the entropy term against a fixed critic that
+prefers the bounds) and benchmarks/diagnostics/critic_scale.py (how fast each critic's output
+reaches the returns' scale)."""
 
 from __future__ import annotations
 

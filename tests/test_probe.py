@@ -76,8 +76,8 @@ def test_between_states_of_known_policies() -> None:
 
 def test_reevaluation_matches_cp3er_eval_and_resumes(tiny_run: Path, tmp_path: Path,
                                                      capsys) -> None:
-    """benchmarks/diagnostics/reevaluate.py: the same episodes and returns as cp3er-eval's with the same
-    seed, one line per run, and a second invocation evaluates nothing again."""
+    """benchmarks/diagnostics/reevaluate.py: the same episodes and returns as cp3er-eval's with
+    the same seed, one line per run, and a second invocation evaluates nothing again."""
     from cp3er.evaluate import run_episodes
 
     reevaluate = benchmark_module("reevaluate")

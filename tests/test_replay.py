@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,22 +173,6 @@ def test_proximal_sampler_is_the_proximal_mode() -> None:
         torch.manual_seed(6)
         draws.append(smp.sample(rb.storage, 256)[0])
     assert direct.mode == "proximal" and torch.equal(draws[0], draws[1])
-
-
-def test_loads_a_state_saved_with_the_legacy_mode_name() -> None:
-    """Checkpoints written before the modes took the config's words say "paper"."""
-    rb, sampler = _ring(300, 700)
-    legacy = {**sampler.state_dict(), "mode": "paper", "scanned": 0,
-              "ep_ids": torch.zeros(0, dtype=torch.long),
-              "ep_starts": torch.zeros(0, dtype=torch.long), "transitions_per_episode": 1000}
-    restored = make_sampler("proximal")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "saved with mode=..." warning
-        restored.load_state_dict(legacy)
-    torch.manual_seed(7)
-    expected = sampler.sample(rb.storage, 64)[0]
-    torch.manual_seed(7)
-    assert torch.equal(restored.sample(rb.storage, 64)[0], expected)
 
 
 @pytest.mark.parametrize("mode", SAMPLER_MODES)
@@ -620,8 +603,7 @@ def _storage_bytes(folder) -> int:
 def test_checkpoint_size_grows_with_the_filled_rows_not_the_capacity(storage: str,
                                                                      tmp_path) -> None:
     """A buffer of capacity 5,000 holding 100 and then 400 rows dumps 100 and 400 rows'
-    bytes (before: all 5,000 rows); the loaded buffer samples exactly as the original, and
-    a whole-capacity dump (cp3er before filled-row dumps) still loads."""
+    bytes (not all 5,000 rows); the loaded buffer samples exactly as the original."""
     def build(name: str) -> NStepReplayBuffer:
         return make_replay_buffer(5000, obs_key="observation", frame_stack=1, batch_size=32,
                                   storage=storage, scratch_dir=tmp_path / name)
@@ -640,16 +622,12 @@ def test_checkpoint_size_grows_with_the_filled_rows_not_the_capacity(storage: st
     assert 100 <= rows_small <= 110 and 400 <= rows_large <= 410  # (+ episode-end frames)
     assert rb.dump_nbytes() - (1 << 20) == rows_large * per_row
 
-    rb.storage.checkpointer._save_hooks.clear()  # dump the whole capacity, as before
-    rb.dumps(tmp_path / "whole")
-    assert _storage_bytes(tmp_path / "whole") == 5000 * per_row
-    for folder in ("large", "whole"):
-        loaded = build(f"load_{folder}")
-        loaded.loads(tmp_path / folder)
-        torch.manual_seed(3)
-        expected = rb.sample()
-        torch.manual_seed(3)
-        assert (loaded.sample() == expected).all(), folder
+    loaded = build("load")
+    loaded.loads(tmp_path / "large")
+    torch.manual_seed(3)
+    expected = rb.sample()
+    torch.manual_seed(3)
+    assert (loaded.sample() == expected).all()
 
 
 # ---------------------------------------------------------------------- storage device

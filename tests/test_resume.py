@@ -272,17 +272,13 @@ def test_failed_checkpoint_write_keeps_the_previous(finished_run: Path, tmp_path
     trainer.buffer.loads(replay)  # the buffer it names is complete
 
 
-def test_loop_state_is_saved_whole_and_reads_the_older_layout() -> None:
-    """The loop's counters are one object in the checkpoint; a checkpoint written before it
-    (``pending_metrics`` beside ``counters``) loads to the same state; a field this version
-    does not know is refused, not dropped."""
+def test_loop_state_is_saved_whole() -> None:
+    """The loop's counters are one object in the checkpoint; a field this version does not
+    know is refused, not dropped."""
     state = LoopState(step=5, updates=2, episode=1, next_eval=10, next_ckpt=None,
                       last_eval_frame=-1, physics_errors=3, seconds=1.5,
                       pending_metrics={"q_mean": [1.0, 2.0]})
     saved = state.to_checkpoint()
     assert LoopState.from_checkpoint({"counters": saved}) == state
-    older = {"counters": {k: v for k, v in saved.items() if k != "pending_metrics"},
-             "pending_metrics": {"q_mean": [1.0, 2.0]}}
-    assert LoopState.from_checkpoint(older) == state
     with pytest.raises(KeyError, match="bogus"):
         LoopState.from_checkpoint({"counters": {**saved, "bogus": 1}})

@@ -48,10 +48,9 @@ def _between_states(actions: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def probe(run_dir: str, states: int = 20, samples: int = 64, seed: int = 7,
-          trust: bool = False) -> dict:
+def probe(run_dir: str, states: int = 20, samples: int = 64, seed: int = 7) -> dict:
     torch.manual_seed(seed)
-    state = load_checkpoint(run_dir, trust=trust)  # once: a running run replaces latest.pt
+    state = load_checkpoint(run_dir)  # once: a running run replaces latest.pt
     cfg, env, agent = restore_agent_for_eval(state, seed=seed)
     rollout = env.rollout(10 * states, agent.policy, break_when_any_done=False)
     env.close()
@@ -90,12 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--states", type=int, default=20)
     parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="as cp3er-eval's: a checkpoint written before format 2")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(json.dumps(probe(args.run_dir, args.states, args.samples,
-                           trust=args.trust_checkpoint)))
+    print(json.dumps(probe(args.run_dir, args.states, args.samples)))
     return 0
 
 

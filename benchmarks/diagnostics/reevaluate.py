@@ -41,12 +41,12 @@ from cp3er.session import restore_agent_for_eval
 from cp3er.stats import aggregate_metrics
 
 
-def reevaluate(run_dir: Path, episodes: int, seed: int, trust: bool = False) -> dict:
+def reevaluate(run_dir: Path, episodes: int, seed: int) -> dict:
     """``cp3er-eval``'s summary of the run's latest checkpoint over ``episodes`` episodes
     with evaluation seed ``seed``, with the run's identity and its logged final return."""
     run = load_run(run_dir)
     evals = eval_rows(run)
-    state = load_checkpoint(run_dir, trust=trust)  # once: weights and counters agree
+    state = load_checkpoint(run_dir)  # once: weights and counters agree
     cfg, env, agent = restore_agent_for_eval(state, seed=seed)
     torch.manual_seed(seed)
     start = time.monotonic()
@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=12345,
                         help="evaluation seed, the same for every run (common episodes)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="as cp3er-eval's: a checkpoint written before format 2")
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if (os.path.relpath(run_dir), args.episodes, args.seed) in done:
             continue
         try:
-            rows.append(reevaluate(run_dir, args.episodes, args.seed, args.trust_checkpoint))
+            rows.append(reevaluate(run_dir, args.episodes, args.seed))
         except (CheckpointError, PlotError) as error:
             print(f"reevaluate: {run_dir}: {error}", file=sys.stderr)
             return 2

@@ -579,20 +579,19 @@ class NStepReplayBuffer:
         """Bytes of the largest file :meth:`dumps` writes."""
         return max(self._tensor_nbytes())
 
-    def loads(self, path: str | Path, *, trusted: bool = False) -> None:
+    def loads(self, path: str | Path) -> None:
         """Restores a buffer written by :meth:`dumps`; sampling then continues exactly.
 
         A folder holding any file :meth:`dumps` does not write (a pickle such as TorchRL's
-        ``prefetch.pkl``, a ``transform.t``) is refused unless ``trusted``: TorchRL and
-        tensordict unpickle such files. Metadata naming a tensorclass (tensordict imports
+        ``prefetch.pkl``, a ``transform.t``) is refused: TorchRL and tensordict unpickle
+        such files. Metadata naming a tensorclass (tensordict imports
         the module it names) is refused too.
         """
         path = Path(path)
         if (path / "streams.json").is_file():  # cp3er.replay.streams' layout
             raise ValueError(f"replay buffer folder {path} holds one stream per collector "
                              "worker (a run with collector.workers > 1); this run has one")
-        if not trusted:
-            _check_dump_files(path)
+        _check_dump_files(path)
         with open(path / _COUNTERS_FILE) as file:
             self._load_counters(json.load(file))
         storage = self._rb.storage
@@ -625,12 +624,10 @@ def _filled_rows(storage: LazyTensorStorage):
 
 
 def _into_storage(storage: LazyTensorStorage):
-    """TorchRL storage load hook: the saved rows (a dump of the filled part, or of the whole
-    capacity by cp3er before filled-row dumps) copied into the storage's first rows; returns
-    the storage's own tensors, which TorchRL then copies onto themselves (a no-op)."""
-    def hook(saved: TensorDictBase, out: TensorDictBase | None = None) -> TensorDictBase:
-        if out is None:  # loads() allocates first; kept for a direct ReplayBuffer.loads
-            return saved
+    """TorchRL storage load hook: the saved (filled) rows copied into the storage's first
+    rows, allocated by :meth:`NStepReplayBuffer.loads`; returns the storage's own tensors,
+    which TorchRL then copies onto themselves (a no-op)."""
+    def hook(saved: TensorDictBase, out: TensorDictBase) -> TensorDictBase:
         rows = saved.shape[0]
         if rows > out.shape[0]:
             raise ValueError(f"the saved storage has {rows} rows, more than this buffer's "

@@ -54,8 +54,6 @@ __all__ = [
 
 #: The sampling modes, in the config's words (``replay.sampler``).
 SAMPLER_MODES: tuple[str, ...] = ("proximal", "reference", "uniform")
-# checkpoints written before the modes took the config's words
-_LEGACY_MODE_NAMES = {"paper": "proximal"}
 
 _STATE_FILE = "proximal_sampler.pt"
 
@@ -416,8 +414,7 @@ class RingSampler(Sampler):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the counters; warns when the saved mode or settings differ (a state of
         another mode restores the ring counters only)."""
-        saved_mode = _LEGACY_MODE_NAMES.get(state_dict["mode"], state_dict["mode"])
-        saved = {"mode": saved_mode, **{k: state_dict[k] for k in
+        saved = {"mode": state_dict["mode"], **{k: state_dict[k] for k in
                                         self.weighting.hyper_parameters() if k in state_dict}}
         for key, value in saved.items():
             mine = self.mode if key == "mode" else self.weighting.hyper_parameters()[key]
@@ -429,7 +426,7 @@ class RingSampler(Sampler):
                 )
         self._write_total = int(state_dict["write_total"])
         self._newest = int(state_dict["newest"])
-        if saved_mode == self.mode:
+        if state_dict["mode"] == self.mode:
             self.weighting.load_state_dict(state_dict)
 
     def dumps(self, path: str | Path) -> None:

@@ -196,10 +196,10 @@ class StreamedReplayBuffer:
         with open(path / _LAYOUT_FILE, "w") as file:
             json.dump(self._layout(), file)
 
-    def loads(self, path: str | Path, *, trusted: bool = False) -> None:
+    def loads(self, path: str | Path) -> None:
         """Restores a buffer written by :meth:`dumps` with the same number of streams and
         capacity; each stream's folder is checked as :meth:`NStepReplayBuffer.loads` does
-        (a file the dump does not write is refused unless ``trusted``)."""
+        (a file the dump does not write is refused)."""
         path = Path(path)
         layout_file = path / _LAYOUT_FILE
         if not layout_file.is_file():
@@ -207,14 +207,13 @@ class StreamedReplayBuffer:
                              f"collector.workers=1); this run has {len(self.streams)}")
         with open(layout_file) as file:
             self._check_layout(json.load(file), str(path))
-        if not trusted:
-            allowed = re.compile(r"(manifest\.json|streams\.json|stream_\d+)")
-            unknown = [p.name for p in path.iterdir() if not allowed.fullmatch(p.name)]
-            if unknown:
-                raise UnsafeBufferError(f"replay buffer folder {path} holds files a cp3er "
-                                        f"buffer does not write ({', '.join(sorted(unknown))})")
+        allowed = re.compile(r"(manifest\.json|streams\.json|stream_\d+)")
+        unknown = [p.name for p in path.iterdir() if not allowed.fullmatch(p.name)]
+        if unknown:
+            raise UnsafeBufferError(f"replay buffer folder {path} holds files a cp3er "
+                                    f"buffer does not write ({', '.join(sorted(unknown))})")
         for k, stream in enumerate(self.streams):
-            stream.loads(path / _STREAM_DIR.format(k), trusted=trusted)
+            stream.loads(path / _STREAM_DIR.format(k))
 
     def _check_layout(self, saved: dict[str, int] | None, where: str) -> None:
         if saved != self._layout():

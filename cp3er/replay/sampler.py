@@ -50,6 +50,7 @@ __all__ = [
     "UniformAges",
     "make_sampler",
     "proximal_weight",
+    "storage_column",
 ]
 
 #: The sampling modes, in the config's words (``replay.sampler``).
@@ -228,7 +229,7 @@ class ReferenceEpisodeAges(AgeWeighting):
         first = max(self._scanned, oldest)
         if first < ring.written:
             pos = torch.arange(first, ring.written, dtype=torch.long)
-            column = _storage_column(storage, self.episode_key)
+            column = storage_column(storage, self.episode_key)
             # the episode table stays on the CPU: the new rows' ids are read back
             ids = column[ring.slots(ring.written - pos).to(column.device)].reshape(-1).long().cpu()
             prev = self._ep_ids[-1:] if self._ep_ids.numel() else ids[:1] - 1
@@ -512,7 +513,7 @@ def _storage_device(storage: Storage) -> torch.device:
     return torch.device("cpu" if device in (None, "auto") else device)
 
 
-def _storage_column(storage: Storage, key: str) -> torch.Tensor:
+def storage_column(storage: Storage, key: str) -> torch.Tensor:
     """One column of a TensorDict-backed storage, without gathering the other keys.
 
     ``TensorStorage.get`` indexes every key; reading the backing TensorDict directly

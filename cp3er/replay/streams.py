@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 
-from cp3er.replay.buffer import NStepReplayBuffer, UnsafeBufferError
+from cp3er.replay.buffer import NStepReplayBuffer
+from cp3er.replay.dump import UnsafeBufferError
 
 __all__ = ["StreamedReplayBuffer"]
 

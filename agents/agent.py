@@ -51,10 +51,9 @@ from torchrl.objectives import LossModule, SoftUpdate
 
 from agents.drqv2 import ScheduledGaussianNoise
 from agents.metrics import UPDATE_METRICS
+from cp3er.choices import PRECISIONS
 
 Metrics = dict[str, torch.Tensor]
-#: ``perf.precision`` (module docstring).
-PRECISIONS = ("fp32", "tf32", "bf16")
 #: ``perf.cuda_graph``: eager updates before the captured one (module docstring).
 CUDA_GRAPH_WARMUP = 3
 #: Optimiser options that choose the implementation, not the update rule: kept as built

@@ -26,21 +26,12 @@ from agents.critic import MoGCritic
 from agents.drqv2 import DoubleQCritic, DrQV2Loss, ScheduledGaussianNoise, make_drqv2_actor
 from agents.encoder import PixelEncoder, StateEncoder
 from agents.stability import AdaptiveWeight
+from cp3er.choices import AGENTS, COMPILE_MODES, CONSISTENCY_LOSSES, obs_key_for
 from cp3er.consistency import ConsistencyDistillationLoss, ConsistencyTrainingLoss, KarrasSchedule
-
-AGENTS = ("cp3er", "drqv2")
-#: ``agent.consistency.loss``: consistency training on replayed actions (CP3ER), or
-#: distillation from a diffusion teacher trained alongside on them (Song et al. 2023).
-CONSISTENCY_LOSSES = ("training", "distillation")
 
 #: DrQ-v2's exploration-noise decay length in agent steps per task difficulty
 #: (``stddev_schedule: linear(1.0, 0.1, N)`` of its easy / medium / hard task configs).
-DIFFICULTIES = ("easy", "medium", "hard")
 DRQV2_STDDEV_STEPS = {"easy": 100_000, "medium": 500_000, "hard": 2_000_000}
-
-
-def obs_key_for(obs: str) -> str:
-    return "pixels" if obs == "pixels" else "observation"
 
 
 def make_encoder(obs: str, obs_shape: torch.Size, channels_last: bool = False
@@ -159,9 +150,6 @@ def _drqv2_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
     loss = DrQV2Loss(encoder, actor, critic, exploration, stddev_clip=acfg.stddev_clip,
                      augmentation=augmentation)
     return loss, exploration
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_networks(loss: LossModule, mode: str = "default") -> None:

@@ -23,6 +23,7 @@ from agents.actor_critic_loss import EncoderActorCriticLoss
 from agents.critic import MoGCritic, mog_log_prob, mog_mean
 from agents.policy_stats import action_spread, bound_fraction
 from agents.stability import AdaptiveWeight, bound_penalty, normalized_q_term
+from cp3er.choices import DETERMINISTIC_MODES
 from cp3er.consistency import (
     ConditionalMLP,
     ConsistencyTrainingLoss,
@@ -40,12 +41,6 @@ from cp3er.consistency import (
 
 #: States of a batch (its first ones) and draws per state of the ``action_spread`` metric.
 SPREAD_STATES, SPREAD_SAMPLES = 16, 4
-
-
-#: What :class:`ConsistencyPolicy` does under ``ExplorationType.DETERMINISTIC``:
-#: ``zero_noise`` acts ``D(0, sigma_max | s)``; ``sample`` ignores it and keeps sampling (the
-#: reference's evaluation; the CP3ER agent's default, ``agent.eval_noise``).
-DETERMINISTIC_MODES = ("zero_noise", "sample")
 
 
 class ConsistencyPolicy(ConstantsModule):

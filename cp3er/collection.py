@@ -62,11 +62,11 @@ from torchrl.collectors import (
     MultiSyncCollector,
 )
 
+from cp3er.choices import COLLECTOR_BACKENDS
+
 #: how long the Ray backend waits for its actors to join the weight-sync group
 #: (:func:`lengthen_ray_weight_sync_timeout`; TorchRL's own: 60 s)
 RAY_WEIGHT_SYNC_TIMEOUT = timedelta(minutes=5)
-#: ``collector.backend`` choices: worker processes on this machine, or Ray actors.
-COLLECTOR_BACKENDS = ("local", "ray")
 #: how to install the Ray backend's dependency (the ``ray`` extra of pyproject.toml)
 RAY_INSTALL = "pip install -e '.[ray]'"
 #: Ray worker ``k`` numbers its episodes from ``k * TRAJ_ID_OFFSET``

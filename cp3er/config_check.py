@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from cp3er.choices import AGENTS
 from cp3er.threads import parse_threads
 
 
@@ -37,7 +38,6 @@ def validate_config(cfg: DictConfig) -> None:
     Types and choices (``obs``, ``replay.sampler``, ``perf.compile_mode``, ...) are checked
     by Hydra while it composes, against the schema (:mod:`cp3er.config_schema`); this
     checks the task name, ranges and what depends on several keys or on the machine."""
-    from agents.build import AGENTS
     from envs import TASKS
     from envs.registry import lookup
 

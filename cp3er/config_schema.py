@@ -3,8 +3,8 @@
 The YAML files under ``configs/`` hold every value; these dataclasses hold the types and the
 valid choices, so Hydra refuses a wrong type (``batch_size=abc``) or an unknown choice
 (``obs=rgb``, ``replay.sampler=per``) while it composes, naming the key and the choices.
-Choices are the tuples of the modules that implement them (``envs.OBS_TYPES``,
-``cp3er.replay.SAMPLER_MODES``, ...), turned into ``str`` enums: a field reads back as a
+Choices are the tuples of :mod:`cp3er.choices` (a leaf; the modules that implement them
+read the same tuples), turned into ``str`` enums: a field reads back as a
 ``str`` subclass (``cfg.obs == "pixels"``, f-strings print the value). Range and
 cross-field checks (``batch_size <= replay.capacity``, ``gamma`` in (0, 1]) stay in
 :mod:`cp3er.config_check`.
@@ -26,16 +26,25 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from agents.agent import PRECISIONS
-from agents.build import AGENTS, COMPILE_MODES, CONSISTENCY_LOSSES, DIFFICULTIES
-from agents.cp3er import DETERMINISTIC_MODES
-from cp3er.collection import COLLECTOR_BACKENDS
-from cp3er.consistency import CLIP_MODES, COUPLINGS, ODE_SOLVERS
-from cp3er.replay import SAMPLER_MODES, STORAGE_DEVICES, STORAGES
-from cp3er.runlog import LOGGER_BACKENDS
-from envs import OBS_TYPES
+from cp3er.choices import (
+    AGENTS,
+    CLIP_MODES,
+    COLLECTOR_BACKENDS,
+    COMPILE_MODES,
+    CONSISTENCY_LOSSES,
+    COUPLINGS,
+    DETERMINISTIC_MODES,
+    DEVICES,
+    DIFFICULTIES,
+    LOGGER_BACKENDS,
+    OBS_TYPES,
+    ODE_SOLVERS,
+    PRECISIONS,
+    SAMPLER_MODES,
+    STORAGE_DEVICES,
+    STORAGES,
+)
 
-DEVICES = ("cpu", "cuda")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 

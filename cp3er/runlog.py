@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.metrics import UPDATE_METRICS
+from cp3er.choices import LOGGER_BACKENDS
 
 # Fixed columns so every run's metrics.csv reads the same (glossary: docs/usage.md,
 # "metrics.csv glossary"): the loop's own, the agents' registered update metrics, then the
@@ -19,7 +20,6 @@ METRIC_COLUMNS = [
     "frame", "step", "phase", "episode", "episode_return", "episode_length", "success",
     "seconds", "fps", *UPDATE_METRICS, "physics_errors",
 ]
-LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
 
 
 class MetricsFileError(ValueError):

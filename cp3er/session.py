@@ -11,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 from agents.agent import Agent
 from agents.build import build_agent
 from cp3er.checkpoint import CheckpointError, first_line, load_checkpoint, load_error_detail
+from cp3er.choices import obs_key_for
 from cp3er.config_schema import complete_run_config
 from cp3er.replay import make_replay_buffer
 from cp3er.run_state import seed_everything
@@ -58,12 +59,11 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
     storage on ``replay.device`` (where its batches are built). ``replay.sampler=reference``
     assumes, like the reference code, an episode's environment steps as its transitions
     (1000 on DMC, 500 on Meta-World), whatever the action repeat."""
-    obs_key = "pixels" if cfg.obs == "pixels" else "observation"
     frame_stack = cfg.env.frame_stack if cfg.obs == "pixels" else 1
     return make_replay_buffer(
         cfg.replay.capacity,
         streams=cfg.collector.workers,
-        obs_key=obs_key,
+        obs_key=obs_key_for(cfg.obs),
         frame_stack=frame_stack,
         n_step=cfg.n_step,
         gamma=cfg.gamma,

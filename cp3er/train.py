@@ -149,9 +149,13 @@ class Trainer:
 
     def _setup(self, cfg: DictConfig) -> None:
         refuse_outside_links(self.run_dir)  # before anything in the folder is read
+        # the launch config was validated; a resume takes the saved one, checked when the
+        # run started, with the launch's own values
         cfg, resume_state, replay_dir, self.resume_changes = resolve_run_config(cfg)
-        validate_config(cfg)
         self.cfg = cfg
+        # the run's record of its settings: config.yaml, the logger's, each checkpoint's
+        self.record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        self.record["resume"] = False
         self.device = torch.device(cfg.device)
         self.threads, self.threads_how = apply_threads(cfg.threads)
         if cfg.perf.tune_allocator:
@@ -197,14 +201,11 @@ class Trainer:
         self.random_note: str | None = None
         if resume_state is not None:  # before config.yaml: a refused resume leaves it as it was
             self._restore(resume_state, replay_dir)
-        if resume_state is None or self.resume_changes:  # the run's record of its settings
-            record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-            record["resume"] = False
-            atomic_write(self.run_dir / "config.yaml",
-                         lambda handle: handle.write(OmegaConf.to_yaml(record).encode()))
+        if resume_state is None or self.resume_changes:
+            text = OmegaConf.to_yaml(self.record).encode()
+            atomic_write(self.run_dir / "config.yaml", lambda handle: handle.write(text))
         if resume_state is None:
-            log_config(self.logger, cfg.log.backend,
-                       OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+            log_config(self.logger, cfg.log.backend, self.record)
 
     # -- schedule ------------------------------------------------------------------------
     def _steps(self, frames: int) -> int:
@@ -312,10 +313,11 @@ class Trainer:
 
     def _finish_episodes(self, rows: TensorDict, step_before: int) -> None:
         """A train row of ``metrics.csv`` for each episode ending in ``rows`` (``[W, T]``:
-        ``W`` workers stepping in lockstep, or one worker's chunk), in step order; an
-        episode ending at step ``t`` of the chunk gets ``step_before + (t + 1) * W``."""
+        ``W`` workers stepping in lockstep, or one worker's chunk; the ends the buffer
+        found writing them), in step order; an episode ending at step ``t`` of the chunk
+        gets ``step_before + (t + 1) * W``."""
         workers, steps = rows.shape
-        done = rows["next", "done"].reshape(workers, steps)
+        done = self.buffer.episode_ends.reshape(workers, steps)
         if done.any():  # a train row takes the metrics so far
             self.read_metrics()
         success = rows.get(("next", "success"), None)
@@ -458,11 +460,9 @@ class Trainer:
         self.read_metrics()  # a checkpoint only after a clean read
         check_finite_parameters(self.agent.loss, update=self.loop.updates, frame=self.frame)
         self._check_policy_acts()
-        config = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
-        config["resume"] = False
         state = {
             "agent": self.agent.state_dict(),
-            "config": config,
+            "config": self.record,
             "counters": dataclasses.replace(
                 self.loop, physics_errors=self.physics_errors,
                 seconds=time.perf_counter() - self.start_time).to_checkpoint(),

@@ -14,13 +14,13 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from torchrl.envs import EnvBase
 
+from cp3er.choices import OBS_TYPES, obs_key_for
 from envs.common import add_standard_transforms
 from envs.gl_context import release_mujoco_renderer
 from envs.registry import TaskSpec, UnknownTaskError, build_registry, lookup
 
 TASKS: dict[str, TaskSpec] = build_registry()
 
-OBS_TYPES = ("pixels", "state")
 DEFAULTS = {"action_repeat": 2, "frame_stack": 3, "image_size": 84, "camera": None}
 
 
@@ -52,7 +52,7 @@ def make_env(task: str, obs: str = "pixels", seed: int = 0, **overrides) -> EnvB
         if not isinstance(options[key], int) or options[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {options[key]!r}")
     camera = spec.camera if options["camera"] is None else options["camera"]
-    obs_key = "pixels" if obs == "pixels" else "observation"
+    obs_key = obs_key_for(obs)
     if spec.suite == "metaworld":
         from envs.metaworld import make_metaworld_env
 

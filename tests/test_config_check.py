@@ -87,22 +87,33 @@ def test_schema_refuses_types_choices_and_unknown_keys_in_one_line(overrides, me
         _cfg(*overrides)
 
 
-def test_schema_choices_come_from_the_modules_that_define_them() -> None:
+def test_schema_choices_are_the_tuples_the_implementing_modules_read() -> None:
+    """One definition of each choice tuple (:mod:`cp3er.choices`, a leaf the schema
+    imports alone), the same object in the modules that implement the choice."""
     from agents.agent import PRECISIONS
-    from agents.build import COMPILE_MODES, CONSISTENCY_LOSSES, DIFFICULTIES
+    from agents.build import COMPILE_MODES, CONSISTENCY_LOSSES
+    from cp3er import choices
     from cp3er import config_schema as schema
     from cp3er.collection import COLLECTOR_BACKENDS
     from cp3er.replay import SAMPLER_MODES, STORAGE_DEVICES, STORAGES
     from envs import OBS_TYPES
 
-    for enum, values in [(schema.Obs, OBS_TYPES), (schema.SamplerMode, SAMPLER_MODES),
-                         (schema.Storage, STORAGES), (schema.CompileMode, COMPILE_MODES),
-                         (schema.ConsistencyLoss, CONSISTENCY_LOSSES),
-                         (schema.Difficulty, DIFFICULTIES),
-                         (schema.StorageDevice, STORAGE_DEVICES),
-                         (schema.Precision, PRECISIONS),
-                         (schema.CollectorBackend, COLLECTOR_BACKENDS)]:
-        assert [m.value for m in enum] == list(values)
+    for enum, values, used in [
+            (schema.Obs, choices.OBS_TYPES, OBS_TYPES),
+            (schema.SamplerMode, choices.SAMPLER_MODES, SAMPLER_MODES),
+            (schema.Storage, choices.STORAGES, STORAGES),
+            (schema.CompileMode, choices.COMPILE_MODES, COMPILE_MODES),
+            (schema.ConsistencyLoss, choices.CONSISTENCY_LOSSES, CONSISTENCY_LOSSES),
+            (schema.Difficulty, choices.DIFFICULTIES, choices.DIFFICULTIES),
+            (schema.StorageDevice, choices.STORAGE_DEVICES, STORAGE_DEVICES),
+            (schema.Precision, choices.PRECISIONS, PRECISIONS),
+            (schema.CollectorBackend, choices.COLLECTOR_BACKENDS, COLLECTOR_BACKENDS)]:
+        assert [m.value for m in enum] == list(values) and used is values
+    probe = ("import sys, cp3er.config_schema; print(sorted(m for m in sys.modules "
+             "if m.split('.')[0] in ('cp3er', 'agents', 'envs')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "['cp3er', 'cp3er.choices', 'cp3er.config_schema']", loaded
     cfg = _cfg("replay.sampler=uniform", "agent=drqv2", "+profile=cpu_pixels")
     assert cfg.replay.sampler == "uniform" and f"{cfg.obs}" == "pixels"
     assert check_override_values(["agent=drqv2", "+profile=cpu_pixels", "seed=2"],

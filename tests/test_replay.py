@@ -595,6 +595,19 @@ def _state_rows(first: int, count: int, episode: int = 100) -> TensorDict:
     }, [count])
 
 
+def test_extend_reports_the_episode_ends_it_found() -> None:
+    """The batch's episode ends, found once by the buffer (the trainer's train rows read
+    them): one buffer ``[T]``, streams ``[workers, T]``."""
+    batch = _state_rows(0, 250)
+    rb = make_replay_buffer(1000, obs_key="observation", frame_stack=1)
+    rb.extend(batch)
+    assert torch.equal(rb.episode_ends, batch["next", "done"].reshape(-1))
+    streams = make_replay_buffer(1000, streams=2, obs_key="observation", frame_stack=1)
+    stacked = torch.stack([batch, _state_rows(7, 250)])
+    streams.extend(stacked)
+    assert torch.equal(streams.episode_ends, stacked["next", "done"].reshape(2, 250))
+
+
 def _storage_bytes(folder) -> int:
     return sum(p.stat().st_size for p in (folder / "storage").glob("*.memmap"))
 

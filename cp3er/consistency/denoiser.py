@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from cp3er.choices import CLIP_MODES
 from cp3er.consistency.schedule import KarrasSchedule
 
 __all__ = [
@@ -28,8 +29,6 @@ __all__ = [
 #: Anything called as ``fn(x, sigma, cond) -> Tensor``: a :class:`Denoiser`, an EMA copy
 #: made by :func:`ema_target`, or a test double.
 DenoiserFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-CLIP_MODES = ("clamp", "straight_through", "none")
 
 #: Scale of the network's noise input, ``c_noise(sigma) = 250 ln(sigma)`` (Song et al.
 #: 2023's ``1000 * 0.25 ln(sigma)``; CP3ER / CPQL reference code).

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cp3er.choices import COUPLINGS
 from cp3er.consistency.denoiser import DenoiserFn, phased_map, schedule_of, unclipped
 from cp3er.consistency.ode import ODE_SOLVERS, probability_flow_step
 from cp3er.consistency.schedule import KarrasSchedule, phase_edges
@@ -24,8 +25,6 @@ __all__ = [
     "PhasedConsistencyLoss",
     "ReconstructionLoss",
 ]
-
-COUPLINGS = ("independent", "generator")
 
 
 class _GridLoss(nn.Module):

@@ -6,11 +6,10 @@ from typing import Literal
 
 from torch import Tensor
 
+from cp3er.choices import ODE_SOLVERS
 from cp3er.consistency.denoiser import DenoiserFn, batch_sigma
 
 __all__ = ["ODE_SOLVERS", "probability_flow_step"]
-
-ODE_SOLVERS = ("euler", "heun")
 
 
 def probability_flow_step(

@@ -39,18 +39,13 @@ from pathlib import Path
 import torch
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer, RoundRobinWriter
 
+from cp3er.choices import SAMPLER_MODES, STORAGE_DEVICES, STORAGES
 from cp3er.replay.dump import BufferCheckpoint
 from cp3er.replay.rows import RowWriter
-from cp3er.replay.sampler import SAMPLER_MODES, make_sampler
+from cp3er.replay.sampler import make_sampler
 from cp3er.replay.transitions import TransitionReader
 
 __all__ = ["STORAGES", "STORAGE_DEVICES", "NStepReplayBuffer"]
-
-#: ``replay.storage``: RAM (``LazyTensorStorage``) or disk (``LazyMemmapStorage``).
-STORAGES = ("memory", "memmap")
-#: ``replay.device``: where the storage lives (``memmap`` is CPU-only: TorchRL's
-#: ``LazyMemmapStorage`` refuses other devices).
-STORAGE_DEVICES = ("cpu", "cuda")
 
 
 class NStepReplayBuffer(RowWriter, TransitionReader, BufferCheckpoint):
@@ -180,6 +175,7 @@ class NStepReplayBuffer(RowWriter, TransitionReader, BufferCheckpoint):
         self._reset_counters()
 
     def _reset_counters(self) -> None:
+        self.episode_ends = torch.zeros(0, dtype=torch.bool)  # of the last batch written
         self._written = 0  # absolute rows written (position of the next row)
         self._head_slot = -1  # storage slot of the newest row
         self._last_episode = -1  # id of the most recently started episode

@@ -48,7 +48,8 @@ class RowWriter:
 
     def extend(self, batch: TensorDictBase) -> torch.Tensor:
         """Writes a collector batch (shape ``[T]`` or ``[1, T]``); returns the written slots
-        (on the storage device).
+        (on the storage device); :attr:`episode_ends` holds the batch's ``[T]`` episode ends
+        (a step whose episode ends: terminated, truncated or done).
 
         Two jobs, on the CPU: :meth:`_segment` finds the episodes in the batch (continuing
         the one left pending by the previous batch), :meth:`_rows` lays them out as storage
@@ -63,9 +64,11 @@ class RowWriter:
                 f"(episodes must be contiguous in the ring); got batch shape {batch.shape}"
             )
         if batch.shape[0] == 0:
+            self.episode_ends = torch.zeros(0, dtype=torch.bool)
             return torch.zeros(0, dtype=torch.long)
         batch = batch.to("cpu")
         segments = self._segment(batch)
+        self.episode_ends = segments.done
         rows = self._rows(batch, segments)
         self._last_episode = int(segments.episode[-1])
         if segments.done[-1]:

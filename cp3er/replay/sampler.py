@@ -39,6 +39,8 @@ import torch
 from torchrl.data.replay_buffers.samplers import Sampler
 from torchrl.data.replay_buffers.storages import Storage, TensorStorage
 
+from cp3er.choices import SAMPLER_MODES
+
 __all__ = [
     "SAMPLER_MODES",
     "AgeWeighting",
@@ -53,8 +55,6 @@ __all__ = [
     "storage_column",
 ]
 
-#: The sampling modes, in the config's words (``replay.sampler``).
-SAMPLER_MODES: tuple[str, ...] = ("proximal", "reference", "uniform")
 
 _STATE_FILE = "proximal_sampler.pt"
 

@@ -82,6 +82,7 @@ class StreamedReplayBuffer:
         self.batch_size = self.streams[0].batch_size
         self.device = self.streams[0].device
         self._generator = generator
+        self.episode_ends = torch.zeros(0, 0, dtype=torch.bool)  # of the last batch written
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.streams)
@@ -103,7 +104,8 @@ class StreamedReplayBuffer:
         to the stream whose episode in progress it continues, else to the emptiest stream
         with none, so a stream holds whole episodes, possibly of several workers). Returns
         the written slots in the whole buffer's numbering (stream ``k``'s slot ``i`` is
-        ``k * stream_capacity + i``)."""
+        ``k * stream_capacity + i``); :attr:`episode_ends` holds the batch's episode ends
+        (``[workers, T]`` or ``[1, T]``)."""
         if batch.batch_dims == 1:
             batch = batch.unsqueeze(0)
         if batch.batch_dims != 2:
@@ -113,12 +115,15 @@ class StreamedReplayBuffer:
         if stacked and batch.shape[0] != len(self.streams):
             raise ValueError(f"a [workers, T] batch of {batch.shape[0]} workers for "
                              f"{len(self.streams)} streams (collector.workers)")
-        slots = []
+        slots, ends = [], []
         for row, chunk in enumerate(batch.unbind(0)):
             if chunk.shape[0] == 0:
+                ends.append(torch.zeros(0, dtype=torch.bool))
                 continue
             k = row if stacked else self._route(chunk)
             slots.append(self.streams[k].extend(chunk) + k * self.stream_capacity)
+            ends.append(self.streams[k].episode_ends)
+        self.episode_ends = torch.stack(ends)
         return torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
 
     def _route(self, chunk: TensorDictBase) -> int:

@@ -1,7 +1,7 @@
 """The metric registry: every number an agent update reports, with its meaning.
 
 One place for the names: :meth:`agents.agent.Agent.update` returns only these, the
-trainer writes them as ``metrics.csv`` columns (``cp3er.runlog.METRIC_COLUMNS``) and the
+trainer writes them as ``metrics.csv`` columns (``cp3er.logs.METRIC_COLUMNS``) and the
 glossary of docs/usage.md explains each one; ``tests/test_metrics.py`` checks all
 three against this table.
 """

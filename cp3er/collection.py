@@ -3,7 +3,7 @@
 ``RayCollector`` on the nodes of a Ray cluster (``ray``), all feeding the one learner.
 
 Both backends take the same inputs (one env factory per worker,
-:func:`cp3er.session.worker_env_factories`, and the workers' copy of the policy) and yield
+:func:`cp3er.builders.worker_env_factories`, and the workers' copy of the policy) and yield
 the same batches: ``[workers, T]`` stacks when ``collector.sync`` (row ``k`` = worker ``k``,
 written to replay stream ``k``), one worker's ``[T]`` chunk otherwise (routed to the replay
 stream whose episode it continues by ``("collector", "traj_ids")``). What the Ray backend

@@ -180,9 +180,9 @@ def _measure_random(cfg: DictConfig) -> dict:
     env settings (action repeat), the caller's RNG states untouched."""
     import torch
 
+    from cp3er.builders import env_overrides
     from cp3er.evaluate import run_episodes, summarize
     from cp3er.run_state import rng_state, set_rng_state
-    from cp3er.session import env_overrides
     from envs import make_env
 
     saved = rng_state()

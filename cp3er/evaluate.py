@@ -178,9 +178,9 @@ def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 25) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cp3er.builders import checkpoint_frame, restore_agent_for_eval
     from cp3er.checkpoint import CheckpointError, load_checkpoint
-    from cp3er.runlog import quiet_torchrl
-    from cp3er.session import checkpoint_frame, restore_agent_for_eval
+    from cp3er.logs import quiet_torchrl
     from cp3er.threads import add_device_threads_arguments, apply_threads
 
     parser = argparse.ArgumentParser(prog="cp3er-eval", description=__doc__,

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cp3er.checkpoint import UnsafePathError, first_line, has_checkpoint, load_run_checkpoint
 from cp3er.config_schema import known_entries
-from cp3er.runlog import flatten_config
+from cp3er.logs import flatten_config
 
 
 @dataclass

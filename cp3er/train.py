@@ -48,6 +48,13 @@ from tqdm import tqdm
 from agents.agent import Agent
 from agents.build import build_agent
 from agents.metrics import LOSS_METRICS
+from cp3er.builders import (
+    EVAL_SEED_OFFSET,
+    make_buffer,
+    make_eval_env,
+    make_train_env,
+    worker_env_factories,
+)
 from cp3er.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -93,6 +100,16 @@ from cp3er.faults import (
     numeric_failure,
     pass_on,
 )
+from cp3er.folder_lock import RunLock, RunLockedError
+from cp3er.logs import (
+    MetricsFileError,
+    MetricsWriter,
+    close_logger_files,
+    log_config,
+    log_eval_video,
+    make_logger,
+    quiet_torchrl,
+)
 from cp3er.perf import tune_allocator
 from cp3er.plot import plot_learning_curve
 from cp3er.run_state import (
@@ -104,23 +121,6 @@ from cp3er.run_state import (
     rng_state,
     seed_everything,
     set_rng_state,
-)
-from cp3er.runlock import RunLock, RunLockedError
-from cp3er.runlog import (
-    MetricsFileError,
-    MetricsWriter,
-    close_logger_files,
-    log_config,
-    log_eval_video,
-    make_logger,
-    quiet_torchrl,
-)
-from cp3er.session import (
-    EVAL_SEED_OFFSET,
-    make_buffer,
-    make_eval_env,
-    make_train_env,
-    worker_env_factories,
 )
 from cp3er.threads import apply_threads
 from envs import physics_errors

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from agents.cp3er import ConsistencyRegularizer, make_consistency_actor
 from cp3er.evaluate import run_episodes
-from cp3er.runlog import quiet_torchrl
+from cp3er.logs import quiet_torchrl
 from cp3er.threads import add_device_threads_arguments, apply_threads
 from envs import make_env
 

@@ -32,9 +32,9 @@ from cp3er.checkpoint import (
     save_run_checkpoint,
 )
 from cp3er.config_check import ConfigError
+from cp3er.folder_lock import RunLockedError
+from cp3er.logs import MetricsFileError
 from cp3er.replay import make_replay_buffer
-from cp3er.runlock import RunLockedError
-from cp3er.runlog import MetricsFileError
 from cp3er.train import ResumeError, Trainer
 
 

@@ -13,7 +13,7 @@ from tiny_run import random_state_batch
 
 from agents.build import build_agent
 from agents.metrics import LOSS_METRICS, UPDATE_METRICS
-from cp3er.runlog import METRIC_COLUMNS
+from cp3er.logs import METRIC_COLUMNS
 from envs import make_env
 
 ROOT = Path(__file__).resolve().parents[1]

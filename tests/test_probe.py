@@ -1,5 +1,5 @@
 """benchmarks/diagnostics/probe_checkpoint.py: the collapse probe of a run's checkpoint, and the
-restore of an agent from a checkpoint loaded once (cp3er.session.restore_agent_for_eval)."""
+restore of an agent from a checkpoint loaded once (cp3er.builders.restore_agent_for_eval)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from benchmark_scripts import benchmark_module
 from tiny_run import tiny_cfg
 
-from cp3er import session
+from cp3er import builders
+from cp3er.builders import load_agent_for_eval, restore_agent_for_eval
 from cp3er.checkpoint import load_checkpoint
 from cp3er.plot import read_metrics
-from cp3er.session import load_agent_for_eval, restore_agent_for_eval
 from cp3er.train import Trainer
 
 
@@ -59,7 +59,7 @@ def test_probe_reads_frame_and_weights_from_one_checkpoint(tiny_run: Path, tmp_p
         return load_checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(probe, "load_checkpoint", counted)
-    monkeypatch.setattr(session, "load_checkpoint", counted)
+    monkeypatch.setattr(builders, "load_checkpoint", counted)
     assert probe.probe(str(run), states=4, samples=8) == result
     assert len(reads) == 1
 

@@ -569,7 +569,7 @@ def test_reference_sampler_assumes_the_tasks_episode_env_steps(task: str, assume
     as the reference code does (1000 on DMC, 500 on Meta-World)."""
     from hydra import compose, initialize_config_dir
 
-    from cp3er.session import make_buffer
+    from cp3er.builders import make_buffer
     from cp3er.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
@@ -791,7 +791,7 @@ def test_storage_device_is_checked() -> None:
 def test_make_buffer_puts_the_storage_on_replay_device(device: str, tmp_path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from cp3er.session import make_buffer
+    from cp3er.builders import make_buffer
     from cp3er.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):

@@ -37,7 +37,7 @@ from cp3er.checkpoint import (
 )
 from cp3er.collection import WorkerDiedError, watching_workers
 from cp3er.faults import NumericalError, pass_on
-from cp3er.runlock import RunLock
+from cp3er.folder_lock import RunLock
 from cp3er.train import Trainer, _check_added_keys
 
 
@@ -315,7 +315,7 @@ def test_a_worker_dying_at_start_up_is_one_line_and_the_process_exits(tmp_path: 
         "import functools, os\n"
         "def die(*args):\n    os._exit(3)\n"
         "def factories(cfg, seed):\n"
-        "    from cp3er.session import worker_env_factories\n"
+        "    from cp3er.builders import worker_env_factories\n"
         "    return [worker_env_factories(cfg, seed)[0], functools.partial(die)]\n")
     launch = ("import cp3er.train as train, dying_worker; "
               "train.worker_env_factories = dying_worker.factories; train.cli()")
@@ -389,14 +389,14 @@ def test_a_full_disk_names_the_log_file_and_leaves_no_exit_traceback(tmp_path: P
 
 
 def test_a_full_disk_under_metrics_csv_names_it(tmp_path: Path, monkeypatch) -> None:
-    import cp3er.runlog as runlog
+    import cp3er.logs as logs
 
-    writer = runlog.MetricsWriter(tmp_path / "metrics.csv", fresh=True)
+    writer = logs.MetricsWriter(tmp_path / "metrics.csv", fresh=True)
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runlog.os, "fsync", full)
+    monkeypatch.setattr(logs.os, "fsync", full)
     with pytest.raises(OSError, match=re.escape(f"No space left on device: "
                                                 f"'{tmp_path / 'metrics.csv'}'")):
         writer.write({"frame": 2, "phase": "train"})

@@ -24,8 +24,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from agents.build import build_agent
+from cp3er.builders import make_buffer
 from cp3er.config_schema import CONFIG_DIR
-from cp3er.session import make_buffer
 from envs import make_env
 
 LOSSES = ("loss_critic", "loss_actor")

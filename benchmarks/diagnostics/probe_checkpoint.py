@@ -29,8 +29,8 @@ import torch
 
 from agents.critic import mog_mean
 from agents.policy_stats import action_spread, bound_fraction
+from cp3er.builders import restore_agent_for_eval
 from cp3er.checkpoint import load_checkpoint
-from cp3er.session import restore_agent_for_eval
 
 
 def _q_values(loss, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ A run's logged final return is the mean of its last evaluation's few episodes (5
 CPU pixel profile). Where a task's returns are bimodal (reacher_easy: an episode scores ~0
 or several hundred, depending on where its target lies) that number moves by hundreds
 between evaluations, and two runs' finals are drawn on different episodes
-(docs/results/README.md, CPU pixel profile, diagnosis item 12). This script evaluates every
+(docs/results/README.md, CPU pixel profile, "The final checkpoints re-evaluated"). This script evaluates every
 run's checkpoint with more episodes and one ``--seed``, so that every policy plays the
 same episodes: episode i starts from the same state whatever the policy
 (tests/test_envs.py), and two runs can be compared episode by episode.
@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cp3er.builders import restore_agent_for_eval
 from cp3er.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from cp3er.evaluate import run_episodes, summarize
 from cp3er.plot import PlotError, eval_rows, load_run
-from cp3er.session import restore_agent_for_eval
 from cp3er.stats import aggregate_metrics
 
 

@@ -3,7 +3,7 @@
 import csv
 from pathlib import Path
 
-from cp3er.runlog import METRIC_COLUMNS, MetricsWriter
+from cp3er.logs import METRIC_COLUMNS, MetricsWriter
 
 
 def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -5,9 +5,9 @@ A run's logged final return is the mean of its last evaluation's few episodes (5
 CPU pixel profile). Where a task's returns are bimodal (reacher_easy: an episode scores ~0
 or several hundred, depending on where its target lies) that number moves by hundreds
 between evaluations, and two runs' finals are drawn on different episodes
-(docs/results/README.md, CPU pixel profile, "The final checkpoints re-evaluated"). This script evaluates every
-run's checkpoint with more episodes and one ``--seed``, so that every policy plays the
-same episodes: episode i starts from the same state whatever the policy
+(docs/results/README.md, CPU pixel profile, "The final checkpoints re-evaluated"). This
+script evaluates every run's checkpoint with more episodes and one ``--seed``, so that
+every policy plays the same episodes: episode i starts from the same state whatever the policy
 (tests/test_envs.py), and two runs can be compared episode by episode.
 
 One JSON line per run is appended to ``--out`` (the run, its task, agent label, training

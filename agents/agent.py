@@ -1,40 +1,18 @@
-"""The agent: its modules, optimisers and one update, read top to bottom.
+"""The agent: its modules, optimisers and one update (:meth:`Agent.update`).
 
-:meth:`Agent.update` is DrQ-v2's ``update`` (Yarats et al. 2021, ``drqv2.py``): encode the
-augmented batch once, step the critic (which trains the encoder), step the actor on the
-same features detached (with the updated critic), then move the target critic (Polyak).
-A CP3ER run that distils its regulariser from a diffusion teacher
-(``agent.consistency.loss=distillation``) steps the teacher between critic and actor, so
-the actor distils from the updated teacher. The losses themselves live in the agents'
-``LossModule`` s (``agents.cp3er.CP3ERLoss``, ``agents.drqv2.DrQV2Loss``); the metric
-names they report are registered in ``agents.metrics``. ``agents.build`` builds an
-:class:`Agent` from a config.
+The update is DrQ-v2's (Yarats et al. 2021, ``drqv2.py``): encode the augmented batch once,
+step the critic (which trains the encoder), step the actor on the same features detached
+with the updated critic, then Polyak-average the target critic. A CP3ER run distilling from
+a diffusion teacher steps the teacher between critic and actor. The losses are the agents'
+``LossModule`` s (``agents.cp3er.CP3ERLoss``, ``agents.drqv2.DrQV2Loss``).
 
-Precision (``perf.precision``), of the update only (acting, :attr:`Agent.policy`, stays
-float32): ``fp32`` leaves PyTorch's settings alone. ``tf32`` runs the whole update
-(forward, backward, optimiser steps) with CUDA matmuls and cuDNN convolutions allowed
-TF32 (:func:`tf32_allowed`; a no-op on a CPU). ``bf16`` runs the update's forward
-computations (encoder, critic, teacher and actor losses with their targets) under
-``torch.autocast`` in bfloat16; the losses are cast back to float32 before ``backward``,
-and the parameters, gradients and optimiser steps stay float32.
-
-CUDA graph (``perf.cuda_graph``, a GPU only): the whole update (encode, critic loss and
-step, actor loss and step, Polyak, EMA) is captured once as a CUDA graph and replayed
-at every later update, through tensordict's :class:`~tensordict.nn.CudaGraphModule` (the
-part TorchRL's own SAC/TD3 scripts use for ``compile.cudagraphs``): the first
-:data:`CUDA_GRAPH_WARMUP` updates run eagerly on a side stream (optimiser states,
-cuDNN algorithms), the next one runs eagerly and is captured, each later one copies the
-batch into the graph's input tensors and replays the captured kernels, with no Python
-and no kernel-launch cost. What that needs of the update, and what the code keeps:
-static shapes (a fixed batch size); no host read of a device value and no tensor built on
-the host and copied over, once warmed up (checked on the CPU by
-``tests/test_cuda_graph.py`` with dispatch and function modes that record them, on a GPU
-by ``torch.cuda.set_sync_debug_mode``); every random number from the default CUDA
-generator (the graph advances its Philox offset at each replay: a replay draws what
-the eager update would have); Adam with ``capturable=True`` (its step count on the
-device); values that change between updates held in tensors read by the kernels, not in
-Python numbers (DrQ-v2's exploration sigma is a buffer); autocast without its weight
-cache. Loading a state (a resume) re-captures: the optimisers' state tensors are new.
+``perf.precision``: ``tf32`` allows TF32 CUDA matmuls/convolutions for the whole update;
+``bf16`` runs the forward computations under bfloat16 autocast, losses cast back to
+float32 before ``backward`` (parameters, gradients, optimiser steps stay float32); acting
+stays float32. ``perf.cuda_graph``: the whole update captured once as a CUDA graph
+(tensordict's ``CudaGraphModule``) and replayed; what that asks of the update (static
+shapes, no host reads, capturable Adam, schedules held in tensors) is in
+docs/performance.md and checked by ``tests/test_cuda_graph.py``.
 """
 
 from __future__ import annotations
@@ -50,7 +28,6 @@ from tensordict.nn import CudaGraphModule, TensorDictSequential
 from torchrl.objectives import LossModule, SoftUpdate
 
 from agents.drqv2 import ScheduledGaussianNoise
-from agents.metrics import UPDATE_METRICS
 from cp3er.choices import PRECISIONS
 
 Metrics = dict[str, torch.Tensor]
@@ -113,84 +90,45 @@ class Agent:
                              f"capturable=True; not: {plain}")
 
     # -- one update -----------------------------------------------------------------------
-    def update(self, batch: TensorDictBase) -> dict[str, float]:
-        """One update on a replay batch (not modified); returns the registered metrics
-        (``agents.metrics.UPDATE_METRICS``) as floats (a host read: see
-        :meth:`update_on_device`)."""
-        return {k: float(v) for k, v in self.update_on_device(batch).items()}
-
-    def update_on_device(self, batch: TensorDictBase) -> Metrics:
-        """:meth:`update`, its metrics left as detached 0-d tensors on the agent's device:
-        no host synchronisation (the trainer reads them every
-        ``log.metrics_every_updates`` updates). With ``cuda_graph`` the update is replayed
-        from its captured graph (module docstring)."""
-        if self.cuda_graph:
-            if self._graphed is None:
-                self._graphed = _graph_module(self._update, CUDA_GRAPH_WARMUP)
-            metrics = self._graphed(batch)
-        else:
-            metrics = self._update(batch)
-        unknown = set(metrics) - set(UPDATE_METRICS)
-        if unknown:  # a loss reporting a name the registry, csv and glossary do not know
-            raise KeyError(f"update metrics {sorted(unknown)} are not in "
-                           "agents.metrics.UPDATE_METRICS")
-        return metrics
+    def update(self, batch: TensorDictBase) -> Metrics:
+        """One update on a replay batch (not modified). Returns the registered metrics
+        (``agents.metrics.UPDATE_METRICS``) as detached 0-d tensors on the agent's device:
+        no host synchronisation (``float(v)`` reads one). With ``cuda_graph``: replayed."""
+        if not self.cuda_graph:
+            return self._update(batch)
+        if self._graphed is None:
+            self._graphed = _graph_module(self._update, CUDA_GRAPH_WARMUP)
+        return self._graphed(batch)
 
     def _update(self, batch: TensorDictBase) -> Metrics:
-        """The update itself (DrQ-v2's order, module docstring): what a CUDA graph
-        captures."""
+        loss = self.loss
         with tf32_allowed() if self.precision == "tf32" else contextlib.nullcontext():
             with self._forward():
-                features, next_features = self.loss.encode_transition(batch)
-            metrics = self.update_critic(batch, features, next_features)
+                features, next_features = loss.encode_transition(batch)
+                critic_loss, metrics = loss.critic_loss(batch, features, next_features)
+            self._step(("encoder", "critic"), critic_loss)  # the encoder learns from Q only
+            metrics = {"loss_critic": critic_loss.detach(), **metrics}
             features = features.detach()
-            if self.loss.teacher is not None:
-                metrics |= self.update_teacher(batch, features)
-            metrics |= self.update_actor(batch, features)
-            self.update_target()
-        return metrics
-
-    def update_critic(self, batch: TensorDictBase, features: torch.Tensor,
-                      next_features: torch.Tensor) -> Metrics:
-        """Critic step; its gradient also trains the encoder through ``features``."""
-        loss, metrics = self._losses(self.loss.critic_loss, batch, features, next_features)
-        self._step(("encoder", "critic"), loss)
-        return {"loss_critic": loss.detach(), **metrics}
-
-    def update_teacher(self, batch: TensorDictBase, features: torch.Tensor) -> Metrics:
-        """Diffusion teacher step (distillation only) on detached ``features``."""
-        loss, metrics = self._losses(self.loss.teacher_loss, batch, features)
-        self._step(("teacher",), loss)
-        return {"loss_teacher": loss.detach(), **metrics}
-
-    def update_actor(self, batch: TensorDictBase, features: torch.Tensor) -> Metrics:
-        """Actor step on detached ``features`` with the (just updated) critic."""
-        loss, metrics = self._losses(self.loss.actor_loss, batch, features)
-        self._step(("actor",), loss)
-        self.loss.after_actor_step(metrics)  # CP3ER's EMA target and adaptive lambda
-        return {"loss_actor": loss.detach(), **metrics}
-
-    def update_target(self) -> None:
-        """Polyak update of the target critic (TorchRL ``SoftUpdate``, tau
-        ``agent.critic_tau``); reports no metric."""
-        self.updater.step()
+            if loss.teacher is not None:  # distillation: the teacher first, then its student
+                with self._forward():
+                    teacher_loss, teacher_metrics = loss.teacher_loss(batch, features)
+                self._step(("teacher",), teacher_loss)
+                metrics |= {"loss_teacher": teacher_loss.detach(), **teacher_metrics}
+            with self._forward():
+                actor_loss, actor_metrics = loss.actor_loss(batch, features)  # updated critic
+            self._step(("actor",), actor_loss)
+            actor_metrics = _float32(actor_metrics)
+            loss.after_actor_step(actor_metrics)  # CP3ER's EMA target and adaptive lambda
+            metrics |= {"loss_actor": actor_loss.detach(), **actor_metrics}
+            self.updater.step()  # Polyak: target critic <- tau critic + (1 - tau) target
+        return _float32(metrics)
 
     def _forward(self) -> contextlib.AbstractContextManager:
-        """The context of the update's forward computations: bfloat16 autocast on the
-        agent's device type for ``precision="bf16"``, nothing otherwise."""
+        """The forward computations' context: bfloat16 autocast for ``precision="bf16"``."""
         if self.precision != "bf16":
             return contextlib.nullcontext()
         device_type = next(self.loss.parameters()).device.type
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-
-    def _losses(self, loss_fn: Callable[..., tuple[torch.Tensor, Metrics]], *args
-                ) -> tuple[torch.Tensor, Metrics]:
-        """``loss_fn(*args)`` under :meth:`_forward`; the loss and the floating-point
-        metrics as float32 (no-ops when they are already)."""
-        with self._forward():
-            loss, metrics = loss_fn(*args)
-        return loss.float(), {k: v.float() if v.is_floating_point() else v
-                              for k, v in metrics.items()}
 
     def _step(self, names: tuple[str, ...], loss: torch.Tensor) -> None:
         """Zero the named optimisers' gradients, backpropagate ``loss``, clip each
@@ -200,7 +138,7 @@ class Agent:
         optimizers = {n: self.optimizers[n] for n in names if n in self.optimizers}
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.float().backward()  # a bf16 loss is cast back first
         for name, optimizer in optimizers.items():
             limit = self.grad_clip
             if name == "actor" and self.actor_grad_clip is not None:
@@ -239,6 +177,11 @@ class Agent:
         for name, optimizer in self.optimizers.items():
             load_optimizer_state(optimizer, state["optimizers"][name])
         self._graphed = None
+
+
+def _float32(metrics: Metrics) -> Metrics:
+    """Floating-point metrics as float32 (bf16 ones from autocast; no-op otherwise)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in metrics.items()}
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

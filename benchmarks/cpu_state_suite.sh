@@ -23,7 +23,7 @@ SEEDS=${SEEDS:-1,2,3}
 LANE1=${LANE1:-cartpole_swingup,walker_walk}
 LANE2=${LANE2:-reacher_easy,cheetah_run}
 VARIANTS=${VARIANTS:-cp3er drqv2}
-TRAIN=${TRAIN:-cp3er-train}  # e.g. TRAIN="python -m cp3er.train" for a source checkout
+TRAIN=${TRAIN:-cp3er-train}  # e.g. TRAIN="python -m cp3er.train_cli" for a source checkout
 mkdir -p "$OUT"
 COMMON=(obs=state "frames=$FRAMES" hidden_dim=256 lr=1e-3
         schedule.seed_frames=2000 schedule.explore_frames=2000

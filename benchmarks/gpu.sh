@@ -30,8 +30,8 @@ TRAIN=(task=cheetah_run obs=pixels device=cuda replay.device=cuda perf.cuda_grap
   schedule.seed_frames=1000 schedule.explore_frames=1000 schedule.eval_every_frames=1500
   schedule.eval_episodes=1 checkpoint_every=1500 log.progress=false log.video=false
   "run_dir=$TRAIN_DIR")
-"$PYTHON" -m cp3er.train "${TRAIN[@]}" frames=3000
-"$PYTHON" -m cp3er.train "${TRAIN[@]}" frames=4500 resume=true
+"$PYTHON" -m cp3er.train_cli "${TRAIN[@]}" frames=3000
+"$PYTHON" -m cp3er.train_cli "${TRAIN[@]}" frames=4500 resume=true
 cp "$TRAIN_DIR/metrics.csv" "$OUT_DIR/train_cuda_metrics.csv"
 "$PYTHON" -m cp3er.evaluate "$TRAIN_DIR" --episodes 1 > "$OUT_DIR/eval_cuda.json"
 

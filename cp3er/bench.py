@@ -139,7 +139,7 @@ PERF_SWITCHES = ("tune_allocator", "channels_last", "fused_adam", "share_conditi
 def _reference_cfg(trunk: bool, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from cp3er.train import CONFIG_DIR
+    from cp3er.config_schema import CONFIG_DIR
 
     trunk_key = [] if "agent=drqv2" in overrides else [f"agent.actor_trunk={str(trunk).lower()}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
@@ -227,7 +227,7 @@ def bench_compile(device: torch.device, mode: str, repeats: int, *overrides: str
         batch = _pixel_batch(cfg.batch_size, 6, device)
         torch.manual_seed(1)
         start = time.perf_counter()
-        metrics = agent.update(batch)
+        metrics = {k: float(v) for k, v in agent.update(batch).items()}
         _synchronize(device)
         return agent, batch, metrics, time.perf_counter() - start
 
@@ -262,7 +262,8 @@ def bench_cuda_graph(device: torch.device, precision: str, repeats: int,
             torch.manual_seed(10 + i)
             batches.append(_pixel_batch(cfg.batch_size, 6, device))
         torch.cuda.manual_seed(1)
-        return agent, batches, [agent.update(b) for b in batches]
+        return agent, batches, [{k: float(v) for k, v in agent.update(b).items()}
+                                for b in batches]
 
     eager, batches, expected = run("perf.cuda_graph=false")
     graphed, _, got = run("perf.cuda_graph=true")
@@ -286,7 +287,7 @@ def bench_profile_sizes(repeats: int) -> dict:
     minutes of one run of the profile (its frames, schedule and evaluations) at each size."""
     from hydra import compose, initialize_config_dir
 
-    from cp3er.train import CONFIG_DIR
+    from cp3er.config_schema import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         profile = compose(config_name="config", overrides=["+profile=cpu_pixels"])
@@ -365,7 +366,7 @@ def bench_train_fps(trunk: bool, device: torch.device, updates: int, workers: in
 
         trainer.update = timed_update  # the collector's start-up (spawning) is not timed
         trainer.run(frames)
-        trainer.read_metrics()
+        trainer.update_metrics.read()
         (first, start), (last, end) = stamps[0], stamps[-1]
         after_seed = trainer.frame - seed_frames
         result = {
@@ -393,7 +394,8 @@ def bench_collection_fps(backend: str, obs: str, workers: int, frames: int,
 
     from hydra import compose, initialize_config_dir
 
-    from cp3er.train import CONFIG_DIR, Trainer
+    from cp3er.config_schema import CONFIG_DIR
+    from cp3er.train import Trainer
 
     with tempfile.TemporaryDirectory(prefix="cp3er-bench-collect-") as run_dir:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):

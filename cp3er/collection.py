@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.util
 import math
 import re
@@ -294,3 +295,49 @@ def ray_runtime(address: str | None, workers: int) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+def start_collector(make: Callable[[], BaseCollector]) -> BaseCollector:
+    """``make()``; a worker dying while it starts is a one-line :class:`WorkerDiedError`,
+    raised once the half-built collector is garbage (its weight-sync queues hung the exit)."""
+    try:
+        return make()
+    except Exception as error:
+        died = worker_death(error)
+        if died is None:
+            raise
+    gc.collect()  # outside the except: nothing refers to the half-built collector
+    raise died
+
+
+def batches(collector: BaseCollector) -> Iterator[TensorDictBase]:
+    """The collector's batches; a worker that died is a one-line :class:`WorkerDiedError`."""
+    stream = iter(collector)
+    while True:
+        try:
+            batch = next(stream)
+        except StopIteration:
+            return
+        except Exception as error:
+            died = worker_death(error)
+            if died is None:
+                raise
+            raise died from None
+        yield batch
+
+
+def push_weights(collector: BaseCollector, worker_policy: torch.nn.Module,
+                 policy: torch.nn.Module) -> None:
+    """Copy ``policy``'s weights and buffers into the workers' copy, then on to the workers
+    (local: in place, shared; Ray: ``update_policy_weights_`` sends them to each actor)."""
+    worker_policy.load_state_dict(policy.state_dict())
+    try:
+        with watching_workers(collector):  # a dead worker never acknowledges
+            collector.update_policy_weights_()
+    except WorkerDiedError:  # a local worker, named by the watch
+        raise
+    except Exception as error:  # a Ray actor's death surfaces in its acknowledgement
+        died = worker_death(error)
+        if died is None:
+            raise
+        raise died from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -125,6 +126,33 @@ def measured_duration(frames_left: int, fps: float, updates: int, announced: boo
         return None
     return (f"measured {fps:.2f} frames/s over {updates} updates: about "
             f"{duration(frames_left / fps)} left for {frames_left:,} frames")
+
+
+class SpeedReport:
+    """The run's measured duration, said once: times this process's first
+    :data:`TIMED_UPDATES` updates (with the collection between them) and says the time
+    left if over an hour, or whatever it is when the start line gave an estimate
+    (``announced``)."""
+
+    def __init__(self, frames: int) -> None:
+        self.frames, self.announced, self.done = frames, False, False
+        self._mark: tuple[int, int, float] | None = None  # (updates, frame, time) at the start
+
+    def tick(self, updates: int, frame: int) -> None:
+        now = time.perf_counter()
+        if self.done:
+            return
+        if self._mark is None:
+            self._mark = (updates, frame, now)
+            return
+        start_updates, start_frame, start = self._mark
+        if updates - start_updates < TIMED_UPDATES or now <= start:
+            return
+        self.done = True
+        line = measured_duration(self.frames - frame, (frame - start_frame) / (now - start),
+                                 updates - start_updates, self.announced)
+        if line is not None:
+            say(line)
 
 
 def random_reference(cfg: DictConfig, run_dir: Path, frames: int

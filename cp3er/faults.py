@@ -9,6 +9,8 @@ import signal
 from collections.abc import Iterable, Mapping
 
 import torch
+from tensordict import TensorDictBase
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 
 class NumericalError(FloatingPointError):
@@ -75,6 +77,16 @@ def check_finite_actions(actions: torch.Tensor, context: str) -> None:
     if not bool(torch.isfinite(actions).all()):
         raise NumericalError(f"the policy emitted non-finite actions ({context})")
 
+
+
+def check_policy_acts(policy: torch.nn.Module, obs: TensorDictBase, context: str) -> None:
+    """:func:`check_finite_actions` of ``policy``'s deterministic action at ``obs``, on a
+    forked RNG (the probe draws no number of the run's streams)."""
+    devices = [obs.device] if obs.device is not None and obs.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+            set_exploration_type(ExplorationType.DETERMINISTIC):
+        action = policy(obs)["action"]
+    check_finite_actions(action, context)
 
 class Preemption:
     """Context manager turning SIGTERM/SIGINT/SIGUSR2 into a flag the training loop polls.

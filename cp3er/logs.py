@@ -150,6 +150,16 @@ def close_logger_files(logger, name: str) -> Path | str:
         else Path(log_dir)
 
 
+def log_scalars(logger, values: dict[str, float], step: int) -> None:
+    """``logger.log_scalar`` each value; a failed write (a full disk) names its file."""
+    for name, value in values.items():
+        try:
+            logger.log_scalar(name, value, step=step)
+        except OSError as error:  # nothing left to flush at exit
+            raise OSError(error.errno, error.strerror,
+                          str(close_logger_files(logger, name))) from None
+
+
 def make_logger(backend: str, run_dir: Path, name: str):
     """A TorchRL logger writing under ``run_dir`` (``tb/`` for TensorBoard)."""
     from torchrl.record.loggers import get_logger

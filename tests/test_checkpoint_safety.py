@@ -35,7 +35,8 @@ from cp3er.config_check import ConfigError
 from cp3er.folder_lock import RunLockedError
 from cp3er.logs import MetricsFileError
 from cp3er.replay import make_replay_buffer
-from cp3er.train import ResumeError, Trainer
+from cp3er.run_state import ResumeError
+from cp3er.train import Trainer
 
 
 def _copy(run: Path, tmp_path: Path, name: str = "run") -> Path:

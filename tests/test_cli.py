@@ -14,8 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cp3er.config_check import ConfigError, check_group_overrides, validate_config
+from cp3er.config_schema import CONFIG_DIR
 from cp3er.threads import auto_threads, parse_threads
-from cp3er.train import CONFIG_DIR
 
 TINY_STATE = [
     "task=cartpole_balance", "obs=state", "hidden_dim=32", "feature_dim=16", "batch_size=16",
@@ -25,7 +25,7 @@ TINY_STATE = [
 
 
 def _train_command(run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "cp3er.train", f"run_dir={run_dir}", *TINY_STATE, *overrides]
+    return [sys.executable, "-m", "cp3er.train_cli", f"run_dir={run_dir}", *TINY_STATE, *overrides]
 
 
 @pytest.mark.parametrize(("cores", "load", "expected"),
@@ -64,7 +64,7 @@ def test_mistyped_config_names_get_the_closest_choices() -> None:
 
 
 def test_mistyped_task_on_the_command_line_is_one_line() -> None:
-    result = subprocess.run([sys.executable, "-m", "cp3er.train", "task=cheetah_rn"],
+    result = subprocess.run([sys.executable, "-m", "cp3er.train_cli", "task=cheetah_rn"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()

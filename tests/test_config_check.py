@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from cp3er.config_check import ConfigError, check_override_values, validate_config
-from cp3er.train import CONFIG_DIR
+from cp3er.config_schema import CONFIG_DIR
 from envs.registry import UnknownTaskError
 
 
@@ -180,7 +180,7 @@ def test_cuda_without_gpu_is_named() -> None:
 
 
 def test_cli_reports_one_line_not_a_traceback(tmp_path) -> None:
-    cmd = [sys.executable, "-m", "cp3er.train", "n_step=0", f"run_dir={tmp_path / 'r'}"]
+    cmd = [sys.executable, "-m", "cp3er.train_cli", "n_step=0", f"run_dir={tmp_path / 'r'}"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "cp3er-train: config n_step=0 is invalid" in result.stderr

@@ -21,11 +21,13 @@ from hydra import compose, initialize_config_dir
 from tiny_run import tiny_cfg, tiny_command
 
 from cp3er import console, plot
+from cp3er.config_schema import CONFIG_DIR
 from cp3er.evaluate import main as evaluate_main
 from cp3er.evaluate import random_policy_summary
 from cp3er.plot import RANDOM_POLICY_FILE, plot_learning_curve
 from cp3er.toy import main as toy_main
-from cp3er.train import CONFIG_DIR, Trainer, _end_line, cli
+from cp3er.train import Trainer
+from cp3er.train_cli import _end_line, cli
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,9 @@ def talkative_run(tmp_path_factory) -> tuple[Path, Trainer, str]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(console, "RANDOM_EPISODES", 1)
         patch.setattr(console, "RANDOM_SHARE", {"state": 100.0, "pixels": 100.0})
-        patch.setattr("cp3er.train.TIMED_UPDATES", 10)
+        patch.setattr("cp3er.console.TIMED_UPDATES", 10)
         trainer = Trainer(tiny_cfg(run, "frames=400", "schedule.eval_every_frames=200"))
-        trainer.duration_announced = True
+        trainer.speed.announced = True
         with contextlib.redirect_stderr(stderr):
             assert trainer.train() == "done"
     return run, trainer, stderr.getvalue()

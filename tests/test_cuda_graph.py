@@ -26,8 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from agents.agent import CUDA_GRAPH_WARMUP, Agent
 from agents.build import build_agent
 from cp3er.config_check import ConfigError, validate_config
+from cp3er.config_schema import CONFIG_DIR
 from cp3er.consistency import ema_target, ema_update
-from cp3er.train import CONFIG_DIR
 from envs import make_env
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -144,11 +144,11 @@ def test_an_update_reads_no_tensor_value_on_the_host(label: str, overrides: list
     before ``ema_update``) reads, the noise grid built on the CPU at each call (before
     it was cached per device) was made on the host."""
     agent, shape = _agent(overrides)
-    agent.update_on_device(_batch(shape, 0))  # as the graph's eager warm-up updates
+    agent.update(_batch(shape, 0))  # as the graph's eager warm-up updates
     for seed in (1, 2):
         batch = _batch(shape, seed)
         with HostReads() as reads, HostMadeTensors() as made:
-            metrics = agent.update_on_device(batch)
+            metrics = agent.update(batch)
         assert not reads.reads, f"{label}: {len(reads.reads)} host reads, first:\n{reads.reads[0]}"
         assert not made.made, f"{label}: {len(made.made)} host-made tensors, first:\n{made.made[0]}"
         assert all(torch.isfinite(v) for v in metrics.values())
@@ -238,7 +238,7 @@ GPU_UPDATES = CUDA_GRAPH_WARMUP + 6
 def _updates(agent: Agent, shape: dict, start: int = 0) -> list[dict[str, float]]:
     """GPU_UPDATES updates on fixed batches, the default CUDA generator seeded once."""
     torch.cuda.manual_seed(1234)
-    return [{k: float(v) for k, v in agent.update_on_device(_batch(shape, s, "cuda")).items()}
+    return [{k: float(v) for k, v in agent.update(_batch(shape, s, "cuda")).items()}
             for s in range(start, start + GPU_UPDATES)]
 
 
@@ -270,12 +270,12 @@ def test_an_eager_gpu_update_does_not_synchronise(label: str, overrides: list[st
     """``torch.cuda.set_sync_debug_mode("error")``: no implicit host-device
     synchronisation in an update (after the first, which creates the optimiser states)."""
     agent, shape = _agent([*overrides, "perf.fused_adam=true"], "cuda")
-    agent.update_on_device(_batch(shape, 0, "cuda"))
+    agent.update(_batch(shape, 0, "cuda"))
     batch = _batch(shape, 1, "cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        agent.update_on_device(batch)
+        agent.update(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

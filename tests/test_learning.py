@@ -17,7 +17,8 @@ from agents.agent import Agent
 from agents.cp3er import CP3ERLoss, make_consistency_actor, make_policy
 from agents.critic import MoGCritic
 from agents.encoder import StateEncoder
-from cp3er.train import CONFIG_DIR, Trainer
+from cp3er.config_schema import CONFIG_DIR
+from cp3er.train import Trainer
 
 
 def _bandit_agent(seed: int) -> Agent:

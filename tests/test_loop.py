@@ -14,7 +14,8 @@ from tensordict.nn import TensorDictModule
 from tiny_run import floats
 from torch import nn
 
-from cp3er.train import CONFIG_DIR, Trainer
+from cp3er.config_schema import CONFIG_DIR
+from cp3er.train import Trainer
 
 TINY_STATE = [
     "task=cartpole_balance", "obs=state", "hidden_dim=32", "feature_dim=16", "batch_size=16",

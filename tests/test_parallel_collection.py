@@ -142,7 +142,7 @@ def test_synchronous_workers_are_reproducible(tmp_path: Path) -> None:
         trainer = Trainer(tiny_cfg(tmp_path / name, "frames=800", "collector.workers=2",
                                    "checkpoint_every=0"))
         assert trainer.run(800) is None
-        trainer.read_metrics()
+        trainer.update_metrics.read()
         stored = [s.storage._storage[: len(s)].select("frame", "action").clone()
                   for s in trainer.buffer.streams]
         runs.append((stored, dict(trainer.loop.pending_metrics),

@@ -104,7 +104,7 @@ def test_fused_adam_switch_builds_fused_optimisers_taking_the_same_steps() -> No
     from hydra import compose, initialize_config_dir
 
     from agents.build import build_agent
-    from cp3er.train import CONFIG_DIR
+    from cp3er.config_schema import CONFIG_DIR
     from envs import make_env
 
     env = make_env("cartpole_balance", "state", seed=0)

@@ -13,7 +13,7 @@ from tiny_run import random_state_batch
 
 from agents.agent import Agent
 from agents.build import build_agent
-from cp3er.train import CONFIG_DIR
+from cp3er.config_schema import CONFIG_DIR
 from envs import make_env
 
 UPDATES = 3

@@ -570,7 +570,7 @@ def test_reference_sampler_assumes_the_tasks_episode_env_steps(task: str, assume
     from hydra import compose, initialize_config_dir
 
     from cp3er.builders import make_buffer
-    from cp3er.train import CONFIG_DIR
+    from cp3er.config_schema import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose(config_name="config", overrides=[f"task={task}", "obs=state",
@@ -792,7 +792,7 @@ def test_make_buffer_puts_the_storage_on_replay_device(device: str, tmp_path) ->
     from hydra import compose, initialize_config_dir
 
     from cp3er.builders import make_buffer
-    from cp3er.train import CONFIG_DIR
+    from cp3er.config_schema import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose(config_name="config", overrides=[

@@ -25,8 +25,8 @@ from cp3er.checkpoint import (
     load_checkpoint,
     load_run_checkpoint,
 )
-from cp3er.run_state import LoopState
-from cp3er.train import ResumeError, Trainer
+from cp3er.run_state import LoopState, ResumeError
+from cp3er.train import Trainer
 
 TIMING_COLUMNS = ("seconds", "fps")
 

@@ -38,7 +38,8 @@ from cp3er.checkpoint import (
 from cp3er.collection import WorkerDiedError, watching_workers
 from cp3er.faults import NumericalError, pass_on
 from cp3er.folder_lock import RunLock
-from cp3er.train import Trainer, _check_added_keys
+from cp3er.train import Trainer
+from cp3er.train_cli import _check_added_keys
 
 
 def _one_line(text: str) -> str:
@@ -221,7 +222,7 @@ def test_an_update_failing_on_non_finite_values_is_a_numerical_error(tmp_path: P
     def failing(batch):
         raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
 
-    trainer.agent.update_on_device = failing
+    trainer.agent.update = failing
     with pytest.raises(NumericalError, match=r"update 1 \(frame 200\) failed on non-finite "
                                              r"values: invalid multinomial distribution"):
         trainer.train()
@@ -313,12 +314,12 @@ def test_a_worker_dying_at_start_up_is_one_line_and_the_process_exits(tmp_path: 
     the trainer hung at exit (a half-built collector's weight-sync queue)."""
     (tmp_path / "dying_worker.py").write_text(
         "import functools, os\n"
+        "from cp3er.builders import worker_env_factories\n"  # before the launch patches it
         "def die(*args):\n    os._exit(3)\n"
         "def factories(cfg, seed):\n"
-        "    from cp3er.builders import worker_env_factories\n"
         "    return [worker_env_factories(cfg, seed)[0], functools.partial(die)]\n")
-    launch = ("import cp3er.train as train, dying_worker; "
-              "train.worker_env_factories = dying_worker.factories; train.cli()")
+    launch = ("import cp3er.train as train, cp3er.train_cli as cli, dying_worker; "
+              "train.builders.worker_env_factories = dying_worker.factories; cli.cli()")
     run = tmp_path / "run"
     command = [sys.executable, "-c", launch, *_command(run, "collector.workers=2")[3:]]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120,

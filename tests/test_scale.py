@@ -24,7 +24,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
 
 
 def _sweep(tmp_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "cp3er.train", "-m", "hydra/launcher=local",
+    return [sys.executable, "-m", "cp3er.train_cli", "-m", "hydra/launcher=local",
             *TINY_STATE, "threads=1", "resume=auto", "checkpoint_every=500",
             f"run_dir={tmp_path}/${{task_name}}_s${{seed}}",
             f"hydra.sweep.dir={tmp_path}/.sweep", *overrides]

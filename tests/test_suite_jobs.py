@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cp3er.config_check import validate_config
-from cp3er.train import CONFIG_DIR
+from cp3er.config_schema import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 #: job list -> the PROFILE its header names (benchmarks/suite.sh)

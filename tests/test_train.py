@@ -20,7 +20,7 @@ TINY = [
 
 
 def _train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cp3er.train", f"run_dir={run_dir}", *TINY, *overrides]
+    cmd = [sys.executable, "-m", "cp3er.train_cli", f"run_dir={run_dir}", *TINY, *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 

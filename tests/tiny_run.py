@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
 
-from cp3er.train import CONFIG_DIR
+from cp3er.config_schema import CONFIG_DIR
 
 TINY_STATE = [
     "task=cartpole_balance", "obs=state", "hidden_dim=32", "feature_dim=16", "batch_size=16",
@@ -29,7 +29,7 @@ def tiny_cfg(run_dir: Path, *overrides: str):
 
 def tiny_command(run_dir: Path, *overrides: str) -> list[str]:
     """``cp3er-train`` of a tiny state run, as a subprocess command."""
-    return [sys.executable, "-m", "cp3er.train", f"run_dir={run_dir}", *TINY_STATE, *overrides]
+    return [sys.executable, "-m", "cp3er.train_cli", f"run_dir={run_dir}", *TINY_STATE, *overrides]
 
 
 def random_state_batch(obs_dim: int, action_dim: int = 1, size: int = 8,

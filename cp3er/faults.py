@@ -107,6 +107,6 @@ class Preemption:
 def pass_on(signum: signal.Signals) -> None:
     """Call the restored Python handler of ``signum`` (submitit's SIGUSR2 handler requeues)."""
     handler = signal.getsignal(signum)
-    # Python's SIGINT handler would turn the documented exit code 130 into a traceback
+    # Python's SIGINT handler raises KeyboardInterrupt: a traceback, not the documented 130
     if callable(handler) and handler is not signal.default_int_handler:
         handler(signum, None)

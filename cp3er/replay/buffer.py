@@ -27,15 +27,17 @@ __all__ = ["STORAGES", "STORAGE_DEVICES", "NStepReplayBuffer"]
 class NStepReplayBuffer(RowWriter, TransitionReader, BufferCheckpoint):
     """Replay buffer storing each frame once; stacks and n-step targets built at sampling.
 
-    Takes a single-env collector's ``[T]`` batches (``obs_key``, ``action``, ``("next", ...)``
-    ``reward``/``terminated``/``truncated``, optionally ``done`` and ``("collector",
-    "traj_ids")``); pixel stacks are ``CatFrames(dim=-3)`` channel stacks, oldest first.
+    Takes a single-env collector's ``[T]`` batches (``obs_key``, ``action`` and under
+    ``"next"`` ``obs_key``, ``reward``, ``terminated``, ``truncated``, optionally ``done``;
+    optionally ``("collector", "traj_ids")``); pixel stacks are ``CatFrames(dim=-3)``, oldest
+    first.
     A sample ``[B]`` holds ``obs_key``, ``action``, ``("next", obs_key)`` (``n'`` steps later),
     ``("next", "reward")`` (``sum_{k<n'} gamma^k r_{t+k}``), ``("next", "discount")``
     (``gamma^n' (1 - terminated)``, the critic's bootstrap multiplier), ``("next",
     "terminated")``, ``("next", "n_steps")``, ``index`` (slot) and ``age`` (1 = newest), with
     ``n' = min(n, steps to the episode's end, steps written so far)`` (a truncation
-    bootstraps, a termination cuts the return; docs/implementation.md, "n-step at the head").
+    bootstraps, a termination cuts the return; docs/implementation.md, "n-step at the head of
+    the buffer").
 
     Args:
         capacity: storage rows (transitions plus one final-frame row per episode).

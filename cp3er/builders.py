@@ -40,10 +40,8 @@ def worker_env_factories(cfg: DictConfig, seed: int) -> list[functools.partial]:
 
 
 def _worker_env(task: str, obs: str, seed: int, overrides: dict):
-    """A collector worker's env (called in the worker process, spawned). It also seeds the
-    worker's torch, NumPy and ``random`` RNGs, which draw its exploration noise and random
-    actions: a spawned process would otherwise start every worker from torch's same
-    default seed."""
+    """A collector worker's env, built in the spawned worker, which it also seeds (else every
+    worker would start from torch's same default seed)."""
     seed_everything(seed)
     return make_env(task, obs, seed=seed, **overrides)
 
@@ -55,10 +53,8 @@ def make_eval_env(cfg: DictConfig, seed: int | None = None):
 
 
 def make_buffer(cfg: DictConfig, run_dir: Path):
-    """The run's replay buffer: one ring per collector worker (``collector.workers``), its
-    storage on ``replay.device`` (where its batches are built). ``replay.sampler=reference``
-    assumes, like the reference code, an episode's environment steps as its transitions
-    (1000 on DMC, 500 on Meta-World), whatever the action repeat."""
+    """The run's replay buffer; ``replay.sampler=reference`` assumes, like the reference code,
+    an episode's environment steps as its transitions, whatever the action repeat."""
     frame_stack = cfg.env.frame_stack if cfg.obs == "pixels" else 1
     return make_replay_buffer(
         cfg.replay.capacity,
@@ -79,23 +75,19 @@ def make_buffer(cfg: DictConfig, run_dir: Path):
 
 def load_agent_for_eval(target: str | Path, seed: int,
                         device: str = "cpu") -> tuple[DictConfig, object, Agent]:
-    """Config, a fresh evaluation env and the agent restored from ``target``, its networks
-    on ``device`` (the environment stays on the CPU)."""
+    """Config, a fresh evaluation env and the agent restored from ``target`` onto ``device``."""
     return restore_agent_for_eval(load_checkpoint(target), seed, device)
 
 
 def checkpoint_frame(state: dict) -> int:
-    """The environment frame a run checkpoint was written at (agent steps x action repeat),
-    from a :func:`~cp3er.checkpoint.load_checkpoint` state."""
+    """The environment frame a loaded run checkpoint was written at."""
     return int(state["counters"]["step"]) * int(state["config"]["env"]["action_repeat"])
 
 
 def restore_agent_for_eval(state: dict, seed: int, device: str = "cpu"
                            ) -> tuple[DictConfig, object, Agent]:
-    """:func:`load_agent_for_eval` from a checkpoint already loaded with
-    :func:`~cp3er.checkpoint.load_checkpoint`: the weights and the counters read from it
-    (its ``state["counters"]``) then belong to the same checkpoint, even while a run keeps
-    writing new ones."""
+    """:func:`load_agent_for_eval` from a loaded checkpoint, so weights and counters come from
+    the same one even while a run keeps writing."""
     try:
         cfg = complete_run_config(state["config"])
     except (ValueError, KeyError, OmegaConfBaseException) as error:  # ValidationError, ...

@@ -1,14 +1,9 @@
 """Checkpoints that are complete or absent, verified on load, and never run code.
 
-``checkpoints/latest.pt`` (format 2) is an envelope ``{"cp3er_format": 2, "xxh3_128": ...,
-"payload": uint8 tensor}`` around a ``torch.save`` of the state; both levels load with
-``torch.load(weights_only=True)`` (tensors and plain containers only, no pickled objects),
-and the payload's content hash is checked before it is read. The replay buffer of a
-checkpoint lives in ``checkpoints/replay/<name>/`` with a ``manifest.json`` holding the size
-and content hash of every file. The hash is XXH3-128 (``xxhash``): it detects accidental
-corruption (a flipped byte, a torn write); it is not a defence against a forger, who could
-rewrite the manifest along with the file. Any other checkpoint (format 1: pickled, or
-size-only manifests; format 2 hashed with SHA-256) is refused in one line naming its format.
+``latest.pt`` (format 2): ``{"cp3er_format": 2, "xxh3_128": ..., "payload": uint8 tensor}``
+around a ``torch.save`` of the state, both loaded weights-only; the buffer folder
+``checkpoints/replay/<name>/`` has a ``manifest.json`` of sizes and hashes. XXH3-128 detects
+accidental corruption, not forgery. Older formats are refused (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -39,18 +34,15 @@ _MARGIN = 16 << 20  # bytes of free disk kept beyond a checkpoint's estimated si
 
 
 class CheckpointError(RuntimeError):
-    """A missing, unreadable, corrupted or mismatched checkpoint, or one that cannot be
-    written."""
+    """A missing, unreadable, corrupted or mismatched checkpoint, or one not writable."""
 
 
 class UnsafePathError(CheckpointError):
-    """A symlink in a run folder, or a path a checkpoint names that leaves it: following
-    either would read, write or delete outside the run folder."""
+    """A symlink in a run folder, or a checkpoint path that leaves it."""
 
 
 def refuse_links(run_dir: Path, names: tuple[str, ...]) -> None:
-    """:class:`UnsafePathError` if any of ``names`` (paths relative to ``run_dir``) is a
-    symlink: reading or writing through it would reach outside the run folder."""
+    """:class:`UnsafePathError` if any of ``names`` (relative to ``run_dir``) is a symlink."""
     for name in names:
         if (run_dir / name).is_symlink():
             raise UnsafePathError(f"{run_dir / name} is a symlink (to "
@@ -69,8 +61,7 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write(handle)`` to a temporary file in the same folder, fsync, ``os.replace``,
-    fsync the folder: the previous file stays valid until the new one is complete."""
+    """``write(handle)`` to a temporary file, fsync, ``os.replace``, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -141,9 +132,8 @@ _FAILED_UPDATE = re.compile(r"Failed to update '([^']+)' in tensordict")
 
 
 def load_error_detail(error: BaseException) -> str:
-    """One line for an agent's ``load_state_dict`` error: tensordict's nested "Failed to
-    update 'trunk' in tensordict TensorDict(<dump>" errors become the entry's dotted name
-    and the root cause (e.g. ``trunk.0.weight: The size of tensor a ...``)."""
+    """One line for a ``load_state_dict`` error: tensordict's nested "Failed to update ..."
+    dumps become ``trunk.0.weight: <root cause>``."""
     keys: list[str] = []
     cause: BaseException | None = error
     while cause is not None and (match := _FAILED_UPDATE.match(str(cause))):
@@ -176,8 +166,8 @@ def _unwrap(outer: Any, path: Path) -> Any:
 
 
 def _weights_only(source: Path | io.BytesIO, path: Path) -> Any:
-    """``torch.load(weights_only=True)`` of ``source`` (``path`` or its payload); a one-line
-    :class:`CheckpointError` for pickled objects (format 1) or a damaged file."""
+    """``torch.load(weights_only=True)``; one-line :class:`CheckpointError` for pickled
+    objects (format 1) or a damaged file."""
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated/corrupt files
@@ -221,8 +211,8 @@ def _nbytes(obj: Any) -> int:
 
 
 def check_room(folder: Path, needed: int, largest_file: int) -> None:
-    """Refuse a write that would fill the disk or pass the file-size limit (``ulimit
-    -f``): a memory-mapped write past either dies with SIGBUS, without a message."""
+    """Refuse a write past the free disk or ``ulimit -f`` (a memmap write would die of
+    SIGBUS, without a message)."""
     free = shutil.disk_usage(folder).free
     if free < needed + _MARGIN:
         raise CheckpointError(
@@ -248,14 +238,8 @@ def _fresh_name(replay_root: Path, frame: int) -> str:
 
 
 def save_run_checkpoint(state: dict[str, Any], run_dir: str | Path, buffer, frame: int) -> None:
-    """Write a resumable checkpoint: the replay buffer, then ``latest.pt`` pointing at it.
-
-    The buffer goes to a temporary folder (files hashed into its manifest and fsynced),
-    renamed to a name no existing folder has; ``latest.pt`` (written atomically, naming
-    that folder) is replaced only then, and older buffer folders are deleted last. At
-    every moment ``latest.pt`` names a complete buffer folder (tested by a fault at each
-    filesystem operation, ``tests/test_checkpoint_safety.py``).
-    """
+    """Write the replay buffer to a fresh folder, then ``latest.pt`` naming it, then delete
+    older folders: ``latest.pt`` always names a complete buffer (docs/checkpoints.md)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     replay_root = ckpt_dir / REPLAY_DIR
     # the old buffer folders are deleted below: never those of a folder linked from here
@@ -296,8 +280,7 @@ def load_run_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
 
 
 def _replay_name(name: Any, path: Path) -> str:
-    """A checkpoint's ``replay`` entry, ``replay/<folder>`` (:func:`save_run_checkpoint`);
-    :class:`UnsafePathError` for an absolute path or one that leaves the folder."""
+    """A checkpoint's ``replay/<folder>`` entry; :class:`UnsafePathError` for a path outside."""
     parts = name.split("/") if isinstance(name, str) else []
     if (len(parts) != 2 or parts[0] != REPLAY_DIR or parts[1] in ("", ".", "..")
             or "\\" in parts[1] or name.startswith("/")):
@@ -325,9 +308,8 @@ def _write_manifest(folder: Path) -> None:
 
 
 def check_manifest(folder: Path) -> None:
-    """Every file of a buffer folder present, with its written size and content hash, and no
-    other file (memmaps of a truncated file would otherwise load as zeros: torch extends
-    short files)."""
+    """Every file of a buffer folder present with its size and hash, and no other (torch
+    would load a truncated memmap padded with zeros)."""
     try:
         with open(folder / MANIFEST) as handle:
             manifest = json.load(handle)

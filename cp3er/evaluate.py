@@ -1,20 +1,10 @@
 """Evaluation: run episodes with a policy, aggregate returns; ``cp3er-eval`` CLI.
 
-``cp3er-eval <run_dir or checkpoint> --episodes N [--video]`` prints one JSON object:
-``task``, ``episodes``, ``return_mean``, ``return_iqm``, ``return_ci`` (bootstrap 95% CI
-of the mean), ``returns`` (each episode's, in order), ``frame`` (a run's: the frame its
-checkpoint was written at) and ``success_rate`` for
-Meta-World (success at any step of an episode, the reference convention). ``cp3er-eval
---random-policy <task> --episodes N`` prints the same object for the uniform random
-policy (the floor a learning curve is read against),
-``cp3er-eval --constant-action <task>:<a1,a2,...> --episodes N`` for one fixed action at
-every step (what a policy collapsed onto one action, the same at every state, scores: on
-cartpole_swingup a constant push, on reacher_easy an arm spinning at full torque).
-
-A CP3ER run's object also names ``eval_noise``, how its actor acted: ``sample`` (one-step
-samples, the reference's evaluation and the agent's default ``agent.eval_noise``) or
-``zero_noise`` (the repeatable ``D(0, sigma_max | s)``); ``--eval-noise`` chooses it for any
-checkpoint, one written before the key existed included.
+``cp3er-eval <run_dir or checkpoint> --episodes N [--video]`` prints one JSON object
+(``return_mean``, ``return_iqm``, ``return_ci``, ``returns``, ``frame``, ``success_rate``
+for Meta-World, ``eval_noise`` for CP3ER; fields in docs/usage.md). ``--random-policy
+<task>`` prints it for uniform random actions, ``--constant-action <task>:<a1,a2,...>`` for
+one fixed action at every step (what a policy collapsed onto one action scores).
 """
 
 from __future__ import annotations
@@ -46,11 +36,8 @@ class EpisodeResults:
 
 
 def _acting_on_env_device(policy: Callable) -> Callable:
-    """``policy`` fed on its parameters' device, answering on the CPU (the environments').
-
-    TorchRL's ``rollout(auto_cast_to_device=True)`` casts back only to a declared
-    ``env.device``; these environments declare none, so a GPU policy's actions would reach
-    the CPU environment (and its reward-sum transform) on the GPU."""
+    """``policy`` fed on its parameters' device, answering on the CPU: TorchRL's
+    ``rollout(auto_cast_to_device=True)`` casts back only to a declared ``env.device``."""
     params = next(iter(policy.parameters()), None) if hasattr(policy, "parameters") else None
     if params is None or params.device.type == "cpu":
         return policy
@@ -66,9 +53,8 @@ def run_episodes(
     env: EnvBase, policy, episodes: int, *, record_video: bool = False, max_steps: int = 100_000,
     progress: bool = False,
 ) -> EpisodeResults:
-    """Roll out ``episodes`` full episodes (until done) with ``policy`` under ``no_grad``;
-    :class:`~cp3er.faults.NumericalError` if the policy emits a non-finite action.
-    ``progress`` shows a bar per episode on stderr."""
+    """Roll out ``episodes`` full episodes; :class:`~cp3er.faults.NumericalError` on a
+    non-finite action."""
     from tqdm import tqdm
 
     results = EpisodeResults()
@@ -90,18 +76,15 @@ def run_episodes(
 
 def random_policy_summary(task: str, episodes: int, *, obs: str = "state",
                           seed: int = 12345) -> dict:
-    """:func:`summarize` of ``episodes`` episodes of uniform random actions on ``task``.
-
-    Random actions ignore the observation, so ``obs="state"`` (the default: no rendering)
-    measures the same return distribution as pixels, faster."""
+    """:func:`summarize` of uniform random actions on ``task`` (``obs="state"``: the same
+    returns as pixels, without rendering)."""
     return _fixed_policy_summary(task, episodes, obs, seed, lambda env: None)
 
 
 def constant_action_summary(task: str, action: list[float], episodes: int, *,
                             obs: str = "state", seed: int = 12345) -> dict:
-    """:func:`summarize` of ``episodes`` episodes playing ``action`` at every step of
-    ``task`` (``obs`` as in :func:`random_policy_summary`); ``ValueError`` naming the
-    task's action size and bounds when ``action`` does not fit them."""
+    """:func:`summarize` of ``action`` at every step of ``task``; ``ValueError`` when it does
+    not fit the task's action size and bounds."""
 
     def constant_policy(env: EnvBase) -> Callable:
         spec = env.action_spec
@@ -120,8 +103,7 @@ def constant_action_summary(task: str, action: list[float], episodes: int, *,
 
 def _fixed_policy_summary(task: str, episodes: int, obs: str, seed: int,
                           policy_for: Callable[[EnvBase], Callable | None]) -> dict:
-    """:func:`summarize` of ``episodes`` episodes on a fresh ``task`` env of the policy
-    ``policy_for(env)`` gives (``None``: uniform random actions)."""
+    """:func:`summarize` of ``policy_for(env)`` (``None``: random actions) on a fresh env."""
     from envs import make_env
 
     env = make_env(task, obs, seed=seed)
@@ -145,8 +127,7 @@ def summarize(task: str, results: EpisodeResults, seed: int = 0) -> dict:
         "return_iqm": float(interquartile_mean(returns)),
         "return_ci": [float(low), float(high)],
         "episode_length_mean": float(np.mean(results.lengths)),
-        # per episode, in order: with one --seed, episode i starts from the same state for
-        # every policy, so two runs' returns can be compared episode by episode
+        # in order: with one --seed, episode i starts from the same state for every policy
         "returns": [round(float(r), 3) for r in returns],
     }
     if results.successes:
@@ -155,8 +136,7 @@ def summarize(task: str, results: EpisodeResults, seed: int = 0) -> dict:
 
 
 def _eval_noise(cfg, agent, requested: str | None) -> str | None:
-    """The evaluation mode of a CP3ER run's actor (``requested`` set on it), ``None`` for
-    another agent; ``ValueError`` when ``requested`` does not apply."""
+    """Set and return a CP3ER actor's evaluation mode (``None`` for another agent)."""
     if cfg.agent.name != "cp3er":
         if requested is None:
             return None

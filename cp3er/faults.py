@@ -17,10 +17,8 @@ class NumericalError(FloatingPointError):
     """A loss or parameter became NaN/inf; the message names it and where it happened."""
 
 
-#: Update metrics (losses, Q values) beyond this magnitude mean a blown-up run: returns
-#: are at most ~1e4 on every task here (DMC 1000 per episode; Meta-World 10 per step, Q at
-#: most ~2e3 with gamma 0.99), so a loss or Q of 1e8 is no learning state (``lr=1e6``:
-#: actor Q 3e13 at the first update, finite weights that pass the NaN checks).
+#: Losses or Q values beyond this mean a blown-up run (returns are at most ~1e4 here: DMC
+#: 1000 an episode, Meta-World Q ~2e3); ``lr=1e6`` hits Q 3e13 with finite weights.
 EXPLODING = 1e8
 #: The Q metrics checked with the losses (an agent reports the ones it has).
 Q_METRICS = ("q_mean", "target_mean", "actor_q")
@@ -40,8 +38,7 @@ def check_finite_losses(metrics: Mapping[str, float], names: Iterable[str], *, u
                                  "(learning rate too high?)")
 
 
-#: Errors torch raises inside an update when it meets non-finite values (the mixture
-#: critic's ancestral sampler: ``invalid multinomial distribution``).
+#: Errors torch raises on non-finite values (e.g. the mixture critic's multinomial).
 _NUMERIC_FAILURE = re.compile(r"multinomial|\b(nan|inf)\b|finite|invalid values",
                               re.IGNORECASE)
 
@@ -53,10 +50,8 @@ def numeric_failure(error: BaseException) -> bool:
 
 
 def check_finite_parameters(module: torch.nn.Module, *, update: int, frame: int) -> None:
-    """Raise :class:`NumericalError` naming the first parameter/buffer holding NaN/inf.
-
-    One fused reduction over all tensors; names are looked up only on failure.
-    """
+    """Raise :class:`NumericalError` naming the first parameter/buffer holding NaN/inf (one
+    fused reduction; names looked up on failure)."""
     tensors = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers())
                if t.is_floating_point()]
     if not tensors:
@@ -72,8 +67,8 @@ def check_finite_parameters(module: torch.nn.Module, *, update: int, frame: int)
 
 
 def check_finite_actions(actions: torch.Tensor, context: str) -> None:
-    """Raise :class:`NumericalError` if the policy emitted a NaN/inf action: finite but
-    exploding weights (e.g. ``lr=1e6``) pass the parameter check yet act with NaN."""
+    """Raise :class:`NumericalError` on a NaN/inf action (exploding finite weights pass the
+    parameter check)."""
     if not bool(torch.isfinite(actions).all()):
         raise NumericalError(f"the policy emitted non-finite actions ({context})")
 
@@ -91,12 +86,9 @@ def check_policy_acts(policy: torch.nn.Module, obs: TensorDictBase, context: str
 class Preemption:
     """Context manager turning SIGTERM/SIGINT/SIGUSR2 into a flag the training loop polls.
 
-    The first signal sets :attr:`received` (the loop then checkpoints at its next safe
-    point and returns); a second SIGINT interrupts at once (``KeyboardInterrupt``).
-    SIGUSR2 is what Slurm sends before a time limit and what submitit's requeue handler
-    listens to (docs/scale.md): the caller checkpoints, then passes the signal on to that
-    handler (:func:`pass_on`). Previous handlers are restored on exit. Only installable
-    from the main thread; elsewhere it does nothing.
+    A second SIGINT raises ``KeyboardInterrupt``. SIGUSR2 (Slurm's time-limit warning) is
+    passed on to submitit's requeue handler after the checkpoint (:func:`pass_on`;
+    docs/scale.md). Does nothing outside the main thread.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
@@ -125,10 +117,8 @@ class Preemption:
 
 
 def pass_on(signum: signal.Signals) -> None:
-    """Call the Python handler installed for ``signum`` (after :class:`Preemption` restored
-    it), if any: submitit's SIGUSR2 handler then requeues the job and exits the process."""
+    """Call the restored Python handler of ``signum`` (submitit's SIGUSR2 handler requeues)."""
     handler = signal.getsignal(signum)
-    # Python's own SIGINT handler only raises KeyboardInterrupt: after the checkpoint that
-    # is a traceback and exit code 1 in place of the documented 130
+    # Python's SIGINT handler raises KeyboardInterrupt: a traceback, not the documented 130
     if callable(handler) and handler is not signal.default_int_handler:
         handler(signum, None)

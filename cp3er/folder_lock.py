@@ -1,9 +1,5 @@
-"""One writer per run folder: an exclusive ``fcntl.flock`` on ``<run_dir>/.lock``.
-
-The kernel drops a ``flock`` when its holder exits or dies (SIGKILL included), so a lock
-file left by a dead process never blocks a resume; the file only records the last
-holder's pid for the error message.
-"""
+"""One writer per run folder: an exclusive ``fcntl.flock`` on ``<run_dir>/.lock``, which the
+kernel drops when its holder dies; the file only records the holder's pid."""
 
 from __future__ import annotations
 
@@ -22,19 +18,15 @@ class RunLockedError(RuntimeError):
 
 
 class RunLock:
-    """Exclusive lock on a run folder, held from :meth:`acquire` to :meth:`release`
-    (or the end of the process)."""
+    """Exclusive lock on a run folder, from :meth:`acquire` to :meth:`release`."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
-        self._created = False  # the lock file is this holder's (a launch that stopped
-        # before it wrote anything removes it: :meth:`release` with ``discard``)
+        self._created = False  # the lock file is this holder's (release(discard=True))
 
     def _open(self) -> int:
-        """The lock file's descriptor, never through a symlink (a ``.lock`` linked to a
-        file outside the run folder would be truncated): one-line
-        :class:`~cp3er.checkpoint.UnsafePathError` then."""
+        """The lock file's descriptor, never through a symlink (it would be truncated)."""
         flags = os.O_RDWR | os.O_NOFOLLOW
         try:
             try:
@@ -76,8 +68,7 @@ class RunLock:
         return self
 
     def release(self, discard: bool = False) -> None:
-        """Let the folder go; ``discard``: also remove the lock file if this holder created
-        it (a launch refused before it wrote anything leaves the folder as it found it)."""
+        """Let the folder go; ``discard``: also remove a lock file this holder created."""
         if self._fd is not None:
             if discard and self._created:
                 self.path.unlink(missing_ok=True)  # while held: a waiting opener re-checks

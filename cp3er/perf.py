@@ -1,15 +1,9 @@
-"""Process-level performance settings for CPU training (see docs/performance.md).
+"""Process-level performance settings for CPU training (docs/performance.md).
 
-``tune_allocator``: glibc's malloc serves every allocation above 128 KiB with a fresh
-``mmap`` and returns it to the kernel on ``free``, so each of an update's large temporary
-tensors (a batch of 256 conv activations is 40-50 MB) is page-faulted in again, every
-update. Keeping freed memory in the heap (``M_TOP_PAD`` 1 GiB, ``M_TRIM_THRESHOLD``
-2 GiB, set with ``mallopt``) saves about a third of a pixel update on CPU
-(docs/performance.md, "Measurements behind code choices"). The same effect as the
-environment variables ``MALLOC_TOP_PAD_`` / ``MALLOC_TRIM_THRESHOLD_`` or a caching
-allocator (jemalloc, tcmalloc) via ``LD_PRELOAD``, without either. The price: the
-process keeps its peak heap instead of returning it.
-No-op (returns False) where the C library has no ``mallopt`` (macOS, musl, Windows).
+``tune_allocator``: glibc returns allocations above 128 KiB to the kernel on ``free``, so an
+update's large temporaries are page-faulted in again every update; ``mallopt`` keeps them in
+the heap (as ``MALLOC_TOP_PAD_`` / ``MALLOC_TRIM_THRESHOLD_`` or jemalloc would), at the
+price of keeping the peak heap. No-op where libc has no ``mallopt`` (macOS, musl, Windows).
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Run state beside :mod:`cp3er.checkpoint`: the training loop's counters as one object,
-the RNG states, and which config and checkpoint a (resumed) run uses.
-
-A checkpoint (``checkpoints/latest.pt``) holds ``{"agent", "config", "counters", "rng"}``:
-``counters`` is a :class:`LoopState` as a plain dict (format 2 loads with
-``torch.load(weights_only=True)``), ``rng`` is :func:`rng_state`. What may change on a
-resume is decided by :func:`resolve_run_config` (docs/checkpoints.md).
-"""
+"""Run state beside :mod:`cp3er.checkpoint`: loop counters, RNG states, and which config and
+checkpoint a (resumed) run uses. A checkpoint holds ``{"agent", "config", "counters",
+"rng"}``, all plain containers and tensors."""
 
 from __future__ import annotations
 
@@ -29,9 +24,8 @@ from cp3er.logs import flatten_config
 class LoopState:
     """The training loop's position, saved and restored as a whole.
 
-    ``seconds`` and ``physics_errors`` count the run before this process (the trainer adds
-    its own when it checkpoints); ``pending_metrics`` holds the update metrics since the
-    last train row of ``metrics.csv`` (a resume writes them into the next one).
+    ``seconds`` and ``physics_errors`` count the run before this process; ``pending_metrics``
+    holds update metrics not yet in a ``metrics.csv`` train row.
     """
 
     step: int = 0  # agent steps taken in the training env
@@ -45,7 +39,7 @@ class LoopState:
     pending_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def to_checkpoint(self) -> dict:
-        """A plain dict (ints, floats, lists) for ``state["counters"]``."""
+        """A plain dict for ``state["counters"]``."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -61,14 +55,8 @@ class LoopState:
         return state
 
 
-# What a resumed run may take from its command line (docs/checkpoints.md):
-# MACHINE_KEYS silently (machine-specific; ``replay.device`` goes with
-# ``device``, and a checkpoint loads onto either; a requeued job's Ray cluster has a new
-# address); RESUME_MAY_CHANGE with a printed line (``frames``: a larger value extends the
-# run, a finished one too; logging and speed switches, which keep the math up to float
-# rounding: ``perf.precision`` changes that rounding; where the collector workers run, the
-# same workers and replay streams). Every other entry that differs from the run's
-# config.yaml (task, agent, seed, lr, batch_size, ...: the experiment itself) is refused.
+# What a resume may take from its command line (docs/checkpoints.md, "Resume"): MACHINE_KEYS
+# silently, RESUME_MAY_CHANGE with a printed line; any other difference is refused.
 MACHINE_KEYS = ("run_dir", "device", "replay.device", "threads", "log.progress", "resume",
                 "collector.ray_address")
 RESUME_MAY_CHANGE = ("frames", "log", "perf", "collector.backend")
@@ -85,8 +73,7 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """torch, numpy and ``random`` states as tensors and plain containers (a checkpoint
-    loads with ``torch.load(weights_only=True)``)."""
+    """torch, numpy and ``random`` states as tensors and plain containers (weights-only)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     return {"torch": torch.get_rng_state(),
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
@@ -122,15 +109,11 @@ def _load_saved_config(path: Path) -> DictConfig:
 def resolve_run_config(
     cfg: DictConfig,
 ) -> tuple[DictConfig, dict | None, Path | None, list[str]]:
-    """The config a run uses, the checkpoint it resumes from (if ``cfg.resume``) and the
-    changes a resume takes from the command line (lines to print).
+    """``(config, checkpoint state, replay folder, changes to print)`` of a run.
 
-    ``resume=true``: the run folder's saved ``config.yaml``, with the command line's
-    :data:`MACHINE_KEYS` and :data:`RESUME_MAY_CHANGE` entries (``frames`` no lower than
-    the checkpoint's frame) and the entries the saved file predates; any other difference
-    is refused. ``resume=false``: refuses a run folder that already holds a checkpoint
-    (never overwrites a run silently). ``resume=auto``: ``true`` when the run folder holds
-    a checkpoint, else ``false`` (a job that a cluster requeues runs the same command).
+    ``resume=true``: the saved ``config.yaml`` plus the command line's :data:`MACHINE_KEYS`,
+    :data:`RESUME_MAY_CHANGE` and entries the file predates; ``resume=false`` refuses a
+    folder with a checkpoint; ``auto``: ``true`` iff there is one.
     """
     run_dir = Path(cfg.run_dir)
     resume = has_checkpoint(run_dir) if cfg.resume == "auto" else cfg.resume
@@ -177,8 +160,7 @@ def resolve_run_config(
 
 
 def prepare_run_dir(run_dir: Path) -> Path:
-    """Create ``run_dir`` (and parents); a one-line :class:`ResumeError` if it is a file
-    or cannot be written."""
+    """Create ``run_dir``; one-line :class:`ResumeError` if a file or not writable."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -198,10 +180,8 @@ RUN_FILES = frozenset({".lock", "config.yaml", "metrics.csv", "checkpoints", "re
 
 
 def refuse_outside_links(run_dir: Path) -> None:
-    """One-line :class:`~cp3er.checkpoint.UnsafePathError` for a symlink in ``run_dir``
-    that a run would follow outside it: any symlink among the files the run reads, writes
-    or deletes (:data:`RUN_FILES`, everything under ``checkpoints/``), elsewhere (a
-    logger's folder) one whose target leaves the run folder."""
+    """:class:`~cp3er.checkpoint.UnsafePathError` for any symlink among :data:`RUN_FILES`
+    (and under them), or elsewhere one that leaves the run folder."""
     root = os.path.realpath(run_dir)
     for folder, dirs, files in os.walk(run_dir):
         for name in (*dirs, *files):

@@ -1,21 +1,9 @@
-"""Statistics of evaluation scores, one implementation for ``cp3er-eval`` and ``cp3er-plot``.
+"""Statistics of evaluation scores for ``cp3er-eval`` and ``cp3er-plot``: rliable's
+estimators and bootstraps (Agarwal et al., "Deep Reinforcement Learning at the Edge of the
+Statistical Precipice", NeurIPS 2021).
 
-The estimators and the resampling schemes are rliable's (Agarwal et al., "Deep
-Reinforcement Learning at the Edge of the Statistical Precipice", NeurIPS 2021):
-
-- :func:`interquartile_mean` (``metrics.aggregate_iqm``), :func:`optimality_gap`
-  (``aggregate_optimality_gap`` with gamma = 1) and the mean: the :data:`AGGREGATES`;
-- :func:`bootstrap_mean_ci`: the 95% percentile CI of a mean over replicates (seeds or
-  episodes), the replicates resampled with replacement (one bootstrap, used for a single
-  run's episodes and for learning-curve bands alike);
-- :func:`stratified_bootstrap_ci`: rliable's ``StratifiedBootstrap`` (runs resampled within
-  each task) for an aggregate over tasks; :func:`aggregate_metrics` applies it to every
-  aggregate.
-
-Implemented with numpy rather than by depending on ``rliable``: rliable 1.2.0 pulls in arch,
-statsmodels, pandas and seaborn, and with the pandas 3 that pip resolves today ``import
-rliable.library`` fails inside arch 7.2. On the same score matrices the point estimates
-equal rliable's and the CIs agree to Monte-Carlo error. With unequal seed counts per task
+In numpy because ``import rliable.library`` fails inside arch 7.2 with pandas 3. Point
+estimates equal rliable's, CIs agree to Monte-Carlo error; with unequal seed counts per task
 the pooled estimates weigh tasks by their runs (rliable needs a full runs x tasks matrix).
 """
 
@@ -68,11 +56,8 @@ def bootstrap_mean_ci(values: np.ndarray, reps: int = 2000,
                       rng: np.random.Generator | int = 0) -> tuple[np.ndarray, np.ndarray]:
     """95% percentile CI of the mean over axis 0 (replicates) of ``values``.
 
-    ``values`` is ``[replicates]`` (one CI, returned as 0-d arrays) or ``[replicates,
-    columns]`` (one CI per column, e.g. per frame of a learning curve; the same resamples for
-    every column). Each resample draws the replicates with replacement (multinomial counts,
-    so the memory is ``reps x chunk`` whatever the number of columns). ``rng``: a generator
-    or a seed.
+    ``[replicates]`` gives 0-d bounds, ``[replicates, columns]`` one CI per column from the
+    same resamples (multinomial counts: memory ``reps x chunk``). ``rng``: generator or seed.
     """
     rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
     values = np.asarray(values, dtype=np.float64)
@@ -97,11 +82,8 @@ def stratified_bootstrap_ci(
     reps: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """95% percentile CI of ``statistic`` over pooled runs, resampling runs within each task.
-
-    rliable's stratified bootstrap (Agarwal et al. 2021, Sec. 4): every resample keeps each
-    task's number of runs; ``statistic`` maps ``[reps, runs]`` to ``[reps]``.
-    """
+    """95% percentile CI of ``statistic`` (``[reps, runs] -> [reps]``) over pooled runs,
+    resampled within each task (rliable's stratified bootstrap, Agarwal et al. 2021, Sec. 4)."""
     rng = np.random.default_rng(seed)
     resampled = [s[rng.integers(0, len(s), size=(reps, len(s)))] for s in scores_by_task]
     low, high = percentile_ci(statistic(np.concatenate(resampled, axis=1)))
@@ -110,11 +92,8 @@ def stratified_bootstrap_ci(
 
 def aggregate_metrics(scores_by_task: dict[str, np.ndarray], reps: int = 2000, seed: int = 0,
                       ) -> dict:
-    """IQM, mean and optimality gap of normalized final scores with stratified-bootstrap CIs.
-
-    ``scores_by_task``: ``{task: normalized scores of its runs}``; the point estimates pool
-    all runs (rliable flattens its runs x tasks matrix the same way).
-    """
+    """IQM, mean and optimality gap of ``{task: normalized scores}`` with stratified-bootstrap
+    CIs; point estimates pool all runs (as rliable flattens its matrix)."""
     tasks = sorted(scores_by_task)
     per_task = [np.asarray(scores_by_task[t], dtype=np.float64) for t in tasks]
     pooled = np.concatenate(per_task)

@@ -1,13 +1,7 @@
-"""How many CPU threads torch gets: ``threads=auto`` (the default) uses the cores this
-process may run on that other jobs are not already keeping busy.
-
-torch's default (one thread per core) oversubscribes a shared machine: each operation
-splits across every core and waits for the slowest share while other jobs hold those cores
-(docs/performance.md, "Threads on a shared machine": a pixel run took several times longer
-with torch's default than with one thread when the two cores were busy). ``auto`` takes the
-cores in the process's affinity mask minus the machine's one-minute load average (the
-runnable jobs already there), at least one; an integer sets the count; ``null`` leaves
-torch's default. Every CLI takes ``--threads`` with the same values.
+"""How many CPU threads torch gets: ``threads=auto`` (default) takes the affinity cores minus
+the one-minute load average, at least one, since torch's one thread per core oversubscribes
+a shared machine (docs/performance.md, "Threads on a shared machine"); an integer sets the
+count, ``null`` keeps torch's default. Every CLI takes ``--threads`` with the same values.
 """
 
 from __future__ import annotations
@@ -39,20 +33,15 @@ def _load_average() -> float:
 
 
 def auto_threads(cores: int | None = None, load: float | None = None) -> int:
-    """``cores - load`` rounded, within ``[1, cores]``: the cores other jobs leave free.
-
-    Args:
-        cores: available cores (default :func:`available_cores`).
-        load: runnable jobs already there (default the one-minute load average).
-    """
+    """``round(cores - load)`` within ``[1, cores]`` (defaults: :func:`available_cores`, the
+    one-minute load average)."""
     cores = available_cores() if cores is None else cores
     load = _load_average() if load is None else load
     return max(1, min(cores, round(cores - load)))
 
 
 def parse_threads(value: int | str | None) -> int | str | None:
-    """A ``threads`` setting: ``"auto"``, an integer >= 1 or ``None`` (torch's default;
-    ``"default"`` on a command line). Raises ``ValueError`` naming the valid forms."""
+    """A ``threads`` setting: ``"auto"``, an integer >= 1 or ``None``/``"default"``."""
     if value is None or value == "default":
         return None
     if value == "auto":
@@ -68,8 +57,7 @@ def parse_threads(value: int | str | None) -> int | str | None:
 
 
 def apply_threads(value: int | str | None) -> tuple[int, str]:
-    """Set torch's intra-op threads from a ``threads`` setting; returns the count and how
-    it was chosen (for the run's first line)."""
+    """Set torch's intra-op threads; returns the count and how it was chosen."""
     setting = parse_threads(value)
     if setting is None:
         return torch.get_num_threads(), "torch's default"

@@ -1,15 +1,11 @@
-"""Environment builders: pixel and state DMC (suite + manipulation) and Meta-World.
-
-``make_env(task, obs, seed, **overrides)`` is the one entry point; ``TASKS`` maps every
-registered task name to its :class:`TaskSpec`.
-"""
+"""Environment builders (pixel and state DMC, manipulation, Meta-World): ``make_env``;
+``TASKS`` maps every registered task name to its :class:`TaskSpec`."""
 
 from __future__ import annotations
 
 import os
 
-# Headless rendering: EGL works through Mesa; osmesa does not. Must be set before
-# dm_control / mujoco are imported; a user's own MUJOCO_GL wins.
+# Headless rendering through Mesa EGL (osmesa fails); before dm_control / mujoco import.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from torchrl.envs import EnvBase
@@ -83,8 +79,7 @@ __all__ = [
 
 
 def physics_errors(env: EnvBase) -> int:
-    """Steps of ``env`` whose MuJoCo simulation failed (each ended its episode as a
-    truncation; see ``envs/dmc.py`` and ``envs/metaworld.py``)."""
+    """Steps of ``env`` whose MuJoCo simulation failed (each truncated its episode)."""
     inner = getattr(env, "base_env", env)
     inner = getattr(inner, "_env", None)
     while inner is not None:

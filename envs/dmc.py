@@ -1,20 +1,9 @@
 """DeepMind Control (suite + the DrQ-v2 manipulation task) as TorchRL environments.
 
-Two small dm_env wrappers sit below TorchRL's :class:`DMControlWrapper`:
-
-* :class:`ActionRepeat` repeats the action *below the renderer*, so a pixel
-  observation is rendered once per agent step (TorchRL's ``FrameSkipTransform`` /
-  ``frame_skip`` re-render on every sub-step: docs/implementation.md, stack note 1).
-* :class:`ObservationAdapter` turns the task's observation dict into exactly one entry,
-  ``pixels`` (HxWx3 uint8, rendered once) or ``observation`` (flat float32), which
-  covers both the suite (rendered) and manipulation (a camera observation) tasks.
-  It also turns a MuJoCo ``PhysicsError`` raised by a step (divergent simulation) into
-  the end of the episode as a *truncation* (LAST time step, discount 1, the last good
-  observation, reward 0), counted in ``physics_errors``; the next reset is clean.
-
-TorchRL's ``DMControlWrapper`` only accepts ``control.Environment`` or
-``pixels.Wrapper`` instances, so :class:`DMControlTorchRLEnv` relaxes that check and
-re-seeds through the innermost task.
+dm_env wrappers below TorchRL's ``DMControlWrapper``: :class:`ActionRepeat` below the
+renderer (one render per agent step; TorchRL's ``frame_skip`` renders every sub-step) and
+:class:`ObservationAdapter` (one observation entry; a ``PhysicsError`` ends the episode as
+a truncation). Why: docs/implementation.md, "Notes on the software stack".
 """
 
 from __future__ import annotations
@@ -34,7 +23,7 @@ _MANIPULATION_CAMERA_KEY = "front_close"
 
 
 class _DelegatingWrapper(dm_env.Environment):
-    """Base for dm_env wrappers: everything not overridden goes to the wrapped env."""
+    """dm_env wrapper base: everything not overridden goes to the wrapped env."""
 
     def __init__(self, env: dm_env.Environment) -> None:
         self._env = env
@@ -65,11 +54,8 @@ class _DelegatingWrapper(dm_env.Environment):
 
 
 class ActionRepeat(_DelegatingWrapper):
-    """Repeat each action ``repeat`` times, summing rewards (DrQ-v2 ``ActionRepeatWrapper``).
-
-    Rewards are summed with the inner discounts (DrQ-v2); the episode stops at the first
-    LAST time step inside the repeat.
-    """
+    """Repeat each action ``repeat`` times, rewards summed with the inner discounts
+    (DrQ-v2 ``ActionRepeatWrapper``); stops at a LAST time step."""
 
     def __init__(self, env: dm_env.Environment, repeat: int) -> None:
         if repeat < 1:
@@ -89,7 +75,8 @@ class ActionRepeat(_DelegatingWrapper):
 
 
 class ObservationAdapter(_DelegatingWrapper):
-    """Expose a single observation entry: ``pixels`` (uint8 HxWx3) or ``observation`` (float32)."""
+    """One observation entry, ``pixels`` (uint8 HxWx3) or ``observation`` (float32); a
+    ``PhysicsError`` becomes a truncation (last good observation, reward 0)."""
 
     def __init__(
         self, env: dm_env.Environment, obs: str, image_size: int, camera: int | str
@@ -166,7 +153,7 @@ def _reseed(env: Any, seed: int) -> None:
 
 
 class DMControlTorchRLEnv(DMControlWrapper):
-    """TorchRL's ``DMControlWrapper`` accepting our dm_env wrappers (see module docstring)."""
+    """``DMControlWrapper`` accepting any dm_env (it takes dm_control's own classes only)."""
 
     def _check_kwargs(self, kwargs: dict) -> None:
         if not isinstance(kwargs.get("env"), dm_env.Environment):

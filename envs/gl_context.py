@@ -1,30 +1,6 @@
-"""Pixel DMC and Meta-World in one process: keep their EGL contexts apart.
-
-dm_control (``dm_control/_render/base.py``) renders through its own EGL contexts;
-Meta-World renders through gymnasium's ``OffScreenViewer``, a ``mujoco.egl.GLContext``
-plus a ``mujoco.MjrContext`` (MuJoCo's GL objects: the offscreen framebuffer, textures).
-Each library assumes it is alone, and two things go wrong when they share a process (a
-test run, a multi-task evaluation script, a notebook), both silently: the DMC frames come
-out black with garbage rows for the rest of that environment's life (99.99% of pixels
-wrong; found by a flaky ``tests/test_envs.py::test_seeding``).
-
-1. dm_control remembers which of its contexts it made current on a thread and skips
-   ``eglMakeCurrent`` when it believes its own is bound. ``mujoco.egl.GLContext`` binds
-   its context (each Meta-World render) and calls ``eglReleaseThread`` when created and
-   freed, without telling dm_control, which then renders into another context or none.
-   :func:`bind_dm_control_context` checks the bound context before a DMC pixel step and
-   re-binds dm_control's own when another displaced it (one ``eglGetCurrentContext``).
-2. gymnasium's ``OffScreenViewer.close()`` frees its GL context but keeps its
-   ``MjrContext``; when the viewer is garbage-collected later, the ``MjrContext``
-   destructor runs ``mjr_freeContext`` in whatever context is bound then, possibly
-   dm_control's, and deletes *its* framebuffer (GL object names are small integers that
-   both contexts use). :func:`release_mujoco_renderer` frees each viewer's
-   ``MjrContext`` inside its own GL context first; our Meta-World adapter's ``close()``
-   calls it, and so should code that closes its own gymnasium MuJoCo environments.
-
-Neither library has a hook for this, hence this module. Only the EGL backend is
-affected; for other ``MUJOCO_GL`` backends both functions do nothing.
-"""
+"""Pixel DMC and Meta-World in one process: keep their EGL contexts apart, else DMC frames
+come out black (docs/implementation.md, "Pixel DMC and Meta-World in one process").
+No-ops unless ``MUJOCO_GL=egl``."""
 
 from __future__ import annotations
 
@@ -39,11 +15,8 @@ def _egl() -> bool:
 
 
 def bind_dm_control_context(physics: Any) -> bool:
-    """Make ``physics``'s dm_control EGL context current if another one displaced it.
-
-    Returns True when it had to re-bind. A no-op (False) for backends other than EGL and
-    before ``physics`` has created its rendering contexts.
-    """
+    """Make ``physics``'s dm_control EGL context current if another displaced it; True if
+    it had to re-bind."""
     if not _egl():
         return False
     contexts = getattr(physics, "_contexts", None)  # created lazily by the first render
@@ -64,12 +37,8 @@ def bind_dm_control_context(physics: Any) -> bool:
 
 
 def release_mujoco_renderer(env: Any) -> int:
-    """Free the ``MjrContext`` of each offscreen viewer of a gymnasium MuJoCo ``env``
-    inside that viewer's own GL context, before ``env.close()`` frees the GL context.
-
-    Returns the number of viewers released. Safe to call twice (a freed ``MjrContext``
-    holds no GL objects) and on environments that never rendered.
-    """
+    """Free each offscreen viewer's ``MjrContext`` of a gymnasium MuJoCo ``env`` in its own
+    GL context, before ``env.close()``; returns the count released. Safe to call twice."""
     renderer = getattr(getattr(env, "unwrapped", env), "mujoco_renderer", None)
     viewers = getattr(renderer, "_viewers", None) or {}
     released = 0

@@ -1,16 +1,9 @@
 """Meta-World (metaworld 3.x, v3 tasks) as TorchRL environments.
 
-:class:`MetaWorldAdapter` is the smallest gymnasium wrapper doing what TorchRL has
-no part for: repeat the action below the renderer (render once per agent step),
-flip Meta-World's vertically-flipped renders, expose one observation entry
-(``pixels`` uint8 HxWx3 or ``observation`` float32), and report ``success`` per
-agent step as a bool (True if the task succeeded at any repeated sub-step).
-A MuJoCo simulation error ends the episode at once as a *truncation*, counted in
-``physics_errors``; the next reset is clean. Detected two ways: Meta-World's
-``_did_see_sim_exception`` flag (set by versions that catch simulator exceptions, after
-which the env returns its last stable observation with reward 0 until the time limit),
-and MuJoCo's own instability warnings (``mjWARN_BADQACC`` etc.: with mujoco 3 the
-simulator resets the state silently instead of raising).
+A simulation error ends the episode as a truncation, detected by Meta-World's
+``_did_see_sim_exception`` flag (its env would otherwise return its last stable observation
+with reward 0 until the time limit) or MuJoCo's instability warnings (mujoco 3 resets the
+state silently instead of raising).
 """
 
 from __future__ import annotations
@@ -33,7 +26,8 @@ _UNSTABLE_WARNINGS = (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN
 
 
 class MetaWorldAdapter(gym.Wrapper):
-    """Action repeat + single observation entry + boolean ``success`` for Meta-World."""
+    """Action repeat below the renderer, renders flipped upright, one observation entry,
+    ``success`` at any repeated sub-step."""
 
     def __init__(self, env: gym.Env, obs: str, action_repeat: int) -> None:
         if action_repeat < 1:
@@ -53,7 +47,7 @@ class MetaWorldAdapter(gym.Wrapper):
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         if self._obs == "pixels":
-            # Meta-World renders upside down (docs/implementation.md, stack note 5): flip rows.
+            # Meta-World renders upside down: flip rows.
             return {"pixels": np.ascontiguousarray(self.env.render()[::-1])}
         return {"observation": np.asarray(state, dtype=np.float32)}
 
@@ -118,10 +112,8 @@ def make_metaworld_env(
               "camera_name": camera} if obs == "pixels" else {}
     env = gym.make("Meta-World/MT1", env_name=spec.domain, seed=seed,
                    disable_env_checker=True, **render)
-    # MT1 makes the goal observable when its first task is set (at reset), but the env's
-    # observation space was built before, with the goal's bounds at [0, 0]: every
-    # observation then lies outside it. Declare the space the observations come from, then
-    # run gymnasium's passive checker against it (instead of warning on every run).
+    # MT1's observation space is built before reset makes the goal observable (goal bounds
+    # [0, 0]): declare the space the observations come from, then check against it.
     env.reset(seed=seed)
     env.observation_space = env.unwrapped.observation_space = (
         env.unwrapped.sawyer_observation_space)
@@ -132,7 +124,7 @@ def make_metaworld_env(
         env = gym.wrappers.PassiveEnvChecker(env)
     env = MetaWorldAdapter(env, obs, action_repeat)
     torchrl_env = GymWrapper(env)
-    # info["success"] is a Python float: read it with a spec (docs/implementation.md, stack note 5).
+    # info["success"] is a Python float: read it with a spec.
     reader = default_info_dict_reader(
         ["success"], spec={"success": Categorical(2, shape=(1,), dtype=torch.bool)}
     )

@@ -16,8 +16,7 @@ Suite = Literal["dmc", "manipulation", "metaworld"]
 
 # DrQ-v2: quadruped is filmed from camera 2, everything else from camera 0.
 _DMC_CAMERA = {"quadruped": 2}
-# Meta-World's fixed corner camera; the CP3ER reference code: "corner4" is the view the
-# reference code built by moving "corner2" in Meta-World v2 (override `camera=corner4`).
+# The reference code's view is "corner4" (its moved "corner2" of Meta-World v2; `camera=corner4`).
 METAWORLD_CAMERA = "corner2"
 
 
@@ -25,14 +24,9 @@ METAWORLD_CAMERA = "corner2"
 class TaskSpec:
     """What is needed to build one task.
 
-    Attributes:
-        name: registry name (``cheetah_run``, ``mw_assembly``).
-        suite: ``dmc`` (dm_control.suite), ``manipulation`` (dm_control.manipulation,
-            vision variant) or ``metaworld``.
-        domain: dm_control domain, or the Meta-World environment name (``assembly-v3``).
-        task: dm_control task name (empty for Meta-World).
-        camera: camera id (DMC) or camera name (Meta-World) used for pixels.
-        episode_env_steps: environment steps in one episode (before action repeat).
+    ``domain`` is the dm_control domain or the Meta-World env name (``assembly-v3``);
+    ``task`` is empty for Meta-World; ``camera`` an id (DMC) or a name (Meta-World);
+    ``episode_env_steps`` counts environment steps before action repeat.
     """
 
     name: str

@@ -26,8 +26,7 @@ __all__ = [
     "unwrap",
 ]
 
-#: Anything called as ``fn(x, sigma, cond) -> Tensor``: a :class:`Denoiser`, an EMA copy
-#: made by :func:`ema_target`, or a test double.
+#: Anything called as ``fn(x, sigma, cond) -> Tensor`` (a :class:`Denoiser` or its EMA copy).
 DenoiserFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 #: Scale of the network's noise input, ``c_noise(sigma) = 250 ln(sigma)`` (Song et al.
@@ -39,15 +38,9 @@ class Denoiser(nn.Module):
     """Consistency function ``D(x, sigma | cond)`` with EDM preconditioning.
 
     ``D = clip(c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, 250 ln sigma, cond))``
-    (Song et al. 2023; Karras et al. 2022, table 1). ``clip`` maps into the action
-    box ``[-1, 1]``:
-
-    - ``"clamp"``: hard clamp, as the CP3ER reference; saturated outputs get zero gradient.
-    - ``"straight_through"``: clamped forward value, identity gradient.
-    - ``"none"``: no clipping; then ``D(x, sigma_min) = x`` holds exactly for every ``x``
-      (with a clip it holds for ``x`` inside the box).
-
-    ``sigma`` may be a Python float, a 0-d tensor, ``(*batch,)`` or ``(*batch, 1)``.
+    (Song et al. 2023; Karras et al. 2022, table 1). ``clip`` into ``[-1, 1]``: ``"clamp"``
+    (the CP3ER reference; zero gradient when saturated), ``"straight_through"`` (identity
+    gradient) or ``"none"`` (then ``D(x, sigma_min) = x`` for every ``x``, not only in the box).
     """
 
     def __init__(
@@ -99,9 +92,8 @@ def phased_map(
 ) -> Tensor:
     """Phased consistency map from noise ``t`` to the phase edge ``s <= t`` (Wang et al. 2024).
 
-    The DDIM-form parameterization of PCM: with ``x0 = D(x, t)`` and
-    ``eps = (x - x0) / t``, ``f(x, t -> s) = x0 + s eps = (s/t) x + (1 - s/t) D(x, t)``.
-    It satisfies the phase boundary condition ``f(x, s -> s) = x`` exactly for any ``D``.
+    PCM's DDIM form: ``f(x, t -> s) = (s/t) x + (1 - s/t) D(x, t)``, so ``f(x, s -> s) = x``
+    exactly for any ``D``.
     """
     t, s = batch_sigma(t, x), batch_sigma(s, x)
     ratio = (s / t).unsqueeze(-1)
@@ -132,14 +124,11 @@ def schedule_of(denoiser: DenoiserFn) -> KarrasSchedule:
 
 
 def ema_target(denoiser: nn.Module, decay: float = 0.995) -> AveragedModel:
-    """EMA copy of ``denoiser`` as a consistency target (Consistency-AC uses 0.995).
+    """EMA copy of ``denoiser`` as a consistency target (Song et al.'s ``theta^-``;
+    Consistency-AC uses 0.995): ``p_ema <- decay p_ema + (1 - decay) p``.
 
-    A ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)`` over
-    parameters and buffers, gradients off. Call ``ema_update(target, denoiser)`` (or
-    ``target.update_parameters(denoiser)``, the same values) after each optimiser step:
-    ``p_ema <- decay p_ema + (1 - decay) p``. It is initialised
-    (first update done) here, so the first call already averages. Call it like the
-    denoiser: ``target(x, sigma, cond)``; its schedule is ``target.module.schedule``.
+    An ``AveragedModel`` over parameters and buffers, gradients off, already initialised;
+    move it with :func:`ema_update` after each optimiser step.
     """
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in denoiser.parameters()):
         raise ValueError("ema_target: the denoiser has a lazy layer not initialised yet "
@@ -155,11 +144,8 @@ def ema_target(denoiser: nn.Module, decay: float = 0.995) -> AveragedModel:
 
 @torch.no_grad()
 def ema_update(target: AveragedModel, model: nn.Module) -> None:
-    """``target.update_parameters(model)`` for a target made by :func:`ema_target` (already
-    initialised), without its host read: ``AveragedModel.update_parameters`` branches on
-    ``bool(n_averaged == 0)``, a device-to-host copy on a GPU at every call, which a CUDA
-    graph cannot capture. Same arithmetic: ``target.multi_avg_fn`` on each (device, dtype)
-    group of parameters and buffers, then ``n_averaged += 1`` on the device."""
+    """``target.update_parameters(model)`` without its host read (``bool(n_averaged == 0)``,
+    which a CUDA graph cannot capture); same arithmetic."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     averaged = [*target.module.parameters(), *target.module.buffers()]
     current = [*model.parameters(), *model.buffers()]

@@ -1,8 +1,8 @@
-"""Consistency training and distillation, reconstruction (CPQL), phased consistency and
-EDM denoising losses.
+"""Consistency training / distillation, CPQL reconstruction, phased consistency, EDM denoising.
 
 One signature: ``loss(denoiser, actions, cond, *, target=None, generator=None) ->
-(per_sample_loss (*batch,), metrics)``, metrics being detached scalars.
+(per_sample_loss (*batch,), metrics)``, metrics detached scalars
+(``<prefix>_weighted``, ``_mse``, ``_sigma``: mean weighted loss, unweighted MSE, ``t``).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ __all__ = [
 
 
 class _GridLoss(nn.Module):
-    """Shared parts of the losses: the schedule and the draw of ``i ~ U{0..N-2}``.
+    """The schedule and the draw of ``i ~ U{0..N-2}``; ``schedule=None``: the denoiser's.
 
-    ``schedule=None`` uses the denoiser's own ``schedule`` at call time; set it (or assign
-    a new one, e.g. a growing ``num_steps`` for Consistency-AC) to use another grid.
+    Assignable, e.g. a growing ``num_steps`` for Consistency-AC.
     """
 
     prefix = "loss"
@@ -68,21 +67,12 @@ class _GridLoss(nn.Module):
 
 
 class _PairLoss(_GridLoss):
-    """Shared body of consistency training and distillation: a pair ``(x_t, x_t2)`` at
-    adjacent grid levels ``t = sigma_i > t2 = sigma_{i+1}``, ``i ~ U{0..N-2}``, and
+    """``L = w(t) mean_d (D(x_t, t) - stopgrad D_target(x_t2, t2))^2`` on a pair at adjacent
+    levels ``t = sigma_i > t2 = sigma_{i+1}`` (Song et al. 2023, algorithms 2 and 3).
 
-    ``L = w(t) * mean_d (D(x_t, t) - stopgrad D_target(x_t2, t2))^2``
-
-    (Song et al. 2023, algorithms 2 and 3). The target is the online denoiser under
-    ``torch.no_grad`` when ``target is None`` (CP3ER reference, no EMA), else the given
-    module (e.g. :func:`ema_target`: Song et al.'s ``theta^-``, Consistency-AC). Subclasses
-    build the pair in :meth:`_pair`.
-
-    ``clip_outputs=False`` compares the denoisers' outputs *before* their action clip
-    (:meth:`Denoiser.unclipped`; a departure, docs/implementation.md). With the reference's
-    hard clamp an output pushed past +-1 gets no gradient from a clipped loss, so nothing
-    pulls a policy that the Q-term drove onto the bound back into the box; the unclipped
-    loss keeps pulling it towards consistency with the (in-box) replayed actions.
+    ``target=None``: the online denoiser under ``no_grad`` (CP3ER reference, no EMA); else
+    e.g. an :func:`ema_target`. ``clip_outputs=False`` compares outputs before the action
+    clip (a departure: docs/implementation.md, "Consistency loss before the clip").
     """
 
     def __init__(self, schedule: KarrasSchedule | None = None, clip_outputs: bool = True) -> None:
@@ -96,7 +86,7 @@ class _PairLoss(_GridLoss):
         self, target_fn: DenoiserFn, actions: Tensor, cond: Tensor, t: Tensor, t2: Tensor,
         z: Tensor, generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """``(x_t, x_t2, extra metrics)`` from the actions, the levels and the noise."""
+        """``(x_t, x_t2, extra metrics)``."""
         raise NotImplementedError
 
     def forward(
@@ -125,19 +115,11 @@ class _PairLoss(_GridLoss):
 class ConsistencyTrainingLoss(_PairLoss):
     """Consistency-training loss on replay actions (Song et al. 2023, alg. 3; CP3ER).
 
-    One ``z ~ N(0, I)`` for both levels; the target, weighting and ``clip_outputs`` as
-    :class:`_PairLoss` (the loss of the pair below). Couplings of ``(x_t, x_t2)``:
-
-    - ``"independent"``: ``x_t = a + t z``, ``x_t2 = a + t2 z``.
-    - ``"generator"`` (Issenhuth et al. 2024, "Improving Consistency Models with
-      Generator-Induced Flows"): ``a_hat = stopgrad D_target(a + t z, t)``, then
-      ``x_t = a_hat + t z``, ``x_t2 = a_hat + t2 z`` with the same ``z``. Each sample uses
-      this pair with probability ``mu`` and the independent pair otherwise (the paper's
-      50% mix). Costs one extra no-grad forward pass.
-
-    Metrics: ``ct_weighted`` (mean weighted loss), ``ct_mse`` (mean unweighted squared
-    difference), ``ct_sigma`` (mean ``t``), and ``ct_gc_fraction`` (share of samples that
-    used the generator-induced pair) with ``coupling="generator"``.
+    One ``z ~ N(0, I)`` for both levels. ``"independent"``: ``x_t = a + t z``,
+    ``x_t2 = a + t2 z``. ``"generator"`` (Issenhuth et al. 2024, "Improving Consistency
+    Models with Generator-Induced Flows"): with probability ``mu`` (the paper's 50% mix)
+    ``a`` is replaced by ``a_hat = stopgrad D_target(a + t z, t)`` (one extra forward pass);
+    metric ``ct_gc_fraction``.
     """
 
     prefix = "ct"
@@ -177,19 +159,10 @@ class ConsistencyTrainingLoss(_PairLoss):
 class ConsistencyDistillationLoss(_PairLoss):
     """Consistency distillation from a diffusion teacher (Song et al. 2023, alg. 2).
 
-    ``x_t = a + t z`` on a replayed / data action ``a``; the teacher's probability-flow
-    ODE step gives the target's input, ``x_t2 = x_t + (t2 - t) (x_t - D_teacher(x_t, t)) / t``
-    (``solver="euler"``; ``"heun"`` adds the trapezoidal correction,
-    :func:`probability_flow_step`), without gradient. Then the loss of :class:`_PairLoss`:
-    ``w(t) mean_d (D(x_t, t) - stopgrad D_target(x_t2, t2))^2``, target the online student
-    under no_grad or an :func:`ema_target` copy passed as ``target`` (Song et al. use an EMA
-    ``theta^-``). Consistency Policy (Prasad et al. 2024) distils a diffusion policy this way.
-    Unlike consistency training, the pair lies on (an approximation of) the teacher's ODE
-    trajectory rather than on a one-sample estimate of it.
-
-    ``teacher`` is a registered submodule (saved with the loss's state dict) but never
-    trained here: train it with :class:`DenoisingLoss`. Costs one (Euler) or two (Heun)
-    no-grad teacher calls. Metrics: ``cd_weighted``, ``cd_mse``, ``cd_sigma``.
+    ``x_t = a + t z``; ``x_t2 = x_t + (t2 - t) (x_t - D_teacher(x_t, t)) / t`` (Euler;
+    ``"heun"`` adds the trapezoidal correction), then :class:`_PairLoss`. As Consistency
+    Policy (Prasad et al. 2024). ``teacher`` is saved with the loss but trained elsewhere
+    (:class:`DenoisingLoss`).
     """
 
     prefix = "cd"
@@ -221,12 +194,10 @@ class ConsistencyDistillationLoss(_PairLoss):
 
 class ReconstructionLoss(_GridLoss):
     """CPQL behaviour loss (Chen et al. 2024, "Boosting Continuous Control with
-    Consistency Policy"): ``w(t) * mean_d (D(a + t z, t) - a)^2``.
+    Consistency Policy"): ``w(t) mean_d (D(a + t z, t) - a)^2``, ``t = sigma_i``.
 
-    ``t = sigma_i``, ``i ~ U{0..N-2}``. It trains ``D`` as the EDM denoiser
-    ``E[a | x_t]``, so one-step samples regress toward the mean of the modes; ``target``
-    is accepted for the common signature and ignored. Metrics: ``recon_weighted``,
-    ``recon_mse``, ``recon_sigma``.
+    Trains ``D`` as the denoiser ``E[a | x_t]``: one-step samples regress toward the mean of
+    the modes. ``target`` is ignored.
     """
 
     prefix = "recon"
@@ -234,7 +205,7 @@ class ReconstructionLoss(_GridLoss):
     def _levels(
         self, denoiser: DenoiserFn, actions: Tensor, generator: torch.Generator | None
     ) -> tuple[KarrasSchedule, Tensor, Tensor]:
-        """The schedule, noise levels ``t`` (``actions.shape[:-1]``) and noise ``z``."""
+        """The schedule, noise levels ``t`` and noise ``z``."""
         schedule, sigmas, index, z = self._draw(denoiser, actions, generator)
         return schedule, sigmas[index], z
 
@@ -256,16 +227,11 @@ class ReconstructionLoss(_GridLoss):
 
 
 class DenoisingLoss(ReconstructionLoss):
-    """EDM denoising loss to train a diffusion model, e.g. a distillation teacher
-    (Karras et al. 2022, eq. 2 and table 1, "EDM" column).
+    """EDM denoising loss, e.g. for a distillation teacher (Karras et al. 2022, eq. 2, table 1).
 
-    ``ln t ~ N(p_mean, p_std^2)`` (EDM: -1.2, 1.2), clamped to the schedule's
-    ``[sigma_min, sigma_max]``, instead of :class:`ReconstructionLoss`'s grid levels; the
-    same ``lambda(t) (D(a + t z, t) - a)^2`` otherwise, whose "karras" weight
-    ``1/t^2 + 1/sigma_data^2`` is EDM's ``lambda(t) = (t^2 + sigma_data^2) / (t sigma_data)^2``.
-    Its minimiser is the ideal denoiser ``E[a | a + t z]`` at every ``t``, which
-    :func:`sample_ode` integrates. Metrics: ``denoise_weighted``, ``denoise_mse``,
-    ``denoise_sigma``.
+    :class:`ReconstructionLoss` with ``ln t ~ N(p_mean, p_std^2)`` (EDM: -1.2, 1.2) clamped to
+    ``[sigma_min, sigma_max]``; the "karras" weight is EDM's
+    ``lambda(t) = (t^2 + sigma_data^2) / (t sigma_data)^2``. Sample with :func:`sample_ode`.
     """
 
     prefix = "denoise"
@@ -294,18 +260,11 @@ class DenoisingLoss(ReconstructionLoss):
 class PhasedConsistencyLoss(_GridLoss):
     """Phased consistency training (Wang et al. 2024, "Phased Consistency Models").
 
-    The grid is split into ``num_phases`` phases at :func:`phase_edges`. For
-    ``i ~ U{0..N-2}`` in phase ``m`` (``e_m <= i < e_{m+1}``), ``t = sigma_i``,
-    ``t2 = sigma_{i+1}`` and the phase's lower edge ``s = sigma_{e_{m+1}} <= t2``:
-
-    ``L = w(t) * mean_d (f(x_t, t -> s) - stopgrad f_target(x_t2, t2 -> s))^2``
-
-    with ``x_t = a + t z``, ``x_t2 = a + t2 z`` (independent coupling, consistency
-    *training*: no teacher ODE solver) and ``f`` = :func:`phased_map`. When ``t2 = s`` the
-    target is ``x_t2`` itself (the phase boundary condition), which anchors every phase the
-    way ``sigma_min`` anchors plain consistency training. Weighting ``w(t)`` is the
-    schedule's "karras" weight, as in the other losses. Sample with :func:`sample_phased`
-    and the same ``num_phases``. Metrics: ``pc_weighted``, ``pc_mse``, ``pc_sigma``.
+    For ``i`` in phase ``m`` (``e_m <= i < e_{m+1}``, :func:`phase_edges`) and its lower edge
+    ``s = sigma_{e_{m+1}}``:
+    ``L = w(t) mean_d (f(x_t, t -> s) - stopgrad f_target(x_t2, t2 -> s))^2``,
+    ``f`` = :func:`phased_map`, independent coupling (no teacher). At ``t2 = s`` the target is
+    ``x_t2`` itself, which anchors each phase. Sample with :func:`sample_phased`, same phases.
     """
 
     prefix = "pc"

@@ -13,15 +13,9 @@ __all__ = ["ConditionalMLP", "ConstantsModule", "ProjectedCondition", "Sinusoida
 
 
 class ConstantsModule(nn.Module):
-    """A module whose tensor attributes named in ``constants`` follow ``.to()``, ``.cuda()``,
-    ``.double()`` (:meth:`_apply`) as buffers do, without being buffers or parameters.
-
-    For fixed tensors a module derives from its arguments (frequencies, action bounds).
-    TorchRL losses collect a module's parameters *and* buffers (``TensorDict.from_module``:
-    ``loss.actor_network_params``, its target copy), so a buffer lands among the tensors an
-    optimiser is usually built from; a constant does not, and is not saved either (it is
-    rebuilt from the arguments).
-    """
+    """A module whose tensors named in ``constants`` follow ``.to()``/``.double()`` like buffers,
+    without being buffers: TorchRL losses collect buffers with the parameters (and so into
+    optimisers); a constant stays out and is not saved (rebuilt from the arguments)."""
 
     constants: tuple[str, ...] = ()
 
@@ -37,19 +31,11 @@ class ConstantsModule(nn.Module):
 class ProjectedCondition:
     """A conditioning input already pushed through a :class:`ConditionalMLP`'s first layer.
 
-    The first layer is linear in ``[x, t_emb, cond]``, so
-    ``W [x, t_emb, cond] + b = W_in [x, t_emb] + b + W_cond trunk(cond)``: the ``cond``
-    term depends on the states only. CP3ER's actor step evaluates the network several
-    times on the same states (the one-step sample for the Q term, the online and target
-    calls of the consistency loss); projecting ``cond`` once and passing this object as
-    ``cond`` computes that term (a 39,200 x 1024 matmul per state at the reference sizes)
-    once instead of every call, with the same result. Gradients flow through ``hidden``
-    as through a fresh projection (they are summed into ``W_cond`` by one backward matmul).
-
-    Used by a network other than ``owner`` (an EMA target copy) it is re-projected from
-    ``cond`` by that network, so a stale projection is never mixed with other weights.
-    Exposes ``shape``/``device``/``dtype`` of the batch like the raw ``cond`` tensor does
-    (``shape[:-1]`` is the batch shape), so the samplers accept it.
+    ``W [x, t_emb, cond] + b = W_in [x, t_emb] + b + W_cond trunk(cond)``: the ``cond`` term
+    (39,200 x 1024 at the reference sizes) is computed once per actor step instead of once
+    per network call, same result and gradients (``perf.share_condition``). A network other
+    than ``owner`` (an EMA copy) re-projects ``cond``. Has ``cond``'s ``shape``/``device``/
+    ``dtype``, so the samplers accept it.
     """
 
     hidden: Tensor  # W_cond trunk(cond), [*batch, hidden_dim]
@@ -72,12 +58,8 @@ class ProjectedCondition:
 class SinusoidalTimeEmbedding(ConstantsModule):
     """Transformer/DDPM sinusoidal embedding (Vaswani et al. 2017; Ho et al. 2020).
 
-    ``(*batch,) -> (*batch, dim)``: ``[sin(t w_k), cos(t w_k)]`` with
-    ``w_k = 10000^(-k / (dim/2 - 1))``, ``k = 0..dim/2-1``.
-
-    The frequencies ``freqs`` are a constant of ``dim`` (:class:`ConstantsModule`), not a
-    buffer, so they are not among the tensors of a TorchRL loss's actor parameters (they
-    were a non-persistent buffer, never saved: state dicts are unchanged).
+    ``(*batch,) -> (*batch, dim)``: ``[sin(t w_k), cos(t w_k)]``,
+    ``w_k = 10000^(-k / (dim/2 - 1))``, ``k = 0..dim/2-1``; ``freqs`` a constant, not a buffer.
     """
 
     constants = ("freqs",)
@@ -96,11 +78,8 @@ class SinusoidalTimeEmbedding(ConstantsModule):
 
 
 class _LazyConditionLinear(nn.LazyLinear):
-    """:class:`ConditionalMLP`'s ``cond`` block (no bias) with its input size read on the
-    first call. Initialised then as the eager block: ``U(+-1/sqrt(fan_in))`` with ``fan_in``
-    the whole first layer's (``partner``'s inputs + ``cond``'s), and ``partner`` (the
-    ``[x, t_emb]`` block, built with its own smaller ``fan_in``) scaled to the same bound, so
-    the two blocks are distributed as one ``Linear`` over all inputs."""
+    """Lazy ``cond`` block of :class:`ConditionalMLP`: on the first call both blocks get the
+    ``U(+-1/sqrt(fan_in))`` init of one ``Linear`` over all inputs (``partner`` rescaled)."""
 
     cls_to_become = nn.Linear
 
@@ -124,32 +103,19 @@ class _LazyConditionLinear(nn.LazyLinear):
 class ConditionalMLP(nn.Module):
     """The CP3ER / CPQL consistency-policy network ``F(x, t, cond)``.
 
-    An MLP on ``[x, t_emb, cond]`` with ``num_layers`` hidden layers of ``hidden_dim``
-    units and Mish activations, then a linear head to ``action_dim``. ``t_emb`` is the
-    16-dim sinusoidal embedding of the noise input followed by
-    ``Linear(16, 32)-Mish-Linear(32, 16)`` (docs/implementation.md, item 4).
+    An MLP on ``[x, t_emb, cond]`` (``num_layers`` x ``hidden_dim`` Mish units, linear head);
+    ``t_emb``: 16-dim sinusoidal embedding, then ``Linear(16, 32)-Mish-Linear(32, 16)``.
+    ``x`` is the scaled input ``c_in x`` and ``t`` is ``250 ln(sigma)`` (from
+    :class:`Denoiser`); ``cond`` a tensor or a :class:`ProjectedCondition`.
 
-    ``trunk_dim`` (optional, off in the reference) first maps ``cond`` through
-    ``Linear(cond_dim, trunk_dim)-LayerNorm-Tanh``, the reference code's disabled trunk;
-    on the 39,200-dim encoder output with ``trunk_dim=50`` it takes the network from
-    ~42M to ~4M parameters.
+    Args:
+        trunk_dim: optional ``Linear-LayerNorm-Tanh`` on ``cond`` (the reference code's
+            disabled trunk; 39,200 -> 50 takes the network from ~42M to ~4M parameters).
+        cond_dim: ``None`` reads it on the first call (lazy, as TorchRL's ``DiffusionActor``):
+            call the network once before building optimisers, loss copies or EMA targets.
 
-    ``forward(x, t, cond)``: ``x`` is the *scaled* input ``c_in x`` and ``t`` the noise
-    input ``c_noise = 250 ln(sigma)`` (a scalar or ``(*batch,)``), both supplied by
-    :class:`Denoiser`; ``cond`` is a tensor or a :class:`ProjectedCondition` from
-    :meth:`project` (the same output, the ``cond`` part of the first layer computed once).
-
-    The first ``Linear(action_dim + time_embed_dim + feature_dim, hidden_dim)`` is stored as
-    two blocks of its weight, ``input_layer`` (``[x, t_emb]`` columns, with the bias) and
-    ``cond_layer`` (``cond`` columns), initialised exactly like the single layer (PyTorch's
-    default bound ``1/sqrt(fan_in)`` of the whole input).
-
-    ``cond_dim=None`` reads the conditioning size on the first call (a lazy first layer, as
-    TorchRL's ``DiffusionActor`` has): the ``cond`` block (or, with ``trunk_dim``, the
-    trunk's first ``Linear``) is a ``torch.nn.LazyLinear``, initialised when it is first
-    called as the eager layer is. As with any lazy module, call the network once (e.g. the
-    actor on a reset) before building an optimiser, a loss's copies of its parameters or an
-    EMA target.
+    The first layer is stored as two column blocks, ``input_layer`` (``[x, t_emb]``, bias)
+    and ``cond_layer`` (``cond``), initialised exactly like the single ``Linear``.
     """
 
     def __init__(
@@ -192,8 +158,7 @@ class ConditionalMLP(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def _init_first_layer(self, split: int, feature_dim: int, hidden_dim: int) -> None:
-        """``input_layer`` and ``cond_layer`` as the two column blocks of one
-        ``Linear(split + feature_dim, hidden_dim)`` (its initialisation)."""
+        """The two blocks initialised as one ``Linear(split + feature_dim, hidden_dim)``."""
         first = nn.Linear(split + feature_dim, hidden_dim)
         self.input_layer = nn.Linear(split, hidden_dim)
         with warnings.catch_warnings():  # an unconditional model (cond_dim 0, the toy's):

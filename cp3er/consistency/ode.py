@@ -20,15 +20,11 @@ def probability_flow_step(
     cond: Tensor,
     solver: Literal["euler", "heun"] = "euler",
 ) -> Tensor:
-    """One solver step of ``dx/dt = (x - D(x, t)) / t`` from noise ``t`` to ``t_next``.
+    """One step of the probability-flow ODE ``dx/dt = (x - D(x, t)) / t``, ``t -> t_next``.
 
-    The probability-flow ODE with ``sigma(t) = t`` (Karras et al. 2022, eq. 4 and
-    algorithm 1; the teacher step of consistency distillation, Song et al. 2023,
-    algorithm 2): Euler ``x + (t_next - t) d(x, t)``; Heun adds the trapezoidal correction
-    ``x + (t_next - t) (d(x, t) + d(x', t_next)) / 2`` with ``x'`` the Euler point (two
-    denoiser calls; it needs ``t_next > 0``). The Euler step to ``t_next = 0`` is ``D(x, t)``
-    itself, EDM's last step. ``t``/``t_next`` may be scalars, ``(*batch,)`` or
-    ``(*batch, 1)``.
+    Karras et al. 2022, eq. 4 and algorithm 1 (the teacher step of Song et al. 2023, alg. 2):
+    Euler ``x + (t_next - t) d(x, t)``; Heun ``x + (t_next - t) (d(x, t) + d(x', t_next)) / 2``
+    with ``x'`` the Euler point (needs ``t_next > 0``). Euler to ``t_next = 0`` is ``D(x, t)``.
     """
     if solver not in ODE_SOLVERS:
         raise ValueError(f"solver must be one of {ODE_SOLVERS}, got {solver!r}")

@@ -57,9 +57,7 @@ def sample_zero_noise(
     *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``D(0, sigma_max)``: the one-step consistency map of the prior's mean (zero initial
-    noise; Song et al. 2023's one-step sampler at ``z = 0``), repeatable; not a sample.
-    ``generator`` is unused (the common signature)."""
+    """``D(0, sigma_max)``: the one-step sampler at ``z = 0``, repeatable; not a sample."""
     sigma_max = schedule_of(denoiser).sigma_max
     shape = (*cond.shape[:-1], action_dim)
     zeros = torch.zeros(shape, device=cond.device, dtype=cond.dtype)
@@ -73,9 +71,8 @@ def sample_one_step_unclipped(
     *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """:func:`sample_one_step` before the denoiser's action clip (``Denoiser.unclipped``):
-    ``denoiser.apply_clip`` of it is the one-step draw of the same noise. For a penalty on
-    how far a sample lies beyond the action box, where a hard clamp has no gradient."""
+    """:func:`sample_one_step` before the action clip: for a penalty on samples beyond the
+    box, where a hard clamp has no gradient."""
     sigma_max = schedule_of(denoiser).sigma_max
     noise = sigma_max * _noise(cond, action_dim, generator)
     return unwrap(denoiser).unclipped(noise, sigma_max, cond)
@@ -89,11 +86,10 @@ def sample_multi_step(
     num_steps: int = 2,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Multistep consistency sampling: denoise, re-noise, denoise (Song et al. 2023, alg. 1).
+    """Multistep consistency sampling (Song et al. 2023, alg. 1).
 
-    ``x <- D(x + sqrt(t^2 - sigma_min^2) z, t)`` at the ``num_steps`` grid points
-    ``sigma_{k (N-1) // num_steps}``, ``k = 0..num_steps-1`` (sigma_max first, where
-    ``x = sigma_max z`` is denoised directly); ``num_steps = 1`` is one-step sampling.
+    ``x <- D(x + sqrt(t^2 - sigma_min^2) z, t)`` at ``t = sigma_{k (N-1) // num_steps}``,
+    ``k = 0..num_steps-1``, starting from ``D(sigma_max z, sigma_max)``.
     """
     schedule = schedule_of(denoiser)
     if not 1 <= num_steps <= schedule.num_steps - 1:
@@ -115,11 +111,8 @@ def sample_phased(
     num_phases: int = 4,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Phased consistency sampling: M deterministic phase-edge jumps (Wang et al. 2024, PCM).
-
-    ``x <- phased_map(D, x, sigma_{e_m} -> sigma_{e_{m+1}})`` for ``m = 0..M-1`` from
-    ``x = sigma_max z``, no re-noising; the result is clipped like the denoiser's output.
-    """
+    """Phased consistency sampling (Wang et al. 2024, PCM): from ``x = sigma_max z``,
+    ``x <- phased_map(D, x, sigma_{e_m} -> sigma_{e_{m+1}})``, no re-noising, then clipped."""
     schedule = schedule_of(denoiser)
     sigmas = schedule.sigmas(device=cond.device, dtype=cond.dtype)
     edges = phase_edges(schedule.num_steps, num_phases)
@@ -141,12 +134,9 @@ def sample_ode(
 ) -> Tensor:
     """Diffusion sampling by the probability-flow ODE (Karras et al. 2022, algorithm 1).
 
-    From ``x = sigma_max z`` along the denoiser's Karras grid with ``num_steps`` points
-    (its schedule with ``num_steps`` replaced), then to ``t = 0``:
-    :func:`probability_flow_step` between grid points, an Euler step (``x = D(x, t)``)
-    for the last. With ``solver="heun"`` that is ``2 num_steps - 1`` denoiser calls
-    (:func:`ode_calls`; EDM: 18 steps, 35 calls). For a diffusion (denoising) model such as
-    a distillation teacher, not a consistency model.
+    :func:`probability_flow_step` along a ``num_steps``-point Karras grid, then ``D(x, t)``
+    (Euler to 0); Heun: ``2 num_steps - 1`` calls (EDM: 18 steps, 35 calls). For a
+    diffusion model (a distillation teacher), not a consistency model.
     """
     schedule = dataclasses.replace(schedule_of(denoiser), num_steps=num_steps)
     sigmas = schedule.sigmas(device=cond.device, dtype=cond.dtype)

@@ -41,24 +41,21 @@ class KarrasSchedule:
     def sigmas(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Tensor:
-        """The ``(num_steps,)`` grid, strictly descending from sigma_max to sigma_min.
+        """The ``(num_steps,)`` grid, descending from sigma_max to sigma_min.
 
-        Computed in float64 and cast; the endpoints are set to the exact constants so that
-        the boundary condition at ``sigmas()[-1]`` holds bit-exactly. Built once per
-        schedule, device and dtype and shared by every caller (read it, do not write into
-        it): a loss on a GPU then reads the grid there at each call instead of building it
-        on the host and copying it over, a copy a CUDA graph cannot capture.
+        Endpoints exact (the boundary condition holds bit-exactly). Cached per device and
+        dtype and shared (do not write into it): no host-to-device copy per call, which a
+        CUDA graph could not capture.
         """
         return _grid(self, torch.device(device if device is not None else "cpu"),
                      dtype or torch.get_default_dtype())
 
     def scalings(self, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-        """EDM boundary-condition scalings ``(c_skip, c_out, c_in)``, each shaped like ``t``.
+        """Boundary-condition scalings ``(c_skip, c_out, c_in)``, shaped like ``t``.
 
         ``c_skip = sd^2 / ((t - sigma_min)^2 + sd^2)``,
-        ``c_out = (t - sigma_min) sd / sqrt(t^2 + sd^2)``, ``c_in = 1 / sqrt(t^2 + sd^2)``:
-        ``c_skip(sigma_min) = 1`` and ``c_out(sigma_min) = 0`` exactly, so
-        ``D(x, sigma_min) = x`` (Song et al. 2023, appendix C).
+        ``c_out = (t - sigma_min) sd / sqrt(t^2 + sd^2)``, ``c_in = 1 / sqrt(t^2 + sd^2)``,
+        so ``D(x, sigma_min) = x`` exactly (Song et al. 2023, appendix C).
         """
         t = _as_float_tensor(t)
         sd2 = self.sigma_data**2
@@ -80,11 +77,9 @@ def _as_float_tensor(t: Tensor | float) -> Tensor:
 
 
 def phase_edges(num_steps: int, num_phases: int) -> list[int]:
-    """Grid indices of the ``num_phases + 1`` phase edges, ``e_m = floor(m (N-1) / M)``.
+    """Grid indices of the ``M + 1`` phase edges, ``e_m = floor(m (N-1) / M)``.
 
-    Phase ``m`` covers grid indices ``e_m..e_{m+1}`` (noise from ``sigma_{e_m}`` down to
-    its lower edge ``sigma_{e_{m+1}}``); ``e_0 = 0`` (sigma_max), ``e_M = N-1`` (sigma_min).
-    E.g. N=40, M=4 -> [0, 9, 19, 29, 39].
+    Phase ``m`` covers indices ``e_m..e_{m+1}``; e.g. N=40, M=4 -> [0, 9, 19, 29, 39].
     """
     if not 1 <= num_phases <= num_steps - 1:
         raise ValueError(
@@ -96,7 +91,7 @@ def phase_edges(num_steps: int, num_phases: int) -> list[int]:
 
 @functools.lru_cache(maxsize=64)
 def _grid(schedule: KarrasSchedule, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """:meth:`KarrasSchedule.sigmas`, built (EDM eq. 5 in float64, exact endpoints)."""
+    """:meth:`KarrasSchedule.sigmas` (EDM eq. 5 in float64, exact endpoints)."""
     inv_rho = 1.0 / schedule.rho
     ramp = torch.linspace(0.0, 1.0, schedule.num_steps, dtype=torch.float64)
     hi, lo = schedule.sigma_max**inv_rho, schedule.sigma_min**inv_rho

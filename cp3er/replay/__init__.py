@@ -1,13 +1,9 @@
-"""Replay for CP3ER: the age-weighted ring samplers and the n-step frame buffer.
+"""Replay for CP3ER: age-weighted ring samplers (PPE) and the n-step frame buffer.
 
-- :func:`make_sampler` / :class:`RingSampler`: TorchRL ``Sampler`` drawing rows by age under
-  one law per mode (``proximal``: PPE, CP3ER arXiv 2410.00051; ``reference``: the reference
-  code's episode weighting; ``uniform``); :class:`ProximalSampler` is the PPE one.
-- :class:`NStepReplayBuffer` / :func:`make_replay_buffer`: DrQ-v2-style storage of
-  each frame once, with frame stacks and n-step targets rebuilt at sampling time
-  (``buffer``; its jobs: ``rows`` writes, ``transitions`` samples, ``dump`` checkpoints).
-- :class:`StreamedReplayBuffer`: one such ring per collector worker (``collector.workers``),
-  so that no frame stack or n-step window mixes two workers' transitions.
+``sampler``: TorchRL ``Sampler`` s, one law of the rows' ages per ``replay.sampler`` mode;
+``buffer``: frames stored once, stacks and n-step targets rebuilt at sampling (``rows``
+writes, ``transitions`` samples, ``dump`` checkpoints); ``streams``: one ring per collector
+worker. Layout and rules: docs/implementation.md, "The replay buffer".
 """
 
 from typing import Any

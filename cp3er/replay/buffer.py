@@ -1,35 +1,11 @@
 """Frame-efficient n-step replay for pixel and state observations (DrQ-v2 style).
 
-DrQ-v2 (Yarats et al., 2021, arXiv 2107.09645) stores every frame once and rebuilds
-frame stacks and n-step returns when sampling; CP3ER (arXiv 2410.00051) keeps that
-pipeline and changes only which transitions are drawn (prioritized proximal
-experience, :class:`~cp3er.replay.sampler.ProximalSampler`).
-
-Layout. One storage row per environment step holds the NEWEST frame of the step's
-observation (``3x84x84`` uint8 for pixels, the whole vector for states), the action,
-the reward, the ``terminated``/``truncated`` flags of the step, an episode id and the
-step in the episode. An episode that ends gets one extra row holding its final
-next-observation frame (``final=True``, never a transition start), so next
-observations are rebuilt from the following rows. Rows go through a TorchRL
-:class:`~torchrl.data.RoundRobinWriter` into a
-:class:`~torchrl.data.LazyTensorStorage` (RAM, or GPU memory with
-``storage_device="cuda"``) or :class:`~torchrl.data.LazyMemmapStorage` (disk): ~21.2 KB
-a pixel transition instead of 63.5 KB for stored 9-channel stacks.
-
-Storage device (``replay.device``). With the storage on a GPU the rows are copied there
-when written, and sampling runs there: the validity of the drawn slots, the frame-stack
-gathers and the n-step sums (float64) are device tensors, and the batch is born on the
-device. Only the random draw of the slots stays on the CPU, from the buffer's (CPU)
-generator, whose state TorchRL checkpoints: the drawn slots (``batch_size`` integers) are
-copied to the device, so a GPU storage samples exactly the slots a CPU storage samples
-for the same seed. What reads back to the host: per sampled batch, one count per rejection
-round of the sampler (how many drawn slots were valid); per write, the newest slot; and
-:meth:`~NStepReplayBuffer.gather` of given slots checks them (two reads).
-
-What TorchRL does not cover, and is written here: ``CatFrames``'s replay-buffer
-stacking is slow (pytorch/rl#2406; docs/performance.md), ``MultiStepTransform`` computes n-step
-targets at write time and cannot see episode ends written later, and TorchRL's
-samplers cannot skip rows that are not valid transition starts.
+DrQ-v2 (Yarats et al. 2021, arXiv 2107.09645) stores every frame once and rebuilds frame
+stacks and n-step returns when sampling; CP3ER changes only which rows are drawn (PPE).
+Written here because TorchRL's ``CatFrames`` stacking is slow (pytorch/rl#2406),
+``MultiStepTransform`` cannot see episode ends written later, and its samplers cannot skip
+invalid transition starts. Row layout, sampling rules and devices: docs/implementation.md,
+"The replay buffer".
 """
 
 from __future__ import annotations
@@ -51,60 +27,32 @@ __all__ = ["STORAGES", "STORAGE_DEVICES", "NStepReplayBuffer"]
 class NStepReplayBuffer(RowWriter, TransitionReader, BufferCheckpoint):
     """Replay buffer storing each frame once; stacks and n-step targets built at sampling.
 
-    Feed it the batches of a single-environment TorchRL collector (batch ``[T]``; keys
-    ``obs_key``, ``action``, ``("next", obs_key)``, ``("next", "reward")``,
-    ``("next", "terminated")``, ``("next", "truncated")``, optionally
-    ``("next", "done")`` and ``("collector", "traj_ids")``). Stacked pixel
-    observations are assumed to be channel stacks built by ``CatFrames(dim=-3)``
-    (oldest..newest), whose reset fills the stack with copies of the first frame;
-    episodes must be written from their first step.
-
-    A sample of ``B`` transitions is a TensorDict of batch ``[B]`` with ``obs_key``
-    (the rebuilt stack; ``uint8 [B, 9, 84, 84]`` or ``[B, D]``), ``action``,
-    ``("next", obs_key)`` (the stack ``n'`` steps later), ``("next", "reward")``
-    (``sum_{k<n'} gamma^k r_{t+k}``, ``[B, 1]``), ``("next", "discount")``
-    (``gamma^n' * (1 - terminated)``, ``[B, 1]``: the bootstrap multiplier the critic
-    applies directly), ``("next", "terminated")``, ``("next", "n_steps")`` (``n'``),
-    ``index`` (storage slot) and ``age`` (rows written since, 1 = newest).
-
-    ``n' = min(n, steps to the episode's end, steps written so far)``: a time-limit
-    truncation bootstraps from the final observation, a termination cuts the return.
-    Head-of-buffer rule: a transition of the episode still being collected uses the
-    steps already written after it, bootstrapping from the newest written frame (its
-    target is re-derived, longer, once more steps arrive); the newest row has no next
-    frame yet and is not sampled.
-
-    Never sampled: empty slots, final-frame rows, rows whose next frame is not
-    written yet, and rows whose frame stack reaches rows the ring has overwritten
-    (the oldest ``frame_stack - 1`` retained rows of a partially overwritten episode).
-    The n-step window only looks forward from a retained row, so it never reaches
-    overwritten rows.
-
-    Stacks are clamped at the episode's first frame (what ``CatFrames`` does at reset).
-    Ages count storage rows, final-frame rows included (one extra row an episode).
+    Takes a single-env collector's ``[T]`` batches (``obs_key``, ``action`` and under
+    ``"next"`` ``obs_key``, ``reward``, ``terminated``, ``truncated``, optionally ``done``;
+    optionally ``("collector", "traj_ids")``); pixel stacks are ``CatFrames(dim=-3)``, oldest
+    first.
+    A sample ``[B]`` holds ``obs_key``, ``action``, ``("next", obs_key)`` (``n'`` steps later),
+    ``("next", "reward")`` (``sum_{k<n'} gamma^k r_{t+k}``), ``("next", "discount")``
+    (``gamma^n' (1 - terminated)``, the critic's bootstrap multiplier), ``("next",
+    "terminated")``, ``("next", "n_steps")``, ``index`` (slot) and ``age`` (1 = newest), with
+    ``n' = min(n, steps to the episode's end, steps written so far)`` (a truncation
+    bootstraps, a termination cuts the return; docs/implementation.md, "n-step at the head of
+    the buffer").
 
     Args:
         capacity: storage rows (transitions plus one final-frame row per episode).
-
-    Keyword Args:
-        obs_key: ``"pixels"`` (channel-stacked uint8 frames) or a state key such as
-            ``"observation"``.
+        obs_key: ``"pixels"`` (channel-stacked uint8 frames) or a state key.
         frame_stack: frames per stacked observation (1 for states).
-        n_step: the ``n`` of the n-step return.
-        gamma: discount factor.
+        n_step, gamma: the n-step return.
         batch_size: default batch size of :meth:`sample`.
-        sampler: ``"proximal"`` (PPE, paper weights), ``"reference"`` (the reference
-            code's inverted episode weighting) or ``"uniform"``.
+        sampler: ``"proximal"`` (PPE), ``"reference"`` or ``"uniform"``.
         alpha: PPE sharpness.
         transitions_per_episode: the episode length the ``"reference"`` sampler assumes.
-        storage: ``"memory"`` (RAM) or ``"memmap"`` (disk, under ``scratch_dir``).
-        scratch_dir: directory of the memmap storage (a temporary one when ``None``).
-        storage_device: where the ``"memory"`` storage lives, and where sampling runs
-            (``"cpu"`` or a CUDA device; ``"memmap"`` is CPU-only).
-        device: where sampled batches are sent (``None``: ``storage_device``, where they
-            are built).
-        generator: optional CPU ``torch.Generator`` for sampling (the global CPU RNG
-            otherwise), also with a CUDA storage.
+        storage: ``"memory"`` or ``"memmap"`` (disk, under ``scratch_dir``; a temporary
+            folder when ``None``).
+        storage_device: where a ``"memory"`` storage lives and sampling runs.
+        device: where sampled batches are sent (default ``storage_device``).
+        generator: optional CPU ``torch.Generator`` for sampling, also with a CUDA storage.
     """
 
     def __init__(
@@ -194,14 +142,12 @@ class NStepReplayBuffer(RowWriter, TransitionReader, BufferCheckpoint):
 
     @property
     def pending_traj(self) -> int | None:
-        """The collector trajectory id of the episode still being collected (``None``
-        when the last write ended an episode, or nothing was written; -1 when written
-        without trajectory ids): the next batch continues it if it starts with that id."""
+        """Trajectory id of the episode still being collected (``None``: none; -1: written
+        without ids); a batch starting with it continues the episode."""
         return None if self._pending is None else self._pending["traj"]
 
     def sampling_mass(self) -> float:
-        """The summed sampling weight of the stored rows (see
-        :meth:`~cp3er.replay.sampler.RingSampler.total_weight`)."""
+        """:meth:`~cp3er.replay.sampler.RingSampler.total_weight` of the storage."""
         return self.sampler.total_weight(self._rb.storage)
 
     def __len__(self) -> int:
@@ -216,11 +162,8 @@ class NStepReplayBuffer(RowWriter, TransitionReader, BufferCheckpoint):
         )
 
     def cut_episode(self) -> None:
-        """Ends the episode still being collected without a done (a resumed run starts
-        its collector on a fresh reset): the next write starts a new episode whatever
-        its traj ids. The cut episode then reads like an abandoned one: its n-step
-        windows stop at its last written row (bootstrapping, as for a truncation) and
-        that last row, whose next frame was never written, is never sampled."""
+        """Ends the episode in progress without a done (a resume starts on a fresh reset):
+        read like a truncation (docs/checkpoints.md, "Resume")."""
         self._pending = None
 
     def empty(self) -> None:

@@ -1,9 +1,6 @@
-"""Checkpoints of the n-step replay buffer: ``state_dict`` and the buffer folder.
-
-:class:`BufferCheckpoint` is :class:`~cp3er.replay.buffer.NStepReplayBuffer`'s checkpoint
-half: TorchRL's ``ReplayBuffer.dumps``/``loads`` (storage as memmaps of the filled rows,
-sampler, writer, RNG) plus the ring's counters, with no pickle written and none read.
-"""
+"""Checkpoints of the n-step replay buffer: TorchRL's ``dumps``/``loads`` of the filled rows,
+sampler, writer and RNG, plus the ring's counters; no pickle written or read
+(docs/checkpoints.md)."""
 
 from __future__ import annotations
 
@@ -17,9 +14,8 @@ from torchrl.data import LazyTensorStorage
 
 _COUNTERS_FILE = "nstep_buffer.json"
 _PREFETCH_FILE = "prefetch.pkl"
-# Every file dumps() writes (relative paths; storage columns are <key>.memmap). Nothing
-# else is loaded from a checkpoint folder: TorchRL would unpickle prefetch.pkl, torch.load
-# transform.t, and tensordict unpickle other.pickle / non-tensor leaves.
+# Every file dumps() writes (plus storage/<key>.memmap); anything else is refused: TorchRL
+# would unpickle prefetch.pkl or torch.load transform.t, tensordict unpickle other.pickle.
 _DUMP_FILES = ("manifest.json", _COUNTERS_FILE, "buffer_metadata.json", "writer/metadata.json",
                "sampler/proximal_sampler.pt", "storage/meta.json",
                "storage/storage_metadata.json", "rng_state/meta.json",
@@ -32,14 +28,11 @@ class UnsafeBufferError(ValueError):
 
 
 class BufferCheckpoint:
-    """State dicts, dumps and loads of the ring (its attributes and counters are
-    :class:`~cp3er.replay.buffer.NStepReplayBuffer`'s)."""
+    """:class:`~cp3er.replay.buffer.NStepReplayBuffer`'s checkpoint half."""
 
     def _keep_filled_rows(self, storage: LazyTensorStorage) -> None:
-        """A checkpoint holds the filled rows only (its size grows with the data, not the
-        capacity): TorchRL's storage-checkpointer hooks cut the storage to its length on
-        dumps and copy the saved rows back into the allocated storage on loads. (Registered
-        after ``ReplayBuffer()``, which installs the storage's checkpointer.)"""
+        """Checkpoint the filled rows only (storage-checkpointer hooks; registered after
+        ``ReplayBuffer()``, which installs the checkpointer)."""
         storage.register_save_hook(_filled_rows(storage))
         storage.register_load_hook(_into_storage(storage))
 
@@ -72,17 +65,14 @@ class BufferCheckpoint:
         return {"rb": self._rb.state_dict(), "counters": self._counters()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a :meth:`state_dict` (saved from a storage on any device); sampling then
-        continues exactly."""
+        """Restores a :meth:`state_dict` from any device; sampling continues exactly."""
         self._load_counters(state_dict["counters"])
         storage = self._rb.storage
         rb_state = state_dict["rb"]
         saved = rb_state["_storage"]["_storage"]
         if saved:
-            # The saved rows on this storage's device (tensordict refuses to load another
-            # device's), into a storage allocated first: under scratch_dir for a memmap
-            # storage (loading into an uninitialised LazyMemmapStorage would memmap into a
-            # fresh temporary directory), on storage_device for a memory one.
+            # On this storage's device (tensordict refuses another's), into a storage
+            # allocated first (else a LazyMemmapStorage would memmap into a temporary dir).
             rows = TensorDict().load_state_dict(saved, strict=False).to(self.storage_device)
             if not storage.initialized:
                 storage._init(rows[0])
@@ -91,16 +81,10 @@ class BufferCheckpoint:
         self._rb.load_state_dict(rb_state)
 
     def dumps(self, path: str | Path) -> None:
-        """Checkpoints the whole buffer under directory ``path`` (storage as memmaps).
+        """Checkpoints the whole buffer under folder ``path`` (TorchRL's ``dumps``).
 
-        Uses TorchRL's ``ReplayBuffer.dumps`` (storage, sampler, writer, RNG); with a
-        memmap storage whose ``scratch_dir`` is ``path/storage`` the copy is skipped. A
-        GPU storage is copied to the files (tensordict memmaps on the CPU): the folder
-        is the same whatever the storage device, and :meth:`loads` puts it on this
-        buffer's.
-        Writes no pickle: TorchRL 0.14 always pickles its prefetch queue to
-        ``prefetch.pkl`` (and unpickles it on load when present); this buffer never
-        prefetches, so the file, an empty queue, is removed.
+        The folder is the same whatever the storage device. TorchRL 0.14 always pickles its
+        (here empty) prefetch queue to ``prefetch.pkl``: removed, so no pickle is written.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -117,8 +101,7 @@ class BufferCheckpoint:
         return [t[:rows].numel() * t.element_size() for t in storage._storage.values(True, True)]
 
     def dump_nbytes(self) -> int:
-        """Bytes :meth:`dumps` writes (its memmaps of the filled rows; the metadata files
-        are small)."""
+        """Bytes :meth:`dumps` writes (about)."""
         return sum(self._tensor_nbytes()) + (1 << 20)
 
     def dump_largest(self) -> int:
@@ -126,12 +109,10 @@ class BufferCheckpoint:
         return max(self._tensor_nbytes())
 
     def loads(self, path: str | Path) -> None:
-        """Restores a buffer written by :meth:`dumps`; sampling then continues exactly.
+        """Restores a buffer written by :meth:`dumps`; sampling continues exactly.
 
-        A folder holding any file :meth:`dumps` does not write (a pickle such as TorchRL's
-        ``prefetch.pkl``, a ``transform.t``) is refused: TorchRL and tensordict unpickle
-        such files. Metadata naming a tensorclass (tensordict imports
-        the module it names) is refused too.
+        Refuses any file :meth:`dumps` does not write and metadata naming a tensorclass
+        (tensordict would import its module).
         """
         path = Path(path)
         if (path / "streams.json").is_file():  # cp3er.replay.streams' layout
@@ -142,24 +123,21 @@ class BufferCheckpoint:
             self._load_counters(json.load(file))
         storage = self._rb.storage
         if not storage.initialized and (path / "storage" / "meta.json").is_file():
-            # allocate the full capacity (under scratch_dir for a memmap storage, on
-            # storage_device for a memory one) from the saved rows' layout; the load hook
-            # then copies the rows into it
+            # allocate the full capacity from the saved layout; the load hook copies rows in
             storage._init(TensorDict.load_memmap(path / "storage")[0])
         self._rb.loads(path)
 
 
 def _filled_rows(storage: LazyTensorStorage):
-    """TorchRL storage save hook: the storage's filled rows (all of them once it wrapped)."""
+    """Storage save hook: the filled rows."""
     def hook(data: TensorDictBase, path: Path) -> TensorDictBase:
         return data[: len(storage)]
     return hook
 
 
 def _into_storage(storage: LazyTensorStorage):
-    """TorchRL storage load hook: the saved (filled) rows copied into the storage's first
-    rows, allocated by :meth:`NStepReplayBuffer.loads`; returns the storage's own tensors,
-    which TorchRL then copies onto themselves (a no-op)."""
+    """Storage load hook: the saved rows copied into the allocated storage's first rows
+    (TorchRL then copies the returned tensors onto themselves, a no-op)."""
     def hook(saved: TensorDictBase, out: TensorDictBase) -> TensorDictBase:
         rows = saved.shape[0]
         if rows > out.shape[0]:
@@ -171,8 +149,8 @@ def _into_storage(storage: LazyTensorStorage):
 
 
 def _check_dump_files(path: Path) -> None:
-    """Raise ``ValueError`` naming any file of a buffer folder :meth:`~NStepReplayBuffer.dumps`
-    does not write, or storage metadata that would make tensordict import a module."""
+    """:class:`UnsafeBufferError` for a file ``dumps`` does not write, or metadata that
+    would make tensordict import a module."""
     names = [str(p.relative_to(path)) for p in sorted(path.rglob("*")) if p.is_file()]
     unknown = [n for n in names if n not in _DUMP_FILES
                and not re.fullmatch(r"storage/\w+\.memmap", n)]

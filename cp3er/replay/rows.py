@@ -1,11 +1,5 @@
-"""Writing the n-step replay buffer: a collector batch -> storage rows.
-
-One storage row per environment step holds the newest frame of the step's observation, the
-action, the reward, the ``terminated``/``truncated`` flags, an episode id and the step in
-the episode; an episode that ends gets one extra row holding its final next-observation
-frame (``final=True``). :class:`RowWriter` is :class:`~cp3er.replay.buffer.NStepReplayBuffer`'s
-writing half (its ``extend``).
-"""
+"""Writing the n-step replay buffer: a collector batch -> storage rows (one per step, plus a
+final-frame row per episode end; docs/implementation.md, "The replay buffer")."""
 
 from __future__ import annotations
 
@@ -17,7 +11,7 @@ from tensordict import TensorDict, TensorDictBase
 
 @dataclass
 class _Segments:
-    """Per-step episode bookkeeping of one collector batch (``[T]`` each)."""
+    """Per-step episode bookkeeping of one ``[T]`` collector batch."""
 
     terminated: torch.Tensor
     truncated: torch.Tensor
@@ -29,8 +23,7 @@ class _Segments:
 
 
 class RowWriter:
-    """``extend``: episode segmentation of a ``[T]`` batch and its storage rows (the ring's
-    attributes and counters are :class:`~cp3er.replay.buffer.NStepReplayBuffer`'s)."""
+    """:class:`~cp3er.replay.buffer.NStepReplayBuffer`'s writing half (``extend``)."""
 
     def _newest_frame(self, obs: torch.Tensor) -> torch.Tensor:
         """The newest frame of stacked observations ``[..., F*C, H, W]`` or ``[..., F*D]``."""
@@ -47,14 +40,8 @@ class RowWriter:
         return obs.narrow(dim, size - per_frame, per_frame)
 
     def extend(self, batch: TensorDictBase) -> torch.Tensor:
-        """Writes a collector batch (shape ``[T]`` or ``[1, T]``); returns the written slots
-        (on the storage device); :attr:`episode_ends` holds the batch's ``[T]`` episode ends
-        (a step whose episode ends: terminated, truncated or done).
-
-        Two jobs, on the CPU: :meth:`_segment` finds the episodes in the batch (continuing
-        the one left pending by the previous batch), :meth:`_rows` lays them out as storage
-        rows (one a step, plus a final-frame row after each episode end); the rows are then
-        copied to the storage device in one transfer.
+        """Writes a ``[T]`` or ``[1, T]`` collector batch; returns the written slots and sets
+        :attr:`episode_ends` (``[T]``). Rows are built on the CPU, copied over in one transfer.
         """
         if batch.batch_dims == 2 and batch.shape[0] == 1:
             batch = batch[0]
@@ -86,11 +73,8 @@ class RowWriter:
         return index
 
     def _segment(self, batch: TensorDictBase) -> _Segments:
-        """The episodes of a ``[T]`` batch: per-step end flags, episode ids and steps.
-
-        An episode starts after a done, at a traj-id change, or at the batch's first step
-        when it does not continue the episode left pending by the previous batch.
-        """
+        """Per-step end flags, episode ids and steps. An episode starts after a done, at a
+        traj-id change, or at the first step unless it continues the pending episode."""
         steps = batch.shape[0]
         terminated = batch.get(("next", "terminated")).reshape(steps).bool()
         truncated = batch.get(("next", "truncated"), None)
@@ -120,8 +104,7 @@ class RowWriter:
         return _Segments(terminated, truncated, done, self._last_episode + segment, step, traj)
 
     def _rows(self, batch: TensorDictBase, seg: _Segments) -> TensorDict:
-        """The storage rows of a segmented batch: each step's row, plus a final-frame row
-        (the episode's last next-observation frame) after each episode end."""
+        """Each step's row, plus a final-frame row after each episode end."""
         steps, done = batch.shape[0], seg.done
         before = torch.cumsum(done.long(), 0) - done.long()
         row_of_step = torch.arange(steps) + before

@@ -1,29 +1,15 @@
-"""Samplers of a ring-written replay storage that draw rows by their age, as TorchRL
-:class:`Sampler` s: one law per sampling mode (``replay.sampler``).
+"""TorchRL :class:`Sampler` s of a ring-written storage that draw rows by age, one law per
+``replay.sampler`` mode.
 
-- ``proximal``: prioritized proximal experience (PPE). CP3ER (Li et al., "Generalizing
-  Consistency Policy to Visual RL with Prioritized Proximal Experience Regularization",
-  NeurIPS 2024, arXiv 2410.00051, section on prioritized proximal experience) samples
-  replay data by freshness so that the behaviour data the actor is regularised towards
-  stays close to the current policy. A transition of age ``dt`` (rows written since it was
-  written, ``dt >= 1``) in a buffer of capacity ``T`` gets the weight
+- ``proximal``: prioritized proximal experience (PPE; Li et al., "Generalizing Consistency
+  Policy to Visual RL with Prioritized Proximal Experience Regularization", NeurIPS 2024,
+  arXiv 2410.00051). A row of age ``dt >= 1`` (rows written since) in a buffer of capacity
+  ``T`` gets ``beta(dt) = 1 / (1 + exp(2 alpha - 2 alpha T / dt)) = sigmoid(2 alpha (T/dt - 1))``.
+- ``reference``: the reference code's episode weighting, which inverts the paper.
+- ``uniform``: every row alike.
 
-      beta(dt) = 1 / (1 + exp(2 alpha - 2 alpha T / dt)) = sigmoid(2 alpha (T / dt - 1)),
-
-  ~1 for fresh data, 0.5 at ``dt = T``, less for older data (``alpha = 2``):
-  :class:`ProximalAges`, :class:`ProximalSampler`.
-- ``reference``: the public reference code's episode weighting, which inverts the paper
-  (:class:`ReferenceEpisodeAges`; docs/implementation.md lists it as a departure).
-- ``uniform``: every row alike (:class:`UniformAges`).
-
-:class:`RingSampler` holds what the modes share: the ring bookkeeping, rejection of the
-slots its owner marks invalid (redrawn, which is exact for the law restricted to the valid
-slots), an exhaustive fallback, and checkpoints. :func:`make_sampler` builds one by name.
-
-Devices: the laws draw on the CPU (the replay buffer's generator, which TorchRL
-checkpoints, or the global CPU RNG), so a storage on any device sees the same draws for a
-seed; the drawn ages are then copied to the storage's device, where the slots, the owner's
-validity check and the returned index live.
+Ages are drawn on the CPU and copied to the storage's device (docs/implementation.md,
+"The replay buffer").
 """
 
 from __future__ import annotations
@@ -60,16 +46,8 @@ _STATE_FILE = "proximal_sampler.pt"
 
 
 def proximal_weight(age: torch.Tensor, capacity: int, alpha: float = 2.0) -> torch.Tensor:
-    """PPE weight ``sigmoid(2 alpha (T / dt - 1))`` of transitions of age ``dt`` (CP3ER, PPE).
-
-    Args:
-        age: ages ``dt >= 1`` in written rows (any shape; computed in float64).
-        capacity: the buffer capacity ``T``.
-        alpha: the sharpness (2.0 in the paper).
-
-    Returns:
-        float64 weights in ``(0, 1)``, shaped like ``age``.
-    """
+    """PPE weight ``sigmoid(2 alpha (T / dt - 1))`` (float64, shaped like ``age``) of rows of
+    age ``dt >= 1`` in a buffer of capacity ``T``; ``alpha`` 2.0 in the paper."""
     dt = age.to(torch.float64)
     return torch.sigmoid(2.0 * alpha * (capacity / dt - 1.0))
 
@@ -90,25 +68,20 @@ class RingPosition:
 
 
 class AgeWeighting:
-    """A sampling law over the ages ``1..stored`` of a ring's rows: one per sampling mode.
-
-    Subclasses define :meth:`weights` (unnormalised, used by the exhaustive fallback) and
-    may override :meth:`draw` with a faster exact sampler; :meth:`observe` lets a law read
-    the rows written since the last draw (the reference mode's episode scan).
-    """
+    """A sampling law over the ages ``1..stored`` of a ring's rows: :meth:`weights`
+    (unnormalised), optionally a faster exact :meth:`draw`."""
 
     mode: str = ""
 
     def observe(self, storage: Storage, ring: RingPosition) -> None:
-        """Called before each batch is drawn (no-op unless the law reads the storage)."""
+        """Reads the rows written since the last draw (the reference mode's episode scan)."""
 
     def weights(self, ages: torch.Tensor, ring: RingPosition) -> torch.Tensor:
         raise NotImplementedError
 
     def draw(self, count: int, ring: RingPosition, gen: torch.Generator | None,
              ) -> torch.Tensor:
-        """``count`` i.i.d. ages in ``1..ring.stored`` (default: inverse CDF of
-        :meth:`weights`, ``O(stored)``)."""
+        """``count`` i.i.d. ages in ``1..ring.stored`` (inverse CDF, ``O(stored)``)."""
         ages = torch.arange(1, ring.stored + 1, dtype=torch.long)
         return ages[_inverse_cdf(torch.cumsum(self.weights(ages, ring), 0), count, gen)]
 
@@ -145,12 +118,11 @@ class UniformAges(AgeWeighting):
 
 
 class ProximalAges(AgeWeighting):
-    """The paper's PPE law: weight :func:`proximal_weight` of each row's exact age.
+    """The paper's PPE law on each row's exact age.
 
-    With a round-robin writer the ages of the ``n`` stored rows are exactly ``1..n``, so
-    the cumulative weights ``C[d-1] = sum_{k<=d} beta(k)`` for ``d = 1..T`` are built once
-    and ``age = searchsorted(C[:n], u) + 1``, ``u ~ U(0, C[n-1])``: exact, ``O(B log T)`` a
-    batch, one table for any fill level.
+    The ``n`` stored ages are ``1..n``, so ``C[d-1] = sum_{k<=d} beta(k)`` is built once per
+    capacity and ``age = searchsorted(C[:n], u) + 1``, ``u ~ U(0, C[n-1])``: exact,
+    ``O(B log T)``.
     """
 
     mode = "proximal"
@@ -184,24 +156,12 @@ class ProximalAges(AgeWeighting):
 
 
 class ReferenceEpisodeAges(AgeWeighting):
-    """The public reference implementation's weighting (inverted; reproduced on request).
+    """The reference code's inverted weighting: episode rank from the OLDEST, ``dt = rank *
+    transitions_per_episode + 1`` (its ``_sample_weights``), so older episodes weigh more.
 
-    It ranks the stored episodes from the OLDEST (rank 0) and sets the episode's age to
-    ``dt = rank * transitions_per_episode + 1`` (its ``_sample_weights``: ``delta_t = i *
-    episode_length + 1``), with ``transitions_per_episode = 1000`` assumed for DMC (500 for
-    Meta-World), whatever the true episode length. Every row of an episode shares its
-    episode's weight, so OLDER episodes get the HIGHER weight: the reverse of the paper.
-    The reference draws an episode with probability proportional to its weight and then a
-    transition uniformly inside it; for equal-length episodes that is the same law as
-    sharing the weight per row (what this does). The reference shards episodes over 4
-    loader workers with ``T / 4`` capacity each: ``(T/4) / (rank/4 * L)`` equals the global
-    ``T / (rank * L)`` up to the ``+1``, so the global form is used. An episode partially
-    overwritten by the ring keeps rank 0 (the reference evicts whole episodes).
-
-    Needs one episode id per row in the storage under ``episode_key``; ids constant within
-    an episode and episodes contiguous in write order (a new id starts a new episode). The
-    episodes are found by scanning the rows written since the last draw
-    (``O(new rows)``); the episode table is part of the state.
+    Needs an episode id per row under ``episode_key``, episodes contiguous in write order.
+    Equivalences with the reference's episode draw and sharding: docs/implementation.md,
+    "The replay buffer".
     """
 
     mode = "reference"
@@ -223,8 +183,7 @@ class ReferenceEpisodeAges(AgeWeighting):
         self._scanned = 0  # rows scanned so far
 
     def observe(self, storage: Storage, ring: RingPosition) -> None:
-        """Appends the episodes started in rows written since the last scan and drops the
-        ones the ring has fully overwritten."""
+        """Appends episodes started since the last scan; drops fully overwritten ones."""
         oldest = ring.written - ring.stored
         first = max(self._scanned, oldest)
         if first < ring.written:
@@ -279,25 +238,15 @@ class ReferenceEpisodeAges(AgeWeighting):
 
 
 class RingSampler(Sampler):
-    """A TorchRL :class:`Sampler` drawing the slots of a ring-written storage by their age.
+    """A TorchRL :class:`Sampler` drawing the slots of a round-robin storage by their age.
 
-    It assumes a round-robin (ring) writer, so that the ``n`` stored slots have ages
-    ``1..n`` counted back from the newest written slot (which it learns from the
-    ``extend``/``add`` calls the replay buffer makes on every write), and draws ages from
-    an :class:`AgeWeighting` (the sampling mode). Slots the owner marks invalid
-    (``valid_fn``) are rejected and redrawn, which is exact for the law restricted to the
-    valid slots. Build one with :func:`make_sampler` (or :class:`ProximalSampler`).
+    Ages ``1..n`` count back from the newest slot, learnt from the buffer's ``extend``/``add``.
 
     Args:
-        weighting: the law over ages (:class:`ProximalAges`, :class:`ReferenceEpisodeAges`,
-            :class:`UniformAges`).
-
-    Keyword Args:
-        valid_fn: optional ``valid_fn(slots) -> bool mask`` marking slots that may be
-            returned; rejected draws are redrawn. The buffer that owns the sampler sets it;
-            it is not part of the state.
-        max_rounds: redraw rounds before falling back to an exhaustive ``O(n)`` pass
-            over all slots (still exact; only reached when valid slots are rare).
+        weighting: the law over ages (an :class:`AgeWeighting`).
+        valid_fn: optional ``valid_fn(slots) -> bool mask``; rejected draws are redrawn
+            (exact for the law restricted to valid slots); not part of the state.
+        max_rounds: redraw rounds before an exact ``O(n)`` pass over all slots.
     """
 
     def __init__(self, weighting: AgeWeighting, *,
@@ -338,8 +287,7 @@ class RingSampler(Sampler):
     # --------------------------------------------------------------------- sampling
     def _exhaustive(self, count: int, ring: RingPosition, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact draws over the valid slots by an ``O(n)`` pass (rarely needed), on the CPU
-        (the validity of all stored slots is computed on ``device`` and read back)."""
+        """Exact draws over the valid slots by an ``O(n)`` pass on the CPU (rarely needed)."""
         ages = torch.arange(1, ring.stored + 1, dtype=torch.long)
         slots = ring.slots(ages)
         weights = self.weighting.weights(ages, ring)
@@ -355,8 +303,7 @@ class RingSampler(Sampler):
         return slots[pick], ages[pick]
 
     def sample(self, storage: Storage, batch_size: int) -> tuple[torch.Tensor, dict]:
-        """Draws ``batch_size`` slots (with replacement). Returns ``(index, {"age": ages})``,
-        on the storage's device."""
+        """``(index, {"age": ages})`` of ``batch_size`` slots drawn with replacement."""
         stored = len(storage)
         if stored == 0:
             raise RuntimeError("Cannot sample from an empty storage.")
@@ -391,9 +338,8 @@ class RingSampler(Sampler):
         return index, {"age": age}
 
     def total_weight(self, storage: Storage) -> float:
-        """The summed sampling weight of the stored rows (0 when empty), invalid slots
-        included: how much mass this storage holds next to others sampled with the same
-        law (:class:`~cp3er.replay.streams.StreamedReplayBuffer`)."""
+        """Summed sampling weight of the stored rows, invalid slots included (the streams'
+        split)."""
         stored = len(storage)
         if stored == 0 or self._newest < 0:
             return 0.0
@@ -406,15 +352,13 @@ class RingSampler(Sampler):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The mode, its settings, the ring counters and the law's own state (the weight
-        tables are derived, not stored)."""
+        """Mode, settings, ring counters and the law's state (weight tables are derived)."""
         return {"mode": self.mode, **self.weighting.hyper_parameters(),
                 "write_total": self._write_total, "newest": self._newest,
                 **self.weighting.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the counters; warns when the saved mode or settings differ (a state of
-        another mode restores the ring counters only)."""
+        """Restores the counters; warns when the saved mode or settings differ."""
         saved = {"mode": state_dict["mode"], **{k: state_dict[k] for k in
                                         self.weighting.hyper_parameters() if k in state_dict}}
         for key, value in saved.items():
@@ -431,8 +375,8 @@ class RingSampler(Sampler):
             self.weighting.load_state_dict(state_dict)
 
     def dumps(self, path: str | Path) -> None:
-        """Writes the state to ``path/proximal_sampler.pt`` (our own format: TorchRL's
-        PrioritizedSampler checkpointing needs its C++ extension, absent here)."""
+        """Writes the state to ``path/proximal_sampler.pt`` (TorchRL's PrioritizedSampler
+        checkpointing needs its C++ extension)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         torch.save(self.state_dict(), path / _STATE_FILE)
@@ -447,8 +391,7 @@ class RingSampler(Sampler):
 
 
 class ProximalSampler(RingSampler):
-    """Prioritized proximal experience (CP3ER, arXiv 2410.00051, PPE section): a
-    :class:`RingSampler` with the paper's law :class:`ProximalAges`.
+    """Prioritized proximal experience (CP3ER, arXiv 2410.00051): :class:`ProximalAges`.
 
     Examples:
         >>> import torch
@@ -473,9 +416,7 @@ def make_sampler(
     valid_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_rounds: int = 64,
 ) -> RingSampler:
-    """The sampler of a mode (``replay.sampler``): ``"proximal"`` (PPE, the paper's law),
-    ``"reference"`` (the reference code's inverted episode law, needing episode ids under
-    ``episode_key`` and assuming ``transitions_per_episode`` rows an episode) or
+    """The sampler of a ``replay.sampler`` mode: ``"proximal"``, ``"reference"`` or
     ``"uniform"``."""
     if mode not in SAMPLER_MODES:
         raise ValueError(f"sampler mode must be one of {SAMPLER_MODES}, got {mode!r}")
@@ -496,13 +437,8 @@ def _inverse_cdf(cdf: torch.Tensor, count: int, gen: torch.Generator | None) -> 
 
 
 def _searchsorted(sorted_seq: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``torch.searchsorted(sorted_seq, values, right=True)`` computed by NumPy.
-
-    ``torch.searchsorted`` splits even small queries across intra-op threads, which costs
-    far more than the search on a busy machine; NumPy's single-threaded search gives
-    identical indices at a steady cost (docs/performance.md, "Measurements behind code
-    choices").
-    """
+    """``torch.searchsorted(..., right=True)`` by NumPy: torch splits even small queries
+    across threads (docs/performance.md, "Measurements behind code choices")."""
     found = np.searchsorted(sorted_seq.numpy(), values.numpy(), side="right")
     return torch.from_numpy(found.astype(np.int64, copy=False))
 
@@ -514,11 +450,8 @@ def _storage_device(storage: Storage) -> torch.device:
 
 
 def storage_column(storage: Storage, key: str) -> torch.Tensor:
-    """One column of a TensorDict-backed storage, without gathering the other keys.
-
-    ``TensorStorage.get`` indexes every key; reading the backing TensorDict directly
-    (as TorchRL's own ``StalenessAwareSampler`` does) keeps per-key gathers cheap.
-    """
+    """One column of a TensorDict-backed storage, without gathering the other keys (as
+    TorchRL's ``StalenessAwareSampler`` reads it)."""
     if not isinstance(storage, TensorStorage) or storage._storage is None:
         raise TypeError(
             f"expected an initialised TensorDict-backed TensorStorage, got {type(storage)}"

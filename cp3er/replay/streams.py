@@ -1,32 +1,7 @@
-"""Replay fed by several collector workers: one n-step buffer (a "stream") per worker.
-
-:class:`~cp3er.replay.buffer.NStepReplayBuffer` rebuilds frame stacks and n-step targets
-from consecutive rows of one episode, so an episode's rows must be contiguous in its ring.
-Workers that collect in parallel (``collector.workers``, TorchRL's ``MultiSyncCollector``
-/ ``MultiAsyncCollector``) deliver their episodes in interleaved chunks; written into one
-ring, a frame stack or an n-step window would mix two workers' transitions.
-:class:`StreamedReplayBuffer` keeps ``streams`` rings of ``capacity // streams`` rows each.
-A synchronous collector's ``[workers, T]`` stack writes worker ``k``'s row into ring ``k``:
-each ring is one worker's stream, exactly as that worker alone would have written it. An
-asynchronous collector's chunks do not name their worker: a chunk goes to the ring whose
-episode in progress it continues (matched by the collector's
-``("collector", "traj_ids")``), and a chunk that starts a new episode to the emptiest ring
-with no episode in progress, so a ring holds whole episodes (of one worker or several)
-and no frame stack or n-step window crosses from one worker's transitions to another's.
-
-Sampling draws the batch's rows across the rings in proportion to each ring's summed
-sampling weight (:meth:`~cp3er.replay.buffer.NStepReplayBuffer.sampling_mass`), then
-each ring draws its share with its own law (PPE, uniform, ...): the batch follows the
-sampler's law over all stored rows. A ring's ages and capacity are both ``1/streams`` of
-the whole buffer's when the workers collect at the same rate, so PPE's ``T / dt`` is the
-same as in one ring. (Exact up to the rows no ring samples: each ring's newest row, the
-final-frame rows and the stack rows past an overwrite, about one in an episode's length;
-they count in the ring's mass.)
-
-TorchRL's ``ReplayBufferEnsemble`` samples several buffers with fixed probabilities; the
-mass-proportional split and the per-ring episode routing are what it does not do, hence
-this class.
-"""
+"""Replay fed by several collector workers: one n-step ring (a "stream") per worker, so no
+frame stack or n-step window mixes two workers' transitions; a batch is split across the
+rings by their sampling mass. Routing and exactness: docs/implementation.md, "The replay
+buffer" (streams)."""
 
 from __future__ import annotations
 
@@ -48,17 +23,13 @@ _STREAM_DIR = "stream_{}"
 
 
 class StreamedReplayBuffer:
-    """``streams`` n-step ring buffers behind the interface of one (see module docstring).
+    """``streams`` n-step ring buffers behind the interface of one.
 
     Args:
         capacity: storage rows in all; each stream holds ``capacity // streams``.
         streams: number of rings (one per collector worker).
-
-    Keyword Args:
-        generator: optional ``torch.Generator`` for the split of a batch between streams
-            and for each stream's draws (the global RNG otherwise).
-        **kwargs: the other arguments of :class:`NStepReplayBuffer`, the same for every
-            stream.
+        generator: optional ``torch.Generator`` for the split and each stream's draws.
+        **kwargs: the other arguments of :class:`NStepReplayBuffer`, for every stream.
 
     Examples:
         >>> rb = StreamedReplayBuffer(100_000, streams=2, obs_key="observation",
@@ -98,14 +69,9 @@ class StreamedReplayBuffer:
 
     # ------------------------------------------------------------------------ write
     def extend(self, batch: TensorDictBase) -> torch.Tensor:
-        """Writes a collector batch: ``[workers, T]`` (a ``MultiSyncCollector``'s stack:
-        worker ``k``'s row goes to stream ``k``) or ``[T]`` (one worker's chunk, as a
-        ``MultiAsyncCollector`` yields it, which does not say which worker: the chunk goes
-        to the stream whose episode in progress it continues, else to the emptiest stream
-        with none, so a stream holds whole episodes, possibly of several workers). Returns
-        the written slots in the whole buffer's numbering (stream ``k``'s slot ``i`` is
-        ``k * stream_capacity + i``); :attr:`episode_ends` holds the batch's episode ends
-        (``[workers, T]`` or ``[1, T]``)."""
+        """Writes a ``[workers, T]`` batch (row ``k`` to stream ``k``) or a ``[T]`` async chunk
+        (:meth:`_route`). Returns the slots in the whole buffer's numbering
+        (``k * stream_capacity + i``) and sets :attr:`episode_ends`."""
         if batch.batch_dims == 1:
             batch = batch.unsqueeze(0)
         if batch.batch_dims != 2:
@@ -127,8 +93,8 @@ class StreamedReplayBuffer:
         return torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
 
     def _route(self, chunk: TensorDictBase) -> int:
-        """The stream a worker's chunk goes to: the one whose episode in progress it
-        continues, else the emptiest stream with no episode in progress."""
+        """The stream whose episode in progress the chunk continues, else the emptiest free
+        one."""
         traj = chunk.get(("collector", "traj_ids"), None)
         if traj is None:
             if len(self.streams) == 1:
@@ -148,8 +114,7 @@ class StreamedReplayBuffer:
         return min(free, key=lambda k: (self.streams[k].write_count, k))
 
     def cut_episode(self) -> None:
-        """Ends every stream's episode in progress (see
-        :meth:`NStepReplayBuffer.cut_episode`)."""
+        """:meth:`NStepReplayBuffer.cut_episode` of every stream."""
         for stream in self.streams:
             stream.cut_episode()
 
@@ -159,10 +124,8 @@ class StreamedReplayBuffer:
 
     # ------------------------------------------------------------------------- read
     def sample(self, batch_size: int | None = None) -> TensorDictBase:
-        """Draws a batch across the streams (module docstring); keys as
-        :meth:`NStepReplayBuffer.sample`, plus ``stream`` (the ring each row came from);
-        ``index`` is the slot in the whole buffer's numbering, ``age`` the row's age in its
-        ring."""
+        """A batch split across the streams by mass; keys of :meth:`NStepReplayBuffer.sample`
+        plus ``stream``; ``index`` in the whole buffer's numbering, ``age`` in its ring."""
         batch_size = self.batch_size if batch_size is None else int(batch_size)
         masses = torch.tensor([s.sampling_mass() for s in self.streams], dtype=torch.float64)
         if not bool(masses.sum() > 0):
@@ -203,9 +166,7 @@ class StreamedReplayBuffer:
             json.dump(self._layout(), file)
 
     def loads(self, path: str | Path) -> None:
-        """Restores a buffer written by :meth:`dumps` with the same number of streams and
-        capacity; each stream's folder is checked as :meth:`NStepReplayBuffer.loads` does
-        (a file the dump does not write is refused)."""
+        """Restores a :meth:`dumps` of the same layout; unknown files are refused."""
         path = Path(path)
         layout_file = path / _LAYOUT_FILE
         if not layout_file.is_file():

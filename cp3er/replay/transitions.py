@@ -1,9 +1,5 @@
-"""Sampling the n-step replay buffer: storage slots -> transitions.
-
-Frame stacks and n-step returns are rebuilt from the stored rows when sampling (DrQ-v2):
-:class:`TransitionReader` is :class:`~cp3er.replay.buffer.NStepReplayBuffer`'s reading half
-(``sample``, ``gather``, ``valid_mask``), on the storage's device.
-"""
+"""Sampling the n-step replay buffer: storage slots -> transitions (frame stacks and n-step
+returns rebuilt from the rows, DrQ-v2), on the storage's device."""
 
 from __future__ import annotations
 
@@ -14,8 +10,7 @@ from cp3er.replay.sampler import storage_column
 
 
 class TransitionReader:
-    """Validity, frame stacks and n-step targets of storage slots (the ring's attributes
-    and counters are :class:`~cp3er.replay.buffer.NStepReplayBuffer`'s)."""
+    """:class:`~cp3er.replay.buffer.NStepReplayBuffer`'s reading half."""
 
     def _columns(self) -> dict[str, torch.Tensor]:
         storage = self._rb.storage
@@ -29,8 +24,8 @@ class TransitionReader:
     def _locate(
         self, index: torch.Tensor, cols: dict[str, torch.Tensor], *, check: bool = True
     ) -> dict[str, torch.Tensor]:
-        """Absolute position, n-step length, episode start and validity of slots (moved to
-        the storage device); ``check``: refuse slots outside the storage (a host read)."""
+        """Absolute position, n-step length, episode start and validity of slots;
+        ``check``: refuse slots outside the storage (a host read)."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.storage_device).reshape(-1)
         cap, written = self.capacity, self._written
         if check and bool(((index < 0) | (index >= cap)).any()):
@@ -66,13 +61,11 @@ class TransitionReader:
         return self._locate(index, self._columns())["valid"]
 
     def _valid_drawn(self, index: torch.Tensor) -> torch.Tensor:
-        """:meth:`valid_mask` of slots the sampler drew (inside the storage by
-        construction: not checked, no host read)."""
+        """:meth:`valid_mask` of drawn slots, unchecked (no host read)."""
         return self._locate(index, self._columns(), check=False)["valid"]
 
     def gather(self, index: torch.Tensor) -> TensorDict:
-        """The transitions starting at storage slots ``index`` (all must be valid; any
-        device: they are moved to the storage's)."""
+        """The transitions starting at storage slots ``index`` (all must be valid)."""
         cols = self._columns()
         loc = self._locate(index, cols)
         if not bool(loc["valid"].all()):
@@ -81,7 +74,7 @@ class TransitionReader:
 
     def _transitions(self, loc: dict[str, torch.Tensor], cols: dict[str, torch.Tensor]
                      ) -> TensorDict:
-        """The batch of the located (valid) slots: frame stacks, action, n-step return."""
+        """Frame stacks, action and n-step return of located valid slots."""
         index, pos, n_steps, start = loc["index"], loc["pos"], loc["n_steps"], loc["start"]
         size, cap, stack = index.numel(), self.capacity, self.frame_stack
         device = index.device
@@ -102,8 +95,7 @@ class TransitionReader:
         rewards = _take(cols["reward"], window).reshape(size, self.n_step)
         powers = self.gamma ** ahead.to(torch.float64)
         mask = ahead[None, :] < n_steps[:, None]
-        # where, not a product with the mask: rows past the head may be unwritten storage
-        # (uninitialised memory, possibly NaN/inf bit patterns) and NaN * 0 is NaN.
+        # where, not a mask product: rows past the head may be uninitialised (NaN * 0 = NaN)
         discounted = torch.where(mask, rewards.double() * powers, 0.0)
         reward = discounted.sum(1, keepdim=True).float()
         terminated = _take(cols["terminated"], (index + n_steps - 1) % cap).reshape(size, 1)
@@ -128,7 +120,7 @@ class TransitionReader:
         return out if self.device == self.storage_device else out.to(self.device)
 
     def sample(self, batch_size: int | None = None) -> TensorDict:
-        """Draws a batch with the configured sampler (see the class docstring for keys)."""
+        """Draws a batch with the configured sampler."""
         batch_size = self.batch_size if batch_size is None else int(batch_size)
         index, _ = self.sampler.sample(self._rb.storage, batch_size)
         # the sampler returns only slots valid_mask accepted: no second check (host reads)
@@ -137,8 +129,7 @@ class TransitionReader:
 
 
 def _take(column: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``column[index]`` along dim 0 via ``index_select`` (several times faster than
-    advanced indexing for large rows: docs/performance.md, "Measurements behind code
-    choices")."""
+    """``column[index]`` by ``index_select``, faster than advanced indexing on large rows
+    (docs/performance.md, "Measurements behind code choices")."""
     out = column.index_select(0, index.reshape(-1))
     return out.reshape(*index.shape, *column.shape[1:])

@@ -1,12 +1,6 @@
-"""What the CP3ER and DrQ-v2 objectives share: one TorchRL ``LossModule`` base.
-
-Both read the same replay batch (n-step reward and discount already folded in by
-``cp3er.replay``), encode observations with the same DrQ-v2 encoder after the same
-random-shift augmentation, train the encoder through the critic loss only, keep a
-Polyak target copy of the critic (``convert_to_functional(..., create_target_params=True)``,
-moved by TorchRL's ``SoftUpdate``) and update critic first, actor second (DrQ-v2
-``update``, stepped by :meth:`agents.agent.Agent.update`). Subclasses implement
-:meth:`critic_loss` and :meth:`actor_loss`; features pass between them as arguments.
+"""The ``LossModule`` base CP3ER and DrQ-v2 share: encoder, actor, critic and its Polyak
+target (moved by TorchRL's ``SoftUpdate``). The encoder learns through the critic loss only;
+critic step first, actor step second (DrQ-v2's ``update``; :meth:`agents.agent.Agent.update`).
 """
 
 from __future__ import annotations
@@ -28,8 +22,7 @@ class EncoderActorCriticLoss(LossModule):
         encoder: ``TensorDictModule`` ``observation -> features`` (its in_key sets the
             ``observation`` tensor key).
         actor: ``TensorDictModule`` ``features -> action``.
-        critic: ``nn.Module`` ``(features, action) -> ...``, made functional with target
-            parameters.
+        critic: ``nn.Module`` ``(features, action) -> ...`` (given a target copy).
         augmentation: applied to observations before encoding (``RandomShift`` for pixels).
     """
 
@@ -104,15 +97,12 @@ class EncoderActorCriticLoss(LossModule):
 
     def critic_loss(self, tensordict: TensorDictBase, features: torch.Tensor,
                     next_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """``(loss, metrics)`` of the critic on ``features`` (with gradient: the encoder
-        learns through it) and ``next_features`` (no gradient), from
-        :meth:`encode_transition`."""
+        """``(loss, metrics)`` of the critic on :meth:`encode_transition`'s features."""
         raise NotImplementedError
 
     def actor_loss(self, tensordict: TensorDictBase, features: torch.Tensor
                    ) -> tuple[torch.Tensor, dict]:
-        """``(loss, metrics)`` of the actor on ``features`` (detached here: the actor does
-        not train the encoder), with the critic's parameters detached."""
+        """``(loss, metrics)`` of the actor on detached features and critic parameters."""
         raise NotImplementedError
 
     def teacher_loss(self, tensordict: TensorDictBase, features: torch.Tensor
@@ -121,10 +111,9 @@ class EncoderActorCriticLoss(LossModule):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """Every loss on one encoding of the batch (the critic's features, detached for the
-        others) and the metrics, TorchRL-style; the batch is not modified. Training steps
-        them one by one instead (:meth:`agents.agent.Agent.update`), so the actor sees
-        the updated critic."""
+        """Every loss and metric on one encoding of the batch, TorchRL-style; training steps
+        them one by one instead (:meth:`agents.agent.Agent.update`: the actor sees the
+        updated critic)."""
         features, next_features = self.encode_transition(tensordict)
         loss, metrics = self.critic_loss(tensordict, features, next_features)
         out = {"loss_critic": loss, **metrics}

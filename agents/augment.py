@@ -1,18 +1,12 @@
-"""DrQ-v2 random-shift image augmentation.
+"""DrQ-v2 random-shift augmentation (Yarats et al. 2021, arXiv 2107.09645).
 
-DrQ-v2 (Yarats et al. 2021, arXiv 2107.09645) pads each image by ``pad`` pixels with
-replicate padding and crops it back at a random integer offset. Its code does the
-crop with a bilinear ``F.grid_sample`` whose sampling points fall on pixel centres,
-so the result is an exact integer shift of the padded image. :func:`random_shift` /
-:class:`RandomShift` do the same shift by integer indexing, no interpolation, on uint8 or
-float, without materialising the padded image (replicate padding + crop == clamping the
-source indices to the image); tests/test_augment.py checks them against DrQ-v2's
-``grid_sample`` formulation.
+DrQ-v2 replicate-pads by ``pad`` and crops back at a random offset with a bilinear
+``grid_sample`` whose points fall on pixel centres: an exact integer shift. Here it is one
+gather with clamped source indices (no padded copy, no interpolation, any dtype);
+tests/test_augment.py checks it against DrQ-v2's version.
 
-Shift convention: ``shifts`` is an integer tensor ``[N, 2]`` of
-``(dy, dx)`` in ``[-pad, pad]``, and output pixel ``(i, j)`` reads input pixel
-``(clamp(i + dy, 0, H - 1), clamp(j + dx, 0, W - 1))``. DrQ-v2 draws the crop
-offset uniformly in ``{0, ..., 2 pad}`` per axis; that offset is ``shift + pad``.
+Shifts are ``(dy, dx)`` in ``[-pad, pad]``: output pixel ``(i, j)`` reads input pixel
+``(clamp(i + dy, 0, H - 1), clamp(j + dx, 0, W - 1))``; DrQ-v2's crop offset is ``shift + pad``.
 """
 
 from __future__ import annotations
@@ -29,13 +23,9 @@ def sample_shifts(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Draw ``[num, 2]`` integer ``(dy, dx)`` shifts uniformly in ``[-pad, pad]`` (DrQ-v2).
-
-    Drawn on the generator's device and moved to ``device``; without a generator, drawn
-    on ``device`` (the CPU when ``None``) from its default generator: an update on a GPU
-    then draws its shifts there, with no host-to-device copy (which a CUDA graph would
-    capture as a constant).
-    """
+    """``[num, 2]`` integer ``(dy, dx)`` shifts, uniform in ``[-pad, pad]``. Without a
+    generator drawn on ``device``: no host-to-device copy (a CUDA graph would capture it as
+    a constant)."""
     draw_device = generator.device if generator is not None else device
     shifts = torch.randint(-pad, pad + 1, (num, 2), generator=generator, device=draw_device)
     return shifts.to(device) if device is not None else shifts
@@ -68,21 +58,13 @@ def random_shift(
     generator: torch.Generator | None = None,
     shifts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Random shift by integer indexing (DrQ-v2's augmentation without interpolation).
-
-    Equivalent to replicate-padding by ``pad`` and cropping back at a random integer
-    offset, computed as one gather with clamped source indices. Works on any dtype
-    (uint8 included, so augment before converting to float) and keeps it.
+    """DrQ-v2's random shift by integer indexing; keeps shape, dtype and channels-last.
 
     Args:
-        x: images ``[*batch, C, H, W]``; contiguous or channels-last (the output then
-            stays channels-last).
+        x: images ``[*batch, C, H, W]``, uint8 included (augment before converting).
         pad: maximum shift in pixels.
-        generator: random generator for the shifts (ignored when ``shifts`` is given).
-        shifts: optional ``(dy, dx)`` integer shifts ``[*batch, 2]`` (or ``[N, 2]``).
-
-    Returns:
-        the shifted images, same shape and dtype as ``x``.
+        generator: for the shifts (ignored when ``shifts`` is given).
+        shifts: ``(dy, dx)`` per image, ``[*batch, 2]`` or ``[N, 2]``.
     """
     images, batch = _flatten_batch(x)
     n, c, h, w = images.shape
@@ -107,16 +89,7 @@ def random_shift(
 
 
 class RandomShift(nn.Module):
-    """DrQ-v2 random-shift augmentation as a module (integer indexing, see :func:`random_shift`).
-
-    Always active (it is called explicitly on replay batches, not in acting), works
-    on uint8 or float ``[*batch, C, H, W]`` images and keeps their dtype.
-
-    Examples:
-        >>> aug = RandomShift(pad=4)
-        >>> aug(torch.zeros(256, 9, 84, 84, dtype=torch.uint8)).dtype
-        torch.uint8
-    """
+    """:func:`random_shift` as a module; always active (applied to replay batches only)."""
 
     def __init__(self, pad: int = 4) -> None:
         super().__init__()

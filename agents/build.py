@@ -1,8 +1,5 @@
-"""Build an agent (modules, loss, optimisers, target updater) from the Hydra config; the
-update itself is :meth:`agents.agent.Agent.update`.
-
-Shapes come from the environment's specs, never typed by hand (DESIGN: drqv2 / TD-MPC2).
-"""
+"""Build an agent (modules, loss, optimisers, target updater) from the Hydra config; every
+shape comes from the environment's specs."""
 
 from __future__ import annotations
 
@@ -54,8 +51,7 @@ def _adam(params, lr: float, fused: bool = False, capturable: bool = False
 def _optimizers(loss: LossModule, encoder: TensorDictModule, actor: TensorDictModule,
                 lr: float, fused: bool = False, capturable: bool = False
                 ) -> dict[str, torch.optim.Optimizer]:
-    """Separate Adam optimisers for critic, actor, (if it has parameters) encoder and (when
-    distilling) the diffusion teacher."""
+    """Separate Adam optimisers for critic, actor, encoder (if any) and distillation teacher."""
     options = {"fused": fused, "capturable": capturable}
     optimizers = {
         "critic": _adam(loss.critic_params.values(True, True), lr, **options),
@@ -102,10 +98,8 @@ def _cp3er_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
 
 
 def _adaptive_lambda(acfg: DictConfig) -> tuple[AdaptiveWeight | None, str]:
-    """``(weight, statistic)``: with ``agent.stability.target_spread`` lambda is tuned to
-    hold that ``action_spread``, with ``target_bound_frac`` to hold ``action_bound_frac``
-    under it (config_check refuses both at once); it starts at
-    ``agent.lambda_consistency``. ``(None, ...)``: a fixed lambda."""
+    """``(weight, statistic)`` of ``agent.stability.target_spread`` (``action_spread`` at it)
+    or ``target_bound_frac`` (``action_bound_frac`` under it); ``(None, ...)``: fixed lambda."""
     st = acfg.stability
     options = {"lr": st.lambda_lr, "minimum": st.lambda_min, "maximum": st.lambda_max}
     if st.target_spread is not None:
@@ -153,11 +147,9 @@ def _drqv2_loss(cfg: DictConfig, env: EnvBase, encoder: TensorDictModule, repr_d
 
 
 def compile_networks(loss: LossModule, mode: str = "default") -> None:
-    """``torch.compile`` the modules called with their own parameters: the encoder's conv
-    stack and the actor network (the critic runs under functional parameter swaps, which
-    would recompile). In place (``nn.Module.compile``): parameter names, state dicts and
-    checkpoints are unchanged. Same math; the first updates pay the compilation.
-    ``mode="reduce-overhead"`` replays the compiled regions as CUDA graphs on a GPU."""
+    """``torch.compile`` the encoder's conv stack and the actor network in place (state dicts
+    unchanged). Not the critic: it runs under functional parameter swaps, which would
+    recompile."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"perf.compile_mode={mode!r}; valid: {COMPILE_MODES}")
     encoder = loss.encoder.module

@@ -1,9 +1,8 @@
 """The CP3ER agent as TorchRL parts: a consistency actor module and a LossModule.
 
-CP3ER (Li et al., NeurIPS 2024, arXiv 2410.00051): a consistency-model policy
-sampled in one step, a mixture-of-Gaussians critic, and the actor objective
-``-Q(s, pi(s)) + lambda * L_c(a ~ replay, s)`` where the consistency-training loss
-on replayed actions is the sample-based entropy regulariser (docs/implementation.md, item 5).
+CP3ER (Li et al., NeurIPS 2024, arXiv 2410.00051): a one-step consistency policy, a MoG
+critic and the actor loss ``-Q(s, pi(s)) + lambda * L_c(a ~ replay, s)``, the consistency
+loss on replayed actions standing in for an entropy term (docs/method.md).
 """
 
 from __future__ import annotations
@@ -46,24 +45,16 @@ SPREAD_STATES, SPREAD_SAMPLES = 16, 4
 class ConsistencyPolicy(ConstantsModule):
     """``features -> action``: one-step consistency sampling ``a = D(80 z, 80 | s)``.
 
-    The noise is drawn inside ``forward``, so the module is a stochastic actor that
-    TorchRL objectives (``TD3Loss``, ``DDPGLoss``) can call like any deterministic one;
-    gradients flow through the denoiser (one-step sampling, docs/implementation.md, item 4).
+    Draws its noise in ``forward``, so TorchRL objectives (``TD3Loss``, ``DDPGLoss``) call it
+    like a deterministic actor; gradients flow through the denoiser. Under
+    ``ExplorationType.DETERMINISTIC`` ``"zero_noise"`` acts ``D(0, sigma_max | s)`` (as
+    ``DiffusionActor`` starts from zeros; repeatable, not a sample) and ``"sample"`` keeps
+    sampling (the CP3ER reference's evaluation): docs/torchrl_actor.md.
 
-    Under ``ExplorationType.DETERMINISTIC`` (TorchRL's evaluation mode) ``deterministic``
-    decides: ``"zero_noise"`` acts ``a = D(0, sigma_max | s)``, the one-step map of the
-    prior's mean (repeatable: the same state gives the same action; not a sample), as
-    TorchRL's ``DiffusionActor`` starts its chain from zeros; ``"sample"`` ignores the mode
-    and draws as always (the CP3ER reference evaluates this way). Any other exploration
-    type (``RANDOM``, TorchRL collectors' default, or none) samples.
-
-    The denoiser works in ``[-1, 1]``; ``bounds=(low, high)`` (per action dimension, from
-    an action spec: :func:`make_consistency_actor`) maps its output affinely onto
-    ``[low, high]``: ``a = low + (u + 1) (high - low) / 2``; :meth:`to_unit` is the
-    inverse, for replayed actions a consistency loss reads. ``low``/``high`` follow
-    ``.to()`` as buffers do but are constants (:class:`ConstantsModule`): not among the
-    tensors a TorchRL loss collects for the optimiser, and not saved (they come from the
-    spec). Without ``bounds`` actions stay in ``[-1, 1]``.
+    The denoiser works in ``[-1, 1]``; ``bounds=(low, high)`` maps it onto the action box,
+    ``a = low + (u + 1) (high - low) / 2`` (:meth:`to_unit` inverts it for replayed actions).
+    ``low``/``high`` are :class:`ConstantsModule` constants: they follow ``.to()`` but are
+    neither optimised nor saved (they come from the spec).
     """
 
     constants = ("low", "high")
@@ -116,9 +107,8 @@ class ConsistencyPolicy(ConstantsModule):
     @torch.no_grad()
     def samples_at(self, cond: torch.Tensor | ProjectedCondition, num_states: int,
                    num_samples: int) -> torch.Tensor:
-        """``num_samples`` one-step actions at each of the first ``num_states`` states of
-        ``cond``: ``[num_samples, num_states, action_dim]`` (no gradient). The states'
-        projection is computed once and broadcast over the draws."""
+        """``[num_samples, num_states, action_dim]`` one-step actions at the first
+        ``num_states`` states (no gradient; the states' projection computed once)."""
         if isinstance(cond, ProjectedCondition):
             hidden, raw, owner = cond.hidden[:num_states], cond.cond[:num_states], cond.owner
         else:
@@ -132,10 +122,8 @@ class ConsistencyPolicy(ConstantsModule):
 
 
 def set_deterministic_mode(module: nn.Module, mode: str) -> int:
-    """Set ``deterministic`` (:data:`DETERMINISTIC_MODES`) of every
-    :class:`ConsistencyPolicy` inside ``module`` (an agent's loss or policy): how a trained
-    actor acts under ``ExplorationType.DETERMINISTIC``. Returns how many it set (0: no
-    consistency actor, e.g. DrQ-v2's, which acts its mean there anyway)."""
+    """Set ``deterministic`` of every :class:`ConsistencyPolicy` in ``module``; returns how
+    many (0 for DrQ-v2, whose actor acts its mean anyway)."""
     if mode not in DETERMINISTIC_MODES:
         raise ValueError(f"deterministic mode must be one of {DETERMINISTIC_MODES}, "
                          f"got {mode!r}")
@@ -147,12 +135,9 @@ def set_deterministic_mode(module: nn.Module, mode: str) -> int:
 
 def spec_bounds(spec: TensorSpec, action_dim: int, key: NestedKey = "action"
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(low, high)`` of a TorchRL action spec, each ``[action_dim]``, for
-    :class:`ConsistencyPolicy`; ``None`` when they are ``[-1, 1]`` (no map needed).
-
-    Accepts a continuous ``Bounded`` spec (or a ``Composite`` holding one at ``key``) with
-    finite bounds, ``low < high``, the same in every batch entry; ``ValueError`` naming the
-    problem otherwise (an ``Unbounded`` or discrete spec: the policy's output is a box)."""
+    """``(low, high)``, each ``[action_dim]``, of a continuous ``Bounded`` spec (or a
+    ``Composite`` holding one at ``key``); ``None`` for ``[-1, 1]``. ``ValueError`` for any
+    other spec (docs/torchrl_actor.md, "The action spec")."""
     if isinstance(spec, Composite):
         if key not in spec.keys(True):
             raise ValueError(f"the action spec is a Composite without {key!r}: pass the "
@@ -185,9 +170,8 @@ def spec_bounds(spec: TensorSpec, action_dim: int, key: NestedKey = "action"
     return low, high
 
 
-#: The standalone actor's default width: 256 units for state tasks (TorchRL's DiffusionActor
-#: and TD3 examples use 256); the CP3ER agent passes ``hidden_dim`` from its config (the
-#: pixel paper's 1024, ``configs/config.yaml``).
+#: The standalone actor's default width, for state tasks (as TorchRL's DiffusionActor and
+#: TD3 examples); the CP3ER agent passes its config's ``hidden_dim`` (the paper's 1024).
 STATE_HIDDEN_DIM = 256
 
 
@@ -202,33 +186,24 @@ def make_consistency_actor(
     hidden_dim: int = STATE_HIDDEN_DIM,
     **denoiser: Any,
 ) -> TensorDictModule:
-    """The CP3ER actor as a ``TensorDictModule`` reading ``in_key`` and writing ``out_key``.
+    """The CP3ER actor as a ``TensorDictModule`` ``in_key -> out_key`` (docs/torchrl_actor.md).
 
     Args:
-        repr_dim: size of the conditioning input (features or observation); ``None``: read
-            on the first call (a lazy first layer; call the actor once on a batch before
-            building an optimiser or a loss from it).
+        repr_dim: size of the conditioning input; ``None``: a lazy first layer (call the
+            actor once before building an optimiser or a loss from it).
         action_dim: size of the action.
-        spec: the environment's action spec (``env.action_spec``): a continuous
-            ``Bounded`` spec; actions land in its ``[low, high]`` (an affine map of the
-            denoiser's ``[-1, 1]``). ``None``: actions in ``[-1, 1]``. An unbounded or
-            discrete spec is refused (``ValueError``, :func:`spec_bounds`).
-        deterministic: what ``ExplorationType.DETERMINISTIC`` (evaluation) does:
-            ``"zero_noise"`` (default, TorchRL's convention: a repeatable action
-            ``D(0, sigma_max | s)``) or ``"sample"`` (ignore it and keep sampling, the
-            CP3ER reference's evaluation). Train on samples: ``ConsistencyRegularizedLoss``
-            and ``CP3ERLoss`` run under ``RANDOM``; a bare TorchRL loss runs its loss
-            methods under ``DETERMINISTIC`` (set its ``deterministic_sampling_mode``).
-        hidden_dim: width of the MLP; the default 256 suits state tasks, the pixel paper
-            uses 1024 (the CP3ER agent passes its config's ``hidden_dim``).
-        denoiser: the other keywords of :func:`make_denoiser` (``num_layers``,
-            ``trunk_dim``, ``schedule``, ``clip``). With ``trunk_dim=None`` the MLP reads
-            the raw encoder output (the reference: 39,200 features for pixels, ~42M
-            parameters); an int adds the Linear+LayerNorm+Tanh trunk.
+        spec: the env's action spec, a continuous ``Bounded`` one whose ``[low, high]`` the
+            actions are mapped onto (:func:`spec_bounds`); ``None``: actions in ``[-1, 1]``.
+        deterministic: the action under ``ExplorationType.DETERMINISTIC``: ``"zero_noise"``
+            (TorchRL's convention, ``D(0, sigma_max | s)``) or ``"sample"`` (the reference).
+            Train under ``RANDOM`` (with a bare TorchRL loss set its
+            ``deterministic_sampling_mode``).
+        hidden_dim: MLP width (256 for states; the pixel paper's 1024).
+        denoiser: keywords of :func:`make_denoiser`; ``trunk_dim=None`` reads the raw
+            features (the reference), an int adds a Linear+LayerNorm+Tanh trunk.
 
-    No additive exploration module (TorchRL's ``AdditiveGaussianModule``) is needed: the
-    policy is stochastic, each action is a fresh one-step sample, and the consistency
-    regulariser keeps that spread (CP3ER explores with the policy's own samples).
+    No additive exploration noise: each action is a fresh sample, and the regulariser keeps
+    their spread.
     """
     bounds = None if spec is None else spec_bounds(spec, action_dim, out_key)
     network = make_denoiser(repr_dim, action_dim, hidden_dim=hidden_dim, **denoiser)
@@ -261,16 +236,12 @@ def make_policy(encoder: TensorDictModule, actor: TensorDictModule) -> TensorDic
 
 
 class QSelectedPolicy(nn.Module):
-    """``features -> action``: ``num_candidates`` one-step samples per state, one of them
-    chosen by ``softmax(Q / temperature)`` over the candidates (CPQL's online action
-    selection, Chen et al. 2024), or the best one under ``ExplorationType.DETERMINISTIC``
-    (evaluation). Q is the mixture mean of the loss's current critic. Acting only: the
-    actor's training objective is unchanged (``agent.stability.act_candidates``).
-    With an actor in the ``zero_noise`` deterministic mode, ``DETERMINISTIC`` acts its
-    repeatable action ``D(0, sigma_max | s)`` (every candidate would be that one action).
+    """``features -> action``: one of ``num_candidates`` one-step samples drawn by
+    ``softmax(Q / temperature)`` (CPQL's online action selection, Chen et al. 2024), the best
+    under ``ExplorationType.DETERMINISTIC`` (a ``zero_noise`` actor: ``D(0, sigma_max | s)``).
+    Q: the loss's current critic's mixture mean. Acting only; training is unchanged.
 
-    The loss is held by reference, not registered: the actor's and the critic's weights
-    are saved with the loss, and this module adds no state of its own.
+    Holds the loss by reference, not as a submodule: it adds no state to save.
     """
 
     def __init__(self, loss: CP3ERLoss, num_candidates: int, temperature: float = 1.0
@@ -303,63 +274,42 @@ class QSelectedPolicy(nn.Module):
 
 
 class CP3ERLoss(EncoderActorCriticLoss):
-    """CP3ER objective: MoG critic NLL and ``-Q + lambda * L_c`` actor loss.
+    """CP3ER objective: MoG critic NLL and ``-Q + lambda * L_c`` actor loss (docs/api.md).
 
-    Reads a replay batch with n-step targets already folded in (``cp3er.replay``):
-    ``observation`` (pixels uint8 or states), ``action``, ``("next", observation)``,
-    ``("next", "reward")`` (n-step discounted sum) and ``("next", "discount")``
-    (``gamma^n'`` times non-termination: terminations cut bootstrapping, time-limit
-    truncations do not).
+    Reads a replay batch with n-step targets folded in (``cp3er.replay``): ``observation``,
+    ``action``, ``("next", observation)``, ``("next", "reward")`` (n-step discounted sum),
+    ``("next", "discount")`` (``gamma^n'`` times non-termination: truncations bootstrap).
 
-    * Critic (docs/implementation.md, item 6): ``y = r_n + discount * q``, ``q`` =
-      ``target_samples`` draws from the *target* mixture at ``(s', a')``, ``a'`` = one-step
-      sample of the current actor at ``s'``; loss ``-mean log p_online(y | s, a)``. Trains
-      the critic and the encoder.
-    * Actor (docs/implementation.md, item 5): features detached, critic parameters detached;
-      ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``. Trains the actor only.
-      ``L_c`` is ``consistency_loss`` (any loss of the core's signature; default consistency
-      training). Remedies for the policy's collapse onto the bounds (``agents.stability``,
-      docs/method.md; all off by default, the paper's objective):
-      ``normalize_q`` divides the Q term by its detached batch scale (``-Q / mean|Q|``);
-      ``bound_penalty`` adds ``beta * mean relu(|u| - 1)^2`` of the one-step output ``u``
-      before the clip; ``adaptive_lambda`` replaces the fixed lambda by an
-      :class:`~agents.stability.AdaptiveWeight` that holds ``adaptive_statistic``
-      (``action_spread`` at a target, or ``action_bound_frac`` under one), stepped by
-      :meth:`after_actor_step`.
-    * Teacher (only when ``consistency_loss`` has a ``teacher``: a
-      :class:`~cp3er.consistency.ConsistencyDistillationLoss`): :meth:`teacher_loss`, the EDM
-      denoising loss (:class:`~cp3er.consistency.DenoisingLoss`) of the diffusion teacher on
-      replayed actions, conditioned on the same detached features. Trains the teacher only;
-      the actor loss calls the teacher without gradient.
-      With ``share_condition`` (default) the states' term of the actor's first layer is
-      computed once for all actor calls on ``s`` (:class:`ProjectedCondition`; same
-      values and gradients, one 39,200-wide matmul instead of four).
+    * Critic: ``-mean log p_online(y | s, a)``, ``y = r_n + discount * q``, ``q`` drawn
+      ``target_samples`` times from the target mixture at ``(s', pi(s'))``. Trains critic
+      and encoder.
+    * Actor: ``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` on detached features and
+      critic parameters. Trains the actor only.
+    * Teacher (a distillation ``consistency_loss`` only): the EDM denoising loss of its
+      diffusion teacher on replayed actions; trains the teacher only.
 
-    ``forward`` returns every loss and the detached metrics; :meth:`critic_loss`,
-    :meth:`actor_loss` (and :meth:`teacher_loss`) take the batch's features as arguments and
-    return ``(loss, metadata)`` for the drqv2-style sequential update of
-    :meth:`agents.agent.Agent.update` (critic step, then actor step with the updated critic;
-    the reference's order).
+    :meth:`critic_loss`, :meth:`actor_loss`, :meth:`teacher_loss` take the features and
+    return ``(loss, metadata)`` for :meth:`agents.agent.Agent.update` (critic step, then
+    actor step on the updated critic: the reference's order).
 
-    Examples:
-        >>> import torch
-        >>> from tensordict import TensorDict
-        >>> from agents.encoder import StateEncoder
-        >>> enc = TensorDictModule(StateEncoder(5), ["observation"], ["features"])
-        >>> actor = make_consistency_actor(5, 2, hidden_dim=32)
-        >>> critic = MoGCritic(5, 2, feature_dim=8, hidden_dim=32)
-        >>> loss = CP3ERLoss(enc, actor, critic)
-        >>> td = TensorDict({"observation": torch.randn(4, 5), "action": torch.rand(4, 2),
-        ...     "next": {"observation": torch.randn(4, 5), "reward": torch.randn(4, 1),
-        ...              "discount": torch.full((4, 1), 0.99)}}, [4])
-        >>> sorted(k for k in loss(td).keys() if k.startswith("loss_"))
-        ['loss_actor', 'loss_critic']
+    Args:
+        encoder, actor, critic: ``observation -> features``, the consistency actor, the critic.
+        lambda_consistency: lambda (0.05).
+        target_samples: draws of the target mixture per transition (20).
+        consistency_loss: ``L_c``, any loss of the core's signature (default: consistency
+            training; a ``ConsistencyDistillationLoss`` brings a teacher).
+        share_condition: project the states through the actor's first layer once for all
+            its calls on ``s`` (same values and gradients; one 39,200-wide matmul, not four).
+        denoising_loss: the teacher's loss (default :class:`DenoisingLoss`).
+        ema_decay: an EMA target ``theta^-`` for ``L_c`` (Song et al. 2023); ``None``: the
+            online denoiser without gradient (the reference).
+        normalize_q, bound_penalty, adaptive_lambda, adaptive_statistic: the collapse
+            remedies, off by default (:mod:`agents.stability`).
     """
 
     critic: MoGCritic
-    #: The objective is over the policy's samples: TorchRL runs a loss's ``forward`` and its
-    #: public ``*_loss`` methods under this mode (``DETERMINISTIC`` by default, which a
-    #: ``zero_noise`` actor answers with ``D(0, sigma_max | s)``).
+    #: Train on the policy's samples (TorchRL's default ``DETERMINISTIC`` would give a
+    #: ``zero_noise`` actor's ``D(0, sigma_max | s)``).
     deterministic_sampling_mode = ExplorationType.RANDOM
 
     def __init__(
@@ -399,9 +349,6 @@ class CP3ERLoss(EncoderActorCriticLoss):
         self.denoising_loss = None
         if self.teacher is not None:
             self.denoising_loss = denoising_loss or DenoisingLoss()
-        # The consistency target: the online denoiser under no_grad (None: the reference),
-        # or an EMA copy theta^- (Song et al. 2023), moved by update_ema() after each
-        # actor step.
         self.ema_denoiser = (None if ema_decay is None
                              else ema_target(self.policy.denoiser, ema_decay))
 
@@ -462,8 +409,7 @@ class CP3ERLoss(EncoderActorCriticLoss):
 
     def actor_loss(self, tensordict: TensorDictBase, features: torch.Tensor
                    ) -> tuple[torch.Tensor, dict]:
-        """``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` on detached features (with
-        the class docstring's remedies when they are switched on)."""
+        """``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)`` (+ enabled remedies)."""
         keys = self.tensor_keys
         features = features.detach()
         cond = self.policy.condition(features) if self.share_condition else features
@@ -508,31 +454,19 @@ class CP3ERLoss(EncoderActorCriticLoss):
 
 
 class ConsistencyRegularizer(nn.Module):
-    """CP3ER's sample-based entropy regulariser as a term for *any* actor loss.
+    """CP3ER's sample-based entropy regulariser as a term for any actor loss.
 
-    ``weight * mean L_c(a_replay, s)`` (docs/implementation.md, item 5): the
-    consistency-training loss of the actor's denoiser on replayed actions (mapped from the
-    actor's bounds back to ``[-1, 1]``), conditioned on the actor's input. Add it to
-    another objective's actor loss, e.g. TorchRL's ``TD3Loss``::
-
-        td3 = TD3Loss(actor, qvalue, action_spec=spec)
-        regularizer = ConsistencyRegularizer(actor, weight=0.05)
-        actor_value, _ = td3.actor_loss(batch)
-        (actor_value + regularizer(batch)).backward()
-
-    or use :class:`ConsistencyRegularizedLoss`, a ``LossModule`` whose output holds it as
-    ``loss_consistency``.
+    ``weight * mean L_c(a_replay, s)``: consistency training of the actor's denoiser on
+    replayed actions (mapped back to ``[-1, 1]``), on the actor's detached input (it trains
+    the actor only). Add it to e.g. ``TD3Loss.actor_loss`` (examples/td3_consistency_actor.py)
+    or use :class:`ConsistencyRegularizedLoss`.
 
     Args:
-        actor: the consistency actor, a ``TensorDictModule`` wrapping a
-            :class:`ConsistencyPolicy` (``make_consistency_actor``); its first in_key is the
-            conditioning input read from the batch (features or the observation itself).
+        actor: a consistency actor (:func:`make_consistency_actor`); its first in_key is the
+            conditioning input.
         weight: lambda (CP3ER: 0.05).
-        consistency_loss: the loss to use (default: ``ConsistencyTrainingLoss`` on the
-            actor's schedule, independent coupling).
-        action_key: where the replayed actions are in the batch.
-
-    The conditioning input is detached: the regulariser trains the actor only.
+        consistency_loss: default ``ConsistencyTrainingLoss`` on the actor's schedule.
+        action_key: where the batch holds the replayed actions.
     """
 
     def __init__(self, actor: TensorDictModule, weight: float = 0.05,
@@ -563,49 +497,19 @@ class ConsistencyRegularizer(nn.Module):
 class ConsistencyRegularizedLoss(LossModule):
     """A TorchRL actor-critic loss (``TD3Loss``, ``DDPGLoss``) plus CP3ER's regulariser.
 
-    ``forward`` returns the wrapped loss's TensorDict with ``loss_consistency``
-    (``weight * mean L_c(a_replay, s)``, :class:`ConsistencyRegularizer`) added, and the
-    detached metric ``consistency_loss`` (unweighted), so the usual sum of the ``loss_*``
-    entries is the wrapped objective plus the regulariser. ``loss_consistency`` reaches the
-    actor's parameters only (the conditioning input is detached, no critic involved).
-    :meth:`consistency_loss` gives ``(loss, metadata)`` alone, for recipes that step the
-    actor separately (TD3's delayed policy update: add it to ``actor_loss``).
-
-    The actor is trained on its samples: this loss and the wrapped one run their ``forward``
-    and ``*_loss`` methods under ``ExplorationType.RANDOM`` (``deterministic_sampling_mode``,
-    set here on the wrapped loss too; TorchRL losses default to ``DETERMINISTIC``, which a
-    ``zero_noise`` actor answers with its repeatable action ``D(0, sigma_max | s)``, so a
-    plain ``TD3Loss`` would train that action only). Build the value estimator and the
-    ``SoftUpdate`` on the wrapped loss (it holds the target networks).
+    ``forward`` adds ``loss_consistency`` (``weight * mean L_c``; actor parameters only) and
+    the unweighted metric ``consistency_loss`` to the wrapped loss's output;
+    :meth:`consistency_loss` gives the term alone, for recipes that step the actor
+    separately (TD3's delayed policy update). Both losses run under ``RANDOM`` (set on the
+    wrapped one too): TorchRL's default ``DETERMINISTIC`` would train a ``zero_noise`` actor
+    on ``D(0, sigma_max | s)`` only. Build the value estimator and ``SoftUpdate`` on the
+    wrapped loss (it holds the targets). Example: docs/torchrl_actor.md.
 
     Args:
-        loss: the wrapped ``LossModule``; its actor is read from ``loss.actor_network``
-            unless ``actor`` is given.
-        actor: the consistency actor (``make_consistency_actor``), the module ``loss``
-            trains.
+        loss: the wrapped ``LossModule``.
+        actor: the consistency actor it trains (default ``loss.actor_network``).
         weight: lambda (CP3ER: 0.05).
         consistency_loss: as in :class:`ConsistencyRegularizer`.
-
-    Examples:
-        >>> import torch
-        >>> from tensordict import TensorDict
-        >>> from torchrl.data import Bounded
-        >>> from torchrl.modules import MLP, ValueOperator
-        >>> from torchrl.objectives import TD3Loss
-        >>> spec = Bounded(-2.0, 2.0, shape=(1,))
-        >>> actor = make_consistency_actor(3, 1, in_key="observation", spec=spec,
-        ...                                hidden_dim=32)
-        >>> qvalue = ValueOperator(MLP(in_features=4, out_features=1, num_cells=[32]),
-        ...                        in_keys=["observation", "action"])
-        >>> loss = ConsistencyRegularizedLoss(TD3Loss(actor, qvalue, action_spec=spec))
-        >>> batch = TensorDict({"observation": torch.randn(8, 3),
-        ...     "action": torch.rand(8, 1) * 4 - 2,
-        ...     "next": {"observation": torch.randn(8, 3), "reward": torch.randn(8, 1),
-        ...              "done": torch.zeros(8, 1, dtype=torch.bool),
-        ...              "terminated": torch.zeros(8, 1, dtype=torch.bool)}}, [8])
-        >>> out = loss(batch)
-        >>> sorted(k for k in out.keys() if k.startswith("loss_"))
-        ['loss_actor', 'loss_consistency', 'loss_qvalue']
     """
 
     deterministic_sampling_mode = ExplorationType.RANDOM

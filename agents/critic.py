@@ -1,28 +1,13 @@
-"""Mixture-of-Gaussians distributional critic (CP3ER, section "MoG critic").
+"""Mixture-of-Gaussians distributional critic (CP3ER, section "MoG critic"; Shahriari et al.
+2022, "Revisiting Gaussian mixture critics in off-policy RL", arXiv 2204.10256).
 
-The critic models the return distribution Z(s, a) as a mixture of K Gaussians and is
-trained by maximum likelihood on sampled distributional targets, as in the
-sample-based Gaussian-mixture critic of Shahriari et al. (2022), "Revisiting Gaussian
-mixture critics in off-policy reinforcement learning: a sample-based approach"
-(arXiv 2204.10256). CP3ER (arXiv 2410.00051) uses K = 3, ``init_scale = 1e-3`` and
-the loss ``-log p_online(y)`` averaged over 20 targets
-``y = r_n + gamma^n * q, q ~ target mixture at (s', a' ~ pi(s'))``; the actor
-maximises the mixture mean.
-
-Architecture (CP3ER reference ``MoGCritic``, DrQ-v2-style trunk):
-``trunk = Linear(repr_dim, feature_dim) + LayerNorm`` -> concat action ->
-2 x ``[Linear(hidden_dim) + LayerNorm + ReLU]`` -> three ``Linear(hidden_dim, K)``
-heads for the means, the scales and the mixture logits, with
-``scale = init_scale * softplus(x) / softplus(0) + 1e-4`` (Acme's
-``GaussianMixture`` head parameterisation).
-
-The trunk follows the CP3ER reference (Linear + LayerNorm, **no Tanh**, unlike DrQ-v2's
-critic trunk). Layers keep PyTorch's default initialisation like the CP3ER reference
-(its ``MoGCritic`` does not apply DrQ-v2's orthogonal ``weight_init``).
-
-The functional helpers (:func:`mog_mean`, :func:`mog_log_prob`, :func:`mog_sample`,
-:func:`mog_distribution`) work on ``(loc, scale, logits)`` so a loss can run the
-network once and reuse its output.
+Z(s, a) is a mixture of K = 3 Gaussians fit by maximum likelihood to 20 sampled targets
+``y = r_n + gamma^n q``, ``q ~ target mixture at (s', pi(s'))``; the actor maximises the
+mixture mean (docs/method.md, "The critic"). As the CP3ER reference's ``MoGCritic``: the
+trunk is Linear + LayerNorm, **no Tanh** (unlike DrQ-v2's), the scale head is Acme's
+``GaussianMixture`` parameterisation, and PyTorch's default initialisation is kept (no
+DrQ-v2 ``weight_init``). The ``mog_*`` helpers take ``(loc, scale, logits)`` so a loss runs
+the network once.
 """
 
 from __future__ import annotations
@@ -52,10 +37,7 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 def mog_distribution(
     loc: torch.Tensor, scale: torch.Tensor, logits: torch.Tensor
 ) -> D.MixtureSameFamily:
-    """``torch.distributions`` mixture of ``Normal(loc, scale)`` weighted by ``softmax(logits)``.
-
-    Inputs ``[..., K]``; the distribution has batch shape ``[...]`` and scalar events.
-    """
+    """Mixture of ``Normal(loc, scale)`` by ``softmax(logits)``: ``[..., K]`` -> batch ``[...]``."""
     return D.MixtureSameFamily(D.Categorical(logits=logits), D.Normal(loc, scale))
 
 
@@ -67,11 +49,8 @@ def mog_mean(loc: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def mog_log_prob(
     loc: torch.Tensor, scale: torch.Tensor, logits: torch.Tensor, values: torch.Tensor
 ) -> torch.Tensor:
-    """Log-density of ``values [..., S]`` under the mixtures ``[..., K]``: returns ``[..., S]``.
-
-    ``log sum_k softmax(logits)_k N(v; loc_k, scale_k)`` computed with a logsumexp;
-    each of the S values of a row is scored under that row's mixture.
-    """
+    """``log sum_k softmax(logits)_k N(v; loc_k, scale_k)`` of ``values [..., S]`` under the
+    row's mixture ``[..., K]``: ``[..., S]``."""
     z = (values.unsqueeze(-1) - loc.unsqueeze(-2)) / scale.unsqueeze(-2)  # [..., S, K]
     log_normal = -0.5 * z.square() - scale.log().unsqueeze(-2) - _LOG_SQRT_2PI
     log_weights = torch.log_softmax(logits, dim=-1).unsqueeze(-2)
@@ -86,10 +65,7 @@ def mog_sample(
     num_samples: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw ``num_samples`` values per mixture, without gradient: ``[..., K] -> [..., S]``.
-
-    Ancestral sampling: a component from ``softmax(logits)``, then its Gaussian.
-    """
+    """``num_samples`` ancestral draws per mixture, no gradient: ``[..., K] -> [..., S]``."""
     batch, k = loc.shape[:-1], loc.shape[-1]
     probs = torch.softmax(logits.reshape(-1, k).float(), dim=-1)
     component = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
@@ -109,17 +85,6 @@ class MoGCritic(nn.Module):
         num_components: number of Gaussians K (3).
         init_scale: component standard deviation when the scale head outputs 0
             (``scale = init_scale * softplus(x) / softplus(0) + 1e-4``).
-
-    Shapes:
-        ``features [*batch, repr_dim]``, ``action [*batch, action_dim]`` ->
-        ``loc, scale, logits`` each ``[*batch, K]``.
-
-    Examples:
-        >>> critic = MoGCritic(repr_dim=32, action_dim=6)
-        >>> feats, act = torch.randn(4, 32), torch.rand(4, 6) * 2 - 1
-        >>> loc, scale, logits = critic(feats, act)
-        >>> critic.mean(feats, act).shape, critic.sample_values(feats, act).shape
-        (torch.Size([4, 1]), torch.Size([4, 20]))
     """
 
     def __init__(

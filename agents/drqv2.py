@@ -1,26 +1,10 @@
 """DrQ-v2 (Yarats et al. 2021, arXiv 2107.09645) as TorchRL parts, the baseline beside CP3ER.
 
-Shared with CP3ER (nothing re-implemented): the pixel/state encoders
-(``agents.encoder``), random-shift augmentation (``agents.augment``), the replay buffer
-with sample-time frame stacks and n-step returns (``cp3er.replay``), the loss base
-(:class:`agents.actor_critic_loss.EncoderActorCriticLoss`: encoder trained through the
-critic only, Polyak target critic, critic-then-actor update) and the training loop.
-
-DrQ-v2's own parts, following its ``drqv2.py``:
-
-* Actor: ``Linear(repr, feature_dim) + LayerNorm + Tanh`` trunk, then
-  ``Linear(hidden) + ReLU + Linear(hidden) + ReLU + Linear(action_dim)`` and ``tanh``:
-  the deterministic mean action.
-* Critic: the same trunk and two Q heads (clipped double-Q).
-* Exploration: Gaussian noise with a linearly decaying standard deviation
-  ``linear(1.0, 0.1, duration)`` (agent steps; DrQ-v2's ``stddev_schedule``), added to
-  the mean and clamped to the action bounds (TorchRL's ``AdditiveGaussianModule``; the
-  schedule is computed from the step count instead of by repeated subtraction).
-* Target policy smoothing: ``a' = clamp(mu(s') + clip(sigma * eps, -c, c))`` with
-  ``c = 0.3`` (``stddev_clip``) and the scheduled ``sigma``; the same sample (gradient
-  through the mean, straight through the clamp, DrQ-v2's ``TruncatedNormal``) is used
-  in the actor loss ``-min(Q1, Q2)(s, a)``.
-* All linear and conv layers get DrQ-v2's orthogonal ``weight_init``.
+Encoder, augmentation, replay, loss base and training loop are shared with CP3ER
+(docs/api.md). Its own parts follow its ``drqv2.py``: a ``Linear + LayerNorm + Tanh`` trunk
+for actor and clipped double-Q critic, exploration noise ``linear(1.0, 0.1, N)`` (agent
+steps), target policy smoothing ``a' = clamp(mu(s') + clip(sigma eps, -0.3, 0.3))`` (the
+same sample in the actor loss ``-min(Q1, Q2)(s, a)``), orthogonal ``weight_init``.
 """
 
 from __future__ import annotations
@@ -59,10 +43,7 @@ def _mlp(in_features: int, out_features: int, hidden_dim: int) -> MLP:
 
 
 class DrQV2Actor(nn.Module):
-    """``features -> tanh(policy(trunk(features)))``, the deterministic DrQ-v2 action mean.
-
-    Shapes: ``[*batch, repr_dim] -> [*batch, action_dim]`` in (-1, 1).
-    """
+    """``features -> tanh(policy(trunk(features)))``, the deterministic DrQ-v2 action mean."""
 
     def __init__(self, repr_dim: int, action_dim: int, feature_dim: int = 50,
                  hidden_dim: int = 1024) -> None:
@@ -76,11 +57,7 @@ class DrQV2Actor(nn.Module):
 
 
 class DoubleQCritic(nn.Module):
-    """DrQ-v2 critic: shared ``Linear + LayerNorm + Tanh`` trunk, two Q heads.
-
-    Shapes: ``features [*batch, repr_dim]``, ``action [*batch, action_dim]`` ->
-    ``(q1, q2)`` each ``[*batch, 1]``.
-    """
+    """DrQ-v2 critic: shared ``Linear + LayerNorm + Tanh`` trunk, two Q heads ``[*batch, 1]``."""
 
     def __init__(self, repr_dim: int, action_dim: int, feature_dim: int = 50,
                  hidden_dim: int = 1024) -> None:
@@ -99,12 +76,9 @@ class DoubleQCritic(nn.Module):
 class ScheduledGaussianNoise(AdditiveGaussianModule):
     """TorchRL's additive Gaussian exploration with DrQ-v2's exact linear schedule.
 
-    ``sigma = init + (final - init) * min(steps / annealing_num_steps, 1)`` where
-    ``steps`` counts agent steps passed to :meth:`step`. (``AdditiveGaussianModule.step``
-    subtracts a float32 decrement once per frame: over DrQ-v2's 5e5-step schedules that
-    drifts and loops in Python per frame; the count is exact and checkpointed.)
-    Noise is added only under TorchRL's ``RANDOM`` exploration type (collectors), not in
-    deterministic evaluation.
+    ``sigma = init + (final - init) * min(steps / annealing_num_steps, 1)`` from a
+    checkpointed agent-step count (``AdditiveGaussianModule.step`` subtracts a float32
+    decrement per frame, which drifts over 5e5 steps). Noise under ``RANDOM`` only.
     """
 
     def __init__(self, spec: TensorSpec | None, sigma_init: float = 1.0, sigma_end: float = 0.1,
@@ -143,14 +117,9 @@ def make_drqv2_actor(repr_dim: int, action_dim: int, *, feature_dim: int = 50,
 class DrQV2Loss(EncoderActorCriticLoss):
     """DrQ-v2 objective: clipped double-Q TD loss and ``-min Q`` actor loss.
 
-    * Critic: ``y = r_n + discount * min(Q1', Q2')(s', a')`` with target-critic parameters
-      and ``a' = smoothed_action(mu(s'), sigma, stddev_clip)``; loss
-      ``mse(Q1, y) + mse(Q2, y)``. Trains critic and encoder.
-    * Actor: ``-mean min(Q1, Q2)(s, smoothed_action(mu(s), sigma, stddev_clip))`` on
-      detached features and detached critic parameters. Trains the actor only.
-
-    ``sigma`` is read from ``exploration`` (a :class:`ScheduledGaussianNoise`), which the
-    loss owns so its schedule position is saved with the loss's state dict.
+    Critic: ``mse(Q1, y) + mse(Q2, y)``, ``y = r_n + discount * min(Q1', Q2')(s', a')``,
+    ``a'`` smoothed. Actor: ``-mean min(Q1, Q2)(s, smoothed mu(s))``. ``sigma`` comes from
+    ``exploration``, owned by the loss so its schedule position is saved with it.
     """
 
     critic: DoubleQCritic

@@ -1,14 +1,6 @@
-"""Observation encoders: the DrQ-v2 pixel encoder and a vector-state encoder.
-
-Both expose ``repr_dim`` (the size of the feature vector they emit) and accept any
-number of leading batch dimensions, so agents can be built from env specs without
-caring which observation type they read.
-
-References:
-    Yarats, Fergus, Lazaric, Pinto (2021), "Mastering Visual Continuous Control:
-    Improved Data-Augmented Reinforcement Learning" (DrQ-v2), arXiv 2107.09645.
-    CP3ER (arXiv 2410.00051) reuses this encoder unchanged and trains it through
-    the critic loss only.
+"""Observation encoders: the DrQ-v2 pixel encoder (Yarats et al. 2021, arXiv 2107.09645;
+CP3ER reuses it unchanged) and a vector-state encoder. Both expose ``repr_dim`` and accept
+any leading batch dimensions.
 """
 
 from __future__ import annotations
@@ -23,12 +15,7 @@ __all__ = ["PixelEncoder", "StateEncoder", "conv_output_size", "weight_init"]
 
 
 def weight_init(module: nn.Module) -> None:
-    """DrQ-v2 initialisation, for use with ``module.apply(weight_init)``.
-
-    Linear: orthogonal weights; Conv2d / ConvTranspose2d: orthogonal weights with
-    the ReLU gain (sqrt 2); all biases zero. Other modules are left untouched.
-    (DrQ-v2, ``utils.weight_init``.)
-    """
+    """DrQ-v2's ``utils.weight_init``: orthogonal weights (convs: ReLU gain), zero biases."""
     if isinstance(module, nn.Linear):
         nn.init.orthogonal_(module.weight.data)
         if module.bias is not None:
@@ -45,32 +32,15 @@ def conv_output_size(size: int, kernel_size: int, stride: int, padding: int = 0)
 
 
 class PixelEncoder(nn.Module):
-    """DrQ-v2 convolutional encoder (Yarats et al. 2021).
-
-    ``Conv(3x3, 32, stride 2)`` then 3 x ``Conv(3x3, 32, stride 1)``, a ReLU after
-    each, no padding, and the output flattened in (channel, height, width) order,
-    exactly like DrQ-v2's ``h.view(h.shape[0], -1)``. Pixels are scaled as
-    ``x / 255 - 0.5`` first. For 9x84x84 frame stacks that gives 32x35x35 = 39,200
-    features and 30,368 parameters. The conv stack is TorchRL's ``ConvNet`` (the
-    same layers, in the same order, plus a ``SquashDims`` flatten), re-initialised
-    with :func:`weight_init`.
+    """DrQ-v2 convolutional encoder: ``x / 255 - 0.5``, ``Conv(3x3, 32, stride 2)``, 3 x
+    ``Conv(3x3, 32, stride 1)``, ReLUs, no padding, flattened in (C, H, W) order as DrQ-v2's
+    ``h.view``. 9x84x84 stacks give 32x35x35 = 39,200 features (30,368 parameters).
 
     Args:
-        obs_shape: ``(channels, height, width)`` of one observation, e.g. ``(9, 84, 84)``.
+        obs_shape: ``(channels, height, width)`` of one observation.
         num_filters: channels of every conv layer (32 in DrQ-v2).
-        channels_last: keep the conv weights and activations in channels-last memory
-            format. Inputs in any memory format are accepted either way (an HWC frame
-            permuted to CHW already is channels-last); this only changes the layout
-            the convolutions run in. Outputs are identical up to float rounding.
-
-    Shapes:
-        input ``[*batch, C, H, W]``, uint8 pixels in [0, 255] or floats on that scale;
-        output ``[*batch, repr_dim]`` float32 (the conv weights' dtype).
-
-    Examples:
-        >>> enc = PixelEncoder((9, 84, 84))
-        >>> enc(torch.zeros(2, 9, 84, 84, dtype=torch.uint8)).shape
-        torch.Size([2, 39200])
+        channels_last: run the convolutions in channels-last memory format (inputs in any
+            format; outputs equal up to float rounding).
     """
 
     def __init__(
@@ -116,20 +86,8 @@ class PixelEncoder(nn.Module):
 
 
 class StateEncoder(nn.Module):
-    """Encoder for vector observations, the counterpart of :class:`PixelEncoder`.
-
-    Identity by default (DrQ-v2 / CP3ER state-based runs feed the raw state to the
-    actor and critic trunks); with ``hidden_dims`` it is an MLP of
-    ``Linear + activation`` layers initialised with :func:`weight_init`.
-
-    Args:
-        obs_dim: size of the observation vector.
-        hidden_dims: widths of the MLP layers; empty for the identity.
-        activation_class: activation after every MLP layer.
-
-    Shapes:
-        input ``[*batch, obs_dim]`` (any dtype); output ``[*batch, repr_dim]`` float.
-    """
+    """Encoder for vector observations: the identity by default (state runs feed the raw
+    state to the trunks), an MLP of ``Linear + activation_class`` with ``hidden_dims``."""
 
     def __init__(
         self,

@@ -1,10 +1,6 @@
-"""The metric registry: every number an agent update reports, with its meaning.
-
-One place for the names: :meth:`agents.agent.Agent.update` returns only these, the
-trainer writes them as ``metrics.csv`` columns (``cp3er.logs.METRIC_COLUMNS``) and the
-glossary of docs/usage.md explains each one; ``tests/test_metrics.py`` checks all
-three against this table.
-"""
+"""The metric registry: every number an agent update reports, with its meaning; the
+``metrics.csv`` columns and docs/usage.md's glossary are checked against it
+(tests/test_metrics.py)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
-"""Collapse diagnostics of a policy: how much of it sits on the action bounds, and how
-widely a stochastic policy samples at fixed states.
+"""Collapse diagnostics of a policy: its share on the action bounds and its sample spread.
 
-A consistency policy has no density to read an entropy from; these two sample statistics
-are what CP3ER's sample-based entropy regularisation (arXiv 2410.00051, section 4) is
-meant to keep away from collapse: a policy that has collapsed onto one action per state
-has ``action_spread`` ~ 0, and a policy pushed onto the clamp of the denoiser (its
-gradient is zero there) has ``action_bound_frac`` ~ 1.
+A consistency policy has no density to read an entropy from; these are what CP3ER's
+sample-based entropy regularisation (arXiv 2410.00051, section 4) should keep from
+collapse (``action_spread`` ~ 0: one action per state; ``action_bound_frac`` ~ 1: on the
+denoiser's clamp, where the gradient is zero).
 """
 
 from __future__ import annotations
@@ -27,10 +25,8 @@ def bound_fraction(actions: torch.Tensor, low: float = -1.0, high: float = 1.0,
 
 
 def action_spread(samples: torch.Tensor) -> torch.Tensor:
-    """Spread of a policy at fixed states from ``samples [K, *states, action_dim]``, ``K >= 2``
-    draws at each state: ``sqrt(mean over states and dimensions of the sample variance
-    over the K draws)`` (unbiased variance, ddof=1). For a policy ``a = mu(s) + sigma z``
-    it estimates ``sigma``; 0 for a deterministic one."""
+    """``sqrt(mean over states and dimensions of the variance over K draws)`` (ddof=1) of
+    ``samples [K >= 2, *states, action_dim]``: ``sigma`` of ``a = mu(s) + sigma z``."""
     if samples.shape[0] < 2:
         raise ValueError(f"action_spread needs K >= 2 samples per state, got {samples.shape[0]}")
     return samples.var(dim=0, unbiased=True).mean().sqrt()

@@ -1,21 +1,6 @@
-"""Remedies for the collapse of CP3ER's one-step policy onto the action bounds
-(docs/method.md, "The collapse and what the stable preset changes").
-
-Each is a switch of ``agents.cp3er.CP3ERLoss`` / ``agents.agent.Agent`` (``agent.stability``
-in ``configs/agent/cp3er.yaml``, all off by default: the paper's behaviour). This module
-holds the pieces with arithmetic of their own:
-
-- :func:`normalized_q_term`: the actor's Q term divided by its detached batch scale,
-  ``-Q / mean|Q|`` (Fujimoto & Gu 2021, TD3+BC, eq. 3; Park et al. 2025, Flow Q-learning),
-  so lambda weighs the regulariser against a term of order one whatever the return scale.
-- :func:`bound_penalty`: ``mean relu(|u| - 1)^2`` of the one-step output ``u`` before the
-  denoiser's clip, a gradient back into the box where the hard clamp has none.
-- :class:`AdaptiveWeight`: lambda tuned by dual ascent to hold a target sample spread, as
-  SAC tunes its temperature to a target entropy (Haarnoja et al. 2018, "Soft Actor-Critic
-  Algorithms and Applications", eq. 18), the spread standing in for the entropy a
-  consistency policy has no density for; or to hold the share of samples on the action
-  bounds under a target (the collapse itself as the constraint).
-"""
+"""Remedies for the collapse of CP3ER's one-step policy onto the action bounds: the pieces
+with arithmetic of their own (``agent.stability``, all off by default; docs/method.md, "The
+collapse onto the action bounds, and the remedies")."""
 
 from __future__ import annotations
 
@@ -33,32 +18,28 @@ Q_SCALE_FLOOR = 1e-3
 
 
 def normalized_q_term(q: Tensor) -> tuple[Tensor, Tensor]:
-    """``(-mean Q / stopgrad mean|Q|, mean|Q|)``: the actor's Q term on the scale of one
-    (TD3+BC's ``lambda = alpha / mean|Q|`` with ``alpha`` = 1 on the Q side)."""
+    """``(-mean Q / stopgrad mean|Q|, mean|Q|)``: the Q term on the scale of one, so lambda
+    means the same at any return scale (TD3+BC, Fujimoto & Gu 2021, eq. 3, ``alpha`` = 1;
+    Flow Q-learning, Park et al. 2025)."""
     scale = q.detach().abs().mean().clamp_min(Q_SCALE_FLOOR)
     return -q.mean() / scale, scale
 
 
 def bound_penalty(unclipped: Tensor, low: float = -1.0, high: float = 1.0) -> Tensor:
-    """``mean_b sum_d relu(u - high)^2 + relu(low - u)^2``: zero inside the action box,
-    quadratic in how far beyond it a pre-clip output ``u`` lies."""
+    """``mean_b sum_d relu(u - high)^2 + relu(low - u)^2`` of the pre-clip output ``u``: a
+    gradient back into the box where the hard clamp has none."""
     beyond = torch.relu(unclipped - high) + torch.relu(low - unclipped)
     return beyond.square().sum(-1).mean()
 
 
 class AdaptiveWeight(nn.Module):
     """A positive weight tuned by dual ascent on its logarithm to hold a statistic at a
-    target: ``log w <- clip(log w + lr (target - value) / target, log w_min, log w_max)``
-    after each actor step (``raise_when="below"``: a spread under its target raises lambda,
-    which pulls the one-step samples toward the spread of the replayed actions; a smaller
-    one lets the Q term sharpen the policy), or with the sign flipped
-    (``raise_when="above"``: a share of samples on the bounds above its target raises it).
-    The step is relative to the target, so ``lr`` is the change of ``log w`` per update for
-    a spread at 0 (collapsed): lr 0.01 multiplies the weight by e every 100 collapsed
-    updates.
-
-    The weight lives in a buffer (saved and restored with the loss's state dict; not a
-    parameter of any optimiser).
+    target, as SAC tunes its temperature (Haarnoja et al. 2018, "Soft Actor-Critic Algorithms
+    and Applications", eq. 18), the sample spread standing in for the entropy:
+    ``log w <- clip(log w + sign lr (target - value) / target, log w_min, log w_max)``.
+    ``raise_when="below"`` (a spread under target raises lambda) or ``"above"`` (a share on
+    the bounds above target raises it). Relative to the target: at spread 0, lr 0.01
+    multiplies the weight by e every 100 updates. A buffer, saved with the loss.
     """
 
     log_weight: Tensor

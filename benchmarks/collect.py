@@ -1,28 +1,16 @@
 """Collect a task x agent x seed grid of run folders into a CSV, a Markdown table and a PNG.
 
-``python benchmarks/collect.py <grid_dir> --out <prefix>`` reads every run folder under
-``grid_dir`` (those with a ``metrics.csv`` and ``config.yaml`` written by ``cp3er-train``)
-and writes:
-
-* ``<prefix>.csv``: one row per run: task, agent, obs, seed, frames reached, final eval
-  return (mean over the final evaluation's episodes), best eval return, wall seconds, and
-  the exact ``cp3er-train`` command line (Hydra's ``.hydra/overrides.yaml`` of the run;
-  ``resume`` and ``log.progress`` left out: a resumed run is the same run); a run without
-  an evaluation yet is skipped, with a line on stderr;
-* ``<prefix>_table.md``: per task and agent, the mean final return over seeds with a 95%
-  bootstrap CI (seeds resampled), the seeds, frames and mean wall time;
-* ``<prefix>.png`` and ``<prefix>_aggregate.json``: ``cp3er-plot``'s learning curves and
-  IQM / mean / optimality-gap aggregates with stratified-bootstrap CIs;
-* ``<prefix>_collapse.png``: the collapse metrics over frames, ``action_bound_frac`` and
-  ``action_spread`` of each run's train rows, one panel per task and metric, one colour per
-  agent (label). The CSV's ``bound_frac_end`` / ``spread_end`` are their means over the
-  train rows of the last 10% of the run's frames (empty for a run that logs none).
-
-``--min-frames N`` compares runs at equal frames: a run whose last evaluation is before
-frame ``N`` (a stopped or still running one) keeps its CSV row but is left out of the
-table, the plot and the aggregates, with a line on stderr. Without it every run's last
-evaluation is its final score, whatever frame it reached (``cp3er-plot`` warns when they
-differ).
+``python benchmarks/collect.py <grid_dir> --out <prefix> [--min-frames N]`` reads the run
+folders under ``grid_dir`` that have an evaluation (others: a line on stderr) and writes
+``<prefix>.csv`` (a row per run, with its ``cp3er-train`` command from Hydra's
+``overrides.yaml`` less ``resume`` and ``log.progress``: a resumed run is the same run;
+``bound_frac_end`` / ``spread_end`` are means over the train rows of its last 10% of
+frames), ``<prefix>_table.md`` (mean final return per task and agent, 95% bootstrap CI over
+seeds), ``<prefix>.png`` and ``<prefix>_aggregate.json`` (``cp3er-plot``'s curves and
+aggregates) and ``<prefix>_collapse.png`` (``action_bound_frac`` and ``action_spread`` of
+the train rows over frames, a panel per task and metric). ``--min-frames``: a run whose
+last evaluation is before frame N keeps its CSV row only; without it every run's last
+evaluation is its final score, whatever frame it reached.
 """
 
 from __future__ import annotations

@@ -33,11 +33,9 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` (or ``UnknownTaskError``) for the first invalid value.
-
-    Types and choices (``obs``, ``replay.sampler``, ``perf.compile_mode``, ...) are checked
-    by Hydra while it composes, against the schema (:mod:`cp3er.config_schema`); this
-    checks the task name, ranges and what depends on several keys or on the machine."""
+    """Raise :class:`ConfigError` (or ``UnknownTaskError``) for the first invalid value: task
+    name, ranges, keys that depend on each other or on the machine (Hydra checks types and
+    choices against :mod:`cp3er.config_schema`)."""
     from envs import TASKS
     from envs.registry import lookup
 
@@ -156,10 +154,8 @@ def _unknown(kind: str, value: str, choices: list[str]) -> str:
 
 
 def check_group_overrides(argv: Sequence[str], config_dir: str | Path) -> str | None:
-    """A one-line message for the first command-line argument naming a config that does
-    not exist: a ``group=value`` / ``+group=value`` override of a config group (a folder of
-    ``config_dir``: task, agent, profile, ...) or ``--config-name`` / ``-cn``; ``None`` when
-    all exist. Hydra reports these as a long missing-config dump."""
+    """A one-line message for the first config group value or ``--config-name`` that does
+    not exist (Hydra prints a long dump), else ``None``."""
     config_dir = Path(config_dir)
     args = list(argv)
     for i, arg in enumerate(args):
@@ -191,10 +187,8 @@ def check_group_overrides(argv: Sequence[str], config_dir: str | Path) -> str | 
 
 
 def check_override_values(argv: Sequence[str], config_dir: str | Path) -> str | None:
-    """A one-line message when the command line's config does not compose: a value of the
-    wrong type (``batch_size=abc``), an unknown choice (``obs=rgb``), a key the schema does
-    not have (``lr_actor=1``); ``None`` when it composes (or for a multirun sweep, which
-    Hydra expands itself). Hydra reports these as several lines."""
+    """A one-line message when the command line does not compose (a wrong type, an unknown
+    choice or key), else ``None``; multirun sweeps are left to Hydra."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import OmegaConfBaseException

@@ -1,19 +1,11 @@
-"""The typed run config: Hydra structured configs (dataclasses in Hydra's ``ConfigStore``).
+"""The typed run config: Hydra structured configs in Hydra's ``ConfigStore``.
 
-The YAML files under ``configs/`` hold every value; these dataclasses hold the types and the
-valid choices, so Hydra refuses a wrong type (``batch_size=abc``) or an unknown choice
-(``obs=rgb``, ``replay.sampler=per``) while it composes, naming the key and the choices.
-Choices are the tuples of :mod:`cp3er.choices` (a leaf; the modules that implement them
-read the same tuples), turned into ``str`` enums: a field reads back as a
-``str`` subclass (``cfg.obs == "pixels"``, f-strings print the value). Range and
-cross-field checks (``batch_size <= replay.capacity``, ``gamma`` in (0, 1]) stay in
-:mod:`cp3er.config_check`.
-
-The schema nodes are ``run_schema`` (``configs/config.yaml``'s first default) and, in the
-``agent`` group, ``cp3er_schema`` / ``drqv2_schema`` (each agent file's first default).
-:func:`register_configs` stores them; importing this module does it once, before any
-composition (``cp3er-train``, ``cp3er.bench``, the tests' ``conftest.py``). Code that
-composes the configs itself with Hydra's compose API imports this module first.
+``configs/`` holds the values; these dataclasses hold the types and the choices (the tuples
+of :mod:`cp3er.choices` as ``str`` enums), so Hydra refuses a wrong type or an unknown
+choice while composing. Ranges and cross-key checks: :mod:`cp3er.config_check`. Importing
+this module registers ``run_schema`` and the ``agent`` group's ``cp3er_schema`` /
+``drqv2_schema`` (each config file's first default): do it before composing with Hydra's
+compose API (docs/usage.md, "Configuration").
 """
 
 from __future__ import annotations
@@ -49,8 +41,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 class Choice(str, Enum):
-    """A ``str`` enum that prints as its value (``enum.StrEnum`` of Python 3.11, also on
-    3.10)."""
+    """A ``str`` enum that prints as its value (Python 3.11's ``enum.StrEnum``, on 3.10)."""
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -227,9 +218,8 @@ class DrQV2AgentConfig:
     stddev_final: float = MISSING
     stddev_steps: int | None = MISSING
     stddev_clip: float = MISSING
-    # DrQ-v2's actor always reads its Linear+LayerNorm+Tanh trunk (its architecture); the
-    # key lets a profile that sets it for CP3ER (configs/profile/cpu_pixels.yaml) compose
-    # with either agent. cp3er.config_check refuses false.
+    # DrQ-v2's actor always has the trunk; the key lets a profile that sets it for CP3ER
+    # compose with either agent (config_check refuses false).
     actor_trunk: bool = MISSING
 
 
@@ -246,11 +236,8 @@ def register_configs() -> None:
 
 
 def complete_run_config(saved: DictConfig | dict) -> DictConfig:
-    """A saved run config (a checkpoint's, a run folder's ``config.yaml``) as a composed,
-    typed config: today's defaults for the agent and task it names (``configs/``), its own
-    values on top; keys it holds that the schema no longer has are dropped (a run written
-    before a key was removed). Raises ``omegaconf.errors.ValidationError`` for a value the
-    schema refuses."""
+    """A saved run config on today's defaults for its agent and task: its own values on top,
+    keys the schema no longer has dropped (``ValidationError`` for a refused value)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

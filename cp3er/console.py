@@ -1,17 +1,6 @@
-"""What ``cp3er-train`` tells its user besides ``metrics.csv``.
-
-- :func:`say`: a ``cp3er-train: ...`` line on stderr, above the progress bar, also kept
-  (timestamped) in Hydra's ``<run_dir>/train.log`` (the ``cp3er.console`` logger of
-  ``configs/config.yaml``'s ``hydra.job_logging``);
-- :func:`eval_line`: one line per evaluation (frame, mean return, spread, seconds), as
-  DrQ-v2's eval log;
-- :func:`expected_duration` / :func:`measured_duration`: a run expected to take more than
-  an hour says so at its start (from docs/performance.md's figures) and again once its first
-  updates are timed;
-- :func:`random_reference`: the uniform random policy's return on the run's task, the
-  floor its final evaluation is read against (end line, learning curve);
-- :func:`help_text`: ``cp3er-train --help``.
-"""
+"""What ``cp3er-train`` tells its user besides ``metrics.csv``: lines on stderr (kept in
+``<run_dir>/train.log``), evaluations, expected durations, the random-policy reference and
+``--help``."""
 
 from __future__ import annotations
 
@@ -50,16 +39,13 @@ TIMED_UPDATES = 50
 #: defaults' seed, so ``cp3er-eval --random-policy TASK --episodes 10`` prints the same.
 RANDOM_EPISODES, RANDOM_SEED = 10, 12345
 #: Measured when its frames (from states: no rendering, no updates) are at most this share
-#: of the run's frames, which keeps it under ~10% of the run's time: a random step from
-#: states costs 0.5-1 ms (docs/performance.md: 0.54-1.25 ms per agent step), a training
-#: frame ~2-5 ms from states and ~40-300 ms from pixels.
+#: of the run's frames: under ~10% of the run's time (step costs: docs/performance.md).
 RANDOM_SHARE = {"state": 0.5, "pixels": 4.0}
 
 
 def say(message: str) -> None:
-    """``cp3er-train: <message>`` on stderr, above a tqdm bar if one is drawn, and into
-    ``train.log`` when Hydra's job logging is set up (``cp3er-train``, not a bare
-    :class:`~cp3er.train.Trainer`)."""
+    """``cp3er-train: <message>`` on stderr above a tqdm bar, and into ``train.log`` when
+    Hydra's job logging is set up."""
     from tqdm import tqdm
 
     tqdm.write(f"cp3er-train: {message}", file=sys.stderr)
@@ -102,9 +88,8 @@ def duration(seconds: float) -> str:
 
 
 def expected_duration(cfg: DictConfig, from_frame: int = 0) -> str | None:
-    """The start-up line of a run expected to take more than :data:`LONG_RUN_S`, from the
-    figure of :data:`DOCUMENTED_FPS` for its observations and device; ``None`` for a
-    shorter run or one without a documented figure."""
+    """The start-up line of a run expected (:data:`DOCUMENTED_FPS`) to take more than
+    :data:`LONG_RUN_S`, else ``None``."""
     trunk = bool(cfg.agent.get("actor_trunk", False))
     figure = DOCUMENTED_FPS.get((str(cfg.obs), str(cfg.device), trunk))
     frames = cfg.frames - from_frame
@@ -119,9 +104,8 @@ def expected_duration(cfg: DictConfig, from_frame: int = 0) -> str | None:
 
 def measured_duration(frames_left: int, fps: float, updates: int, announced: bool = False
                       ) -> str | None:
-    """The line after the first ``updates`` updates of a run whose ``frames_left`` at the
-    measured ``fps`` take more than :data:`LONG_RUN_S`, or of any run whose start
-    ``announced`` an estimate (:func:`expected_duration`); else ``None``."""
+    """The line after the first ``updates`` updates of a run longer than :data:`LONG_RUN_S`
+    at the measured ``fps``, or whose start ``announced`` an estimate; else ``None``."""
     if fps <= 0 or (frames_left / fps <= LONG_RUN_S and not announced):
         return None
     return (f"measured {fps:.2f} frames/s over {updates} updates: about "
@@ -157,14 +141,11 @@ class SpeedReport:
 
 def random_reference(cfg: DictConfig, run_dir: Path, frames: int
                      ) -> tuple[dict | None, str | None]:
-    """``(summary, None)``: :func:`cp3er.evaluate.summarize` of :data:`RANDOM_EPISODES`
-    episodes of uniform random actions on the run's task (seed :data:`RANDOM_SEED`, state
-    observations, which give pixel runs the same returns without rendering), measured on
-    an env of its own and written to ``<run_dir>/eval/random_policy.json``, or read from
-    there; ``(None, reason)`` when not measured: a run too short for it to be cheap
-    (:data:`RANDOM_SHARE`), or a task without state observations. The run's RNG states
-    are restored afterwards (the measurement draws from torch's global RNG, like
-    ``cp3er-eval --random-policy``)."""
+    """``(summary, None)`` of :data:`RANDOM_EPISODES` uniform-random episodes on the run's
+    task from states (same returns as pixels, no rendering), cached in
+    :data:`~cp3er.plot.RANDOM_POLICY_FILE`; ``(None, reason)`` when too costly
+    (:data:`RANDOM_SHARE`) or failed. It draws from torch's global RNG: the run's RNG
+    states are restored afterwards."""
     from envs import TASKS
 
     path = run_dir / RANDOM_POLICY_FILE

@@ -1,48 +1,14 @@
 """``cp3er-plot``: learning curves and aggregate metrics (IQM with CIs) of training runs.
 
 ``cp3er-plot <run_dir>... --out <png> [--metric episode_return|success] [--phase eval|train]
-[--json]`` reads each run folder written by ``cp3er-train`` (``config.yaml`` and
-``metrics.csv``), groups the runs by (task, agent) and treats seeds as replicates (a
-run's ``label``, where set, stands for its agent name: variants of one agent). It draws
-one PNG (matplotlib, Agg canvas):
-
-- one panel per task: the learning curve of each agent, the mean over seeds with a 95%
-  bootstrap CI band (seeds resampled with replacement at each frame). Seeds evaluated at
-  different frames are aligned by linear interpolation on a common grid: the union of their
-  frames from the latest first frame to the shortest run's last frame (evenly spaced
-  ``max_points`` frames when the union is longer);
-- one panel of aggregate metrics across tasks per agent, following rliable (Agarwal et al.,
-  "Deep Reinforcement Learning at the Edge of the Statistical Precipice", NeurIPS 2021):
-  the interquartile mean (IQM), the mean and the optimality gap of the final evaluation
-  score of every run (task x seed pooled, like rliable's runs x tasks matrix), each with a
-  95% percentile CI from a stratified bootstrap (runs resampled with replacement within
-  each task, rliable's ``StratifiedBootstrap``).
-
-Score normalization for the aggregates: ``episode_return`` is divided by 1000 (the maximal
-DMC return); ``success`` (Meta-World success rate) is already in [0, 1]. Meta-World
-*returns* are not on a 0-1000 scale: aggregate Meta-World runs with ``--metric success``.
-The optimality gap is ``mean(max(0, 1 - normalized score))`` (rliable's gap with
-``gamma = 1``; lower is better). The final score of a run is its last evaluation, whatever
-``--phase`` selects for the curves.
-
-Output: with ``--json``, one JSON object on stdout::
-
-    {"curves": {task: {agent: {"frames", "mean", "ci_low", "ci_high", "seeds"}}},
-     "aggregate": {agent: {"iqm", "iqm_ci", "mean", "mean_ci", "optimality_gap",
-                           "optimality_gap_ci", "runs", "tasks"}},
-     "metric", "phase", "normalization", "out", "left_out"}
-
-without it, a short table of the aggregates. Errors (a folder without ``metrics.csv``, no
-evaluation rows, an unknown metric, an unreadable ``config.yaml``, a ``metrics.csv`` that
-is not text) are one line on stderr and exit status 2. Rows whose value is ``nan``/``inf``
-are left out of the curves and scores with a warning per run (``left_out`` in the JSON).
-
-The estimators and bootstraps are in :mod:`cp3er.stats` (rliable's, in numpy). Runs of one
-(task, agent) that mix observation types (pixels, state) are an error rather than
-replicates.
-
-``plot_learning_curve(run_dir)`` draws a single run (eval and train returns vs frames);
-``cp3er-train`` calls it at the end of a run.
+[--json]`` groups the run folders of ``cp3er-train`` by task and agent (or ``label``), seeds
+as replicates, and draws one PNG: per task, each agent's mean curve over seeds with a 95%
+bootstrap CI band; across tasks, the IQM, mean and optimality gap of the runs' final
+evaluation scores with 95% stratified-bootstrap CIs (rliable: Agarwal et al., "Deep
+Reinforcement Learning at the Edge of the Statistical Precipice", NeurIPS 2021). Scores are
+``episode_return / 1000`` (DMC's maximum; for Meta-World use ``--metric success``), the gap
+``mean(max(0, 1 - score))``. ``--json`` prints the report as one JSON object, else a table;
+bad inputs are one line on stderr and exit status 2. Details: docs/usage.md, "cp3er-plot".
 """
 
 from __future__ import annotations
@@ -160,7 +126,6 @@ def load_run(run_dir: str | Path) -> Run:
         raise PlotError(f"{config_path} is not a run config (a mapping with task_name and "
                         "agent.name)")
     task = OmegaConf.select(cfg, "task_name")
-    # runs are grouped by ``label`` where set (variants of one agent), else by agent name
     agent = OmegaConf.select(cfg, "label", default=None) or OmegaConf.select(cfg, "agent.name")
     if task is None or agent is None:
         raise PlotError(f"{config_path} lacks task_name or agent.name")
@@ -370,13 +335,9 @@ def _plot_aggregate(figure, cell, aggregate: dict[str, dict], colors: dict[str, 
 
 
 def plot_learning_curve(run_dir: str | Path, out_png: str | Path | None = None) -> Path:
-    """Plot one run's eval and train returns (and eval success rate if logged) vs frames,
-    with the uniform random policy's return (a dashed line) if the run measured it
-    (:data:`RANDOM_POLICY_FILE`).
-
-    Writes ``out_png`` (default ``<run_dir>/learning_curve.png``) and returns its path; a
-    run without finished episodes still gets a figure saying so.
-    """
+    """One run's eval and train returns (and eval success) vs frames, with the random
+    policy's return if measured (:data:`RANDOM_POLICY_FILE`); returns the PNG's path
+    (default ``<run_dir>/learning_curve.png``)."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     run = Run(run_dir, run_dir.name, "", "", None, rows)

@@ -1,36 +1,16 @@
 """``cp3er-toy``: the consistency core on 2-D targets, on CPU.
 
-Trains :mod:`cp3er.consistency` denoisers on three targets inside the action box
-``[-1, 1]^2``:
-
-- ``eight_gaussians``: 8 Gaussians (std 0.05) on a ring of radius 0.75;
-- ``two_moons``: two interleaved half circles (noise 0.05), rescaled by 1/1.6;
-- ``conditional``: the 8 ring modes, a one-hot condition selecting the mode.
-
-Grid: target x loss/coupling (``independent`` CT, ``generator``-induced CT,
-``reconstruction``; each sampled ``one_step`` and ``multi_step``), ``phased``
-(the phased loss, sampled with ``sample_phased``) and ``distillation``: a diffusion
-teacher trained first with the EDM denoising loss (sampled by its probability-flow ODE,
-Heun, sampler ``teacher``), then a student distilled from it with
-``ConsistencyDistillationLoss`` (sampled ``one_step`` and ``multi_step``). With ``--json``
-it prints one JSON object::
-
-    {"results": [{"target", "sampler", "coupling", "swd", "nfe", "seconds"}, ...],
-     "floor": {target: swd}, "untrained": {target: swd}}
-
-``swd`` is the sliced 1-Wasserstein distance (:func:`sliced_wasserstein`) between
-generated samples and fresh target samples; on ``conditional`` it is averaged over the
-8 conditions, each compared with samples of its own mode. ``floor`` is the same distance
-between two fresh target sets, ``untrained`` the one-step samples of the freshly
-initialised network. ``nfe`` is the number of network calls per sample. ``seconds`` is the
-wall time to train the row's model (shared by the samplers of one model; a distilled
-student's includes its teacher's) plus the row's sampling time.
-
-Without ``--json`` the same figures print as a table. ``--quick`` is a smoke run (a reduced
-grid, 600 training steps): its models are under-trained, and it says so on stderr.
-
-Example: ``cp3er-toy --quick --plot toy.png``;
-``cp3er-toy --couplings independent,distillation --json``.
+Targets in ``[-1, 1]^2``: ``eight_gaussians`` (std 0.05 on a ring of radius 0.75),
+``two_moons`` (noise 0.05, rescaled by 1/1.6), ``conditional`` (the 8 modes, a one-hot
+condition selecting one). Rows: CT with ``independent`` or ``generator``-induced coupling
+and ``reconstruction`` (each sampled ``one_step`` and ``multi_step``), ``phased``, and
+``distillation`` (an EDM teacher, sampled by its Heun ODE as ``teacher``, then a student).
+``--json`` report: ``{"results": [{"target", "sampler", "coupling", "swd", "nfe",
+"seconds"}], "floor": {target: swd}, "untrained": {target: swd}}``. ``swd``: sliced
+1-Wasserstein distance to fresh target samples (per condition on ``conditional``);
+``floor``: between two fresh target sets; ``untrained``: the initial network, one step;
+``nfe``: network calls per sample; ``seconds``: training (a student's includes its
+teacher's) plus sampling.
 """
 
 from __future__ import annotations
@@ -105,9 +85,7 @@ class ToyConfig:
     solver: str = "heun"  # ODE solver of the distillation teacher step
 
 
-# --------------------------------------------------------------------------------------
-# Targets and distances
-# --------------------------------------------------------------------------------------
+# -- targets and distances -------------------------------------------------------------
 
 
 def ring_centers(dtype: torch.dtype = torch.float32) -> Tensor:
@@ -128,11 +106,8 @@ def _two_moons(n: int, generator: torch.Generator | None) -> Tensor:
 def sample_target(
     name: str, n: int, generator: torch.Generator | None = None, *, balanced: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """``n`` samples ``(actions (n, 2), cond (n, cond_dim))`` of a toy target, in [-1, 1].
-
-    Unconditional targets have ``cond_dim = 0``; ``conditional`` has a one-hot ``cond``
-    of its mode, drawn uniformly, or cycling ``0..7`` when ``balanced``.
-    """
+    """``(actions [n, 2], cond [n, cond_dim])`` of a toy target; ``conditional``'s one-hot
+    modes are uniform, or cycle ``0..7`` when ``balanced`` (others: ``cond_dim = 0``)."""
     if name == "two_moons":
         return _two_moons(n, generator).clamp(-1, 1), torch.zeros(n, 0)
     if name not in ("eight_gaussians", "conditional"):
@@ -155,11 +130,8 @@ def target_cond_dim(name: str) -> int:
 def sliced_wasserstein(
     x: Tensor, y: Tensor, num_projections: int = 256, generator: torch.Generator | None = None
 ) -> float:
-    """Sliced 1-Wasserstein distance between two equal-size point sets (Rabin et al. 2011).
-
-    Mean over ``num_projections`` random unit directions of the 1-D W1 distance,
-    ``mean_j |sort(x theta)_j - sort(y theta)_j|`` (mean *absolute* difference).
-    """
+    """Sliced 1-Wasserstein distance of two equal-size sets (Rabin et al. 2011): the mean
+    over random unit ``theta`` of ``mean_j |sort(x theta)_j - sort(y theta)_j|``."""
     if x.shape != y.shape:
         raise ValueError(f"need equal-size sets, got {tuple(x.shape)} and {tuple(y.shape)}")
     theta = torch.randn(x.shape[-1], num_projections, generator=generator, dtype=torch.float64)
@@ -170,11 +142,8 @@ def sliced_wasserstein(
 
 
 def target_distance(name: str, generated: Tensor, reference: Tensor, cond: Tensor) -> float:
-    """SWD of a target; per condition (mode) then averaged on ``conditional``.
-
-    ``generated`` and ``reference`` must share the conditions ``cond`` row for row. Fixed
-    projection seed, so the distance is a deterministic function of the samples.
-    """
+    """SWD with fixed projections; on ``conditional`` averaged over modes (``generated`` and
+    ``reference`` share ``cond`` row for row)."""
     projections = torch.Generator().manual_seed(1234)
     if name != "conditional":
         return sliced_wasserstein(generated, reference, generator=projections)
@@ -192,9 +161,7 @@ def mode_accuracy(samples: Tensor, cond: Tensor) -> float:
     return (nearest == cond.argmax(-1)).float().mean().item()
 
 
-# --------------------------------------------------------------------------------------
-# Models, training, evaluation
-# --------------------------------------------------------------------------------------
+# -- models, training, evaluation -------------------------------------------------------
 
 
 def make_denoiser(cond_dim: int, config: ToyConfig) -> Denoiser:
@@ -229,12 +196,8 @@ def train(
     config: ToyConfig,
     generator: torch.Generator,
 ) -> float:
-    """Adam on fresh target batches for ``config.steps`` steps; returns wall seconds.
-
-    The learning rate decays linearly from ``config.lr`` to 0 (it settles the noisy
-    consistency-training updates: ~10% lower SWD than a constant rate on 8 Gaussians).
-    The consistency target is the online network under no_grad (CP3ER reference).
-    """
+    """Adam on fresh target batches for ``config.steps`` steps; returns wall seconds. The lr
+    decays linearly to 0: it settles the noisy CT updates (~10% lower SWD on 8 Gaussians)."""
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1.0 - step / config.steps
@@ -313,11 +276,8 @@ def grid(quick: bool, couplings: Sequence[str] | None = None
 def train_row(
     target: str, coupling: str, config: ToyConfig, seed: int
 ) -> tuple[Denoiser, Denoiser | None, float]:
-    """``(model, teacher, seconds)`` of one grid row, from the same initialisation.
-
-    ``distillation``: the teacher (EDM denoising loss) first, then the student from the
-    seed's fresh initialisation (not the teacher's weights; the CT rows start there too).
-    """
+    """``(model, teacher, seconds)`` of one grid row; a distilled student starts from the
+    seed's fresh initialisation as the CT rows do, not from its teacher's weights."""
     generator = torch.Generator().manual_seed(seed)
     teacher, seconds = None, 0.0
     if coupling == "distillation":
@@ -363,9 +323,8 @@ def run(config: ToyConfig, seed: int, quick: bool, couplings: Sequence[str] | No
 
 def plot(samples: dict[str, Tensor], config: ToyConfig, seed: int, path: str,
          swd: dict[str, float] | None = None) -> None:
-    """Scatter each model's samples (colour) over fresh target samples (grey), one panel
-    per ``target/sampler/coupling`` key, titled with its sliced Wasserstein distance
-    (``swd``, by the same keys: :func:`swd_by_key` of a report) when given; one legend."""
+    """Each model's samples over fresh target samples, one panel per
+    ``target/sampler/coupling`` key, titled with ``swd`` (:func:`swd_by_key`) when given."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,21 +1,13 @@
 """The CP3ER consistency actor inside TorchRL's own ``TD3Loss``, with the CP3ER regulariser.
 
-A plain TorchRL TD3 pipeline (collector, ``ReplayBuffer`` with ``LazyTensorStorage``,
-``TD3Loss`` with its own twin Q-networks, target networks and TD(0) estimator,
-``SoftUpdate``) in which only the actor is swapped for CP3ER's one-step consistency
-policy, and the actor loss gets CP3ER's sample-based entropy term:
-
-    loss_actor = TD3 actor loss (-Q1(s, pi(s))) + lambda * L_c(a_replay, s)
-
-Runs on a state-based DMC task (default ``cartpole_balance``)::
+A plain TorchRL TD3 pipeline (collector, ``ReplayBuffer``, ``TD3Loss`` with its twin
+Q-networks, targets and TD(0) estimator, ``SoftUpdate``) with only the actor swapped for
+CP3ER's one-step consistency policy and the actor loss
+``-Q1(s, pi(s)) + lambda * L_c(a_replay, s)``, on a state DMC task::
 
     python examples/td3_consistency_actor.py --frames 40000 [--threads auto] [--device cpu]
 
-and prints the evaluation return every ``--eval-every`` frames (environment frames: agent
-steps x action repeat 2, as everywhere in cp3er). Any TorchRL env with a bounded
-continuous action spec and an ``observation`` entry works the same way (the actor maps its
-output onto the spec's bounds). docs/torchrl_actor.md shows the same swap with the
-regulariser as a ``LossModule`` (``ConsistencyRegularizedLoss``).
+Frames are environment frames (agent steps x action repeat 2). docs/torchrl_actor.md.
 """
 
 from __future__ import annotations

@@ -2,27 +2,21 @@
 prefers the action bounds? ``python benchmarks/diagnostics/actor_balance.py [--updates 2000]
 [--seeds 2]`` prints one JSON object (docs/results/actor_balance.json).
 
-A controlled stand-in for the actor step of the pixel runs (docs/results, "Diagnosis"):
-the production actor objective (:meth:`agents.cp3er.CP3ERLoss.actor_loss`,
-``-mean Q(s, pi(s)) + lambda * mean L_c(a_replay, s)``) on the profile's actor
-(``make_consistency_actor``: 3 x 1024 units, the Linear+LayerNorm+Tanh trunk to 50, clamp,
-Adam lr 1e-4), with the critic replaced by a *fixed* function of ``(s, a)`` and the replay
-holding uniform random actions only, the data of the uniform exploration phase (the most
-favourable replay for the entropy term: every later batch holds the policy's own actions
-as well). Fixed critics (``u(s) = tanh(3 W s)``, ``a*(s) = 0.5 tanh(W s)``):
+A controlled stand-in for the pixel runs' actor step (docs/results, "Diagnosis"): the
+production :meth:`agents.cp3er.CP3ERLoss.actor_loss` on the profile's actor (3 x 1024, trunk
+to 50, clamp, Adam lr 1e-4), the critic replaced by a *fixed* function, the replay holding
+uniform random actions only (the most favourable replay for the entropy term). Critics,
+with ``u(s) = tanh(3 W s)``, ``a*(s) = 0.5 tanh(W s)``:
 
-- ``none``: Q = 0, the consistency term alone (the control: the policy should spread
-  like the uniform replay, ``action_spread`` ~ 0.58 and few samples on the bounds);
-- ``linear``: Q = slope * u(s) . a, best action on the bound sign(u(s)); ``slope`` 0.05
-  and 0.15 make Q vary by 0.1 and 0.3 over the action range, the range the checkpoint
-  probe measured in both agents' critics in the pixel runs (``cpu_pixels_probes.jsonl``);
-- ``interior``: Q = -slope * |a - a*(s)|^2, best action inside the box.
+- ``none``: Q = 0, the control (the policy should spread like the replay, ~0.58);
+- ``linear``: Q = slope * u(s) . a, best on the bound sign(u(s)); slopes 0.05 and 0.15 vary
+  Q by 0.1 and 0.3 over the range, as the checkpoint probe measured in the pixel runs;
+- ``interior``: Q = -slope * |a - a*(s)|^2, best inside the box.
 
-Reported after each checkpoint's number of updates, on 64 held-out states x 8 one-step
-draws: ``bound_frac`` (share of sampled entries within 1e-3 of +-1), ``spread``
-(``agents.policy_stats.action_spread``) and, for ``interior``, ``dist`` (mean |mean draw -
-a*(s)|). Variants differ in one of: the critic, its slope, the batch size (32 = the CPU
-pixel profile, 256 = the paper) and lambda.
+Reported per checkpoint on 64 held-out states x 8 draws: ``bound_frac`` (within 1e-3 of
++-1), ``spread`` (``action_spread``) and, for ``interior``, ``dist`` (mean |mean draw -
+a*(s)|). Variants differ in the critic, slope, batch (32: CPU pixel profile, 256: paper) or
+lambda.
 """
 
 from __future__ import annotations

@@ -2,13 +2,11 @@
 benchmarks/diagnostics/critic_scale.py [--steps 10000] [--scale 100]`` prints one JSON object.
 
 A supervised stand-in for the first phase of TD learning: regress Q(s, a) onto a fixed
-target of magnitude ``--scale`` (``scale * (1 + 0.2 tanh(w.s) - 0.1 a^2)``, 64-dim random
-features, 1-dim actions, batches of 32, Adam) and report the mean absolute error after
-500 ... ``--steps`` updates, for DrQ-v2's double-Q critic (MSE) and CP3ER's
-mixture-of-Gaussians critic (NLL of 20 targets with unit noise), at widths 256 and 1024,
-with CP3ER's ``init_scale`` 1e-3 and 0.1 and learning rates 1e-4 and 3e-4. Cartpole
-returns reach ~100-200 per state (reward up to 2 per agent step, gamma 0.99): a critic
-whose output cannot grow that far in the first ~10k updates lags its TD targets.
+target ``scale * (1 + 0.2 tanh(w.s) - 0.1 a^2)`` (64-dim features, 1-dim actions, batch 32,
+Adam) and report the mean absolute error, for DrQ-v2's double-Q critic (MSE) and CP3ER's
+MoG critic (NLL of 20 targets with unit noise) over widths, ``init_scale`` and lr. Cartpole
+returns reach ~100-200 per state: a critic that cannot grow that far in the first ~10k
+updates lags its TD targets.
 """
 
 from __future__ import annotations

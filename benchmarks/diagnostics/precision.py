@@ -2,15 +2,11 @@
 [--device cpu|cuda] [--task cheetah_run] [--obs state] [--agent cp3er] [--updates 20]
 [overrides ...]`` prints one JSON object.
 
-The same agent (seed 0) is built once per precision and takes ``--updates`` updates on the
-same replay batches (a random-action rollout of the task written to the n-step buffer,
-batches drawn once from a seeded generator), each update from the same seed. Per
-precision: ``loss_critic`` / ``loss_actor`` of every update, their relative difference to
-fp32's (``|x - x_fp32| / |x_fp32|``; the first update starts from identical parameters,
-later ones also carry the drift of the parameters), and the median ms of the updates after
-the first (device-synchronised). ``tf32`` (CUDA only: a no-op on a CPU) is measured
-with ``--device cuda``. Extra arguments are Hydra overrides (``hidden_dim=256
-batch_size=64``).
+The same agent (seed 0) takes ``--updates`` updates per precision on the same replay
+batches (a seeded random-action rollout), each update from the same seed. Per precision:
+``loss_critic`` / ``loss_actor``, their relative difference to fp32's (the first update
+from identical parameters, later ones with the drift) and the median ms per update after
+the first. ``tf32`` needs ``--device cuda``. Extra arguments are Hydra overrides.
 """
 
 from __future__ import annotations

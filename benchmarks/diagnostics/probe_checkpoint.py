@@ -3,21 +3,16 @@
 
 At ``--states`` states of an evaluation rollout of the checkpoint's own policy:
 
-* ``bound_frac``: fraction of the policy's action entries on the bounds +-1 (CP3ER: its
-  one-step samples; DrQ-v2: its mean action ``tanh(mu)``, before exploration noise);
-* ``spread``: ``agents.policy_stats.action_spread`` of ``--samples`` one-step samples per
-  state (CP3ER; 0 for DrQ-v2's deterministic mean);
-* ``between_states``: how much the policy's action changes from state to state:
-  ``sqrt(mean over dimensions of the variance over states)`` of the per-state mean action
-  (CP3ER: the mean of its samples; DrQ-v2: its mean action). 0 for a policy that plays one
-  action everywhere (the constant push of cartpole_swingup), ~1 for a bang-bang policy
-  whose side switches with the state about half the time;
-* ``preclip_beyond_bound`` (CP3ER): fraction of one-step outputs *before* the denoiser's
-  clamp that lie outside [-1, 1]: actions no gradient reaches while the clamp is on;
-* ``q_range``: per state, ``max - min`` of Q over 9 actions on the diagonal of the box
-  ``a = g * 1`` (g in [-1, 1]), averaged over states, beside ``q_mean`` (the mean Q there):
-  how much the critic distinguishes actions at all (CP3ER: the mixture mean; DrQ-v2:
-  ``min(Q1, Q2)``).
+* ``bound_frac``: share of action entries on the bounds (CP3ER: its one-step samples;
+  DrQ-v2: its mean action ``tanh(mu)``);
+* ``spread``: ``action_spread`` of ``--samples`` draws per state (0 for DrQ-v2);
+* ``between_states``: ``sqrt(mean over dimensions of the variance over states)`` of the
+  per-state mean action: 0 for one action everywhere (cartpole_swingup's constant push),
+  ~1 for a bang-bang policy whose side switches with the state;
+* ``preclip_beyond_bound`` (CP3ER): share of one-step outputs beyond [-1, 1] before the
+  clamp, which no gradient reaches;
+* ``q_range``: per state, ``max - min`` of Q over 9 actions ``a = g * 1`` (g in [-1, 1]),
+  averaged, beside ``q_mean``: how much the critic distinguishes actions at all.
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
 """Re-evaluate runs' latest checkpoints on common episodes: ``python
 benchmarks/diagnostics/reevaluate.py <run_dir>... --out FILE.jsonl [--episodes 20] [--seed 12345]``.
 
-A run's logged final return is the mean of its last evaluation's few episodes (5 in the
-CPU pixel profile). Where a task's returns are bimodal (reacher_easy: an episode scores ~0
-or several hundred, depending on where its target lies) that number moves by hundreds
-between evaluations, and two runs' finals are drawn on different episodes
-(docs/results/README.md, CPU pixel profile, "The final checkpoints re-evaluated"). This
-script evaluates every run's checkpoint with more episodes and one ``--seed``, so that
-every policy plays the same episodes: episode i starts from the same state whatever the policy
-(tests/test_envs.py), and two runs can be compared episode by episode.
-
-One JSON line per run is appended to ``--out`` (the run, its task, agent label, training
-seed and checkpoint frame, its logged final return, and ``cp3er-eval``'s summary with the
-per-episode ``returns``). Runs already in ``--out`` with the same episodes and seed are
-skipped: a stopped invocation resumes where it left off. The file is rewritten atomically
-after each run. Then one JSON object is printed: per agent label, the rliable-style
-aggregates (IQM, mean, optimality gap of return / 1000, stratified bootstrap over the runs
-of each task; :func:`cp3er.stats.aggregate_metrics`) of the re-evaluated means, beside the
-same aggregates of the logged finals of the same runs (the rows of ``--out`` evaluated with
-this ``--episodes`` and ``--seed``).
+A logged final return is the mean of a few episodes (5 in the CPU pixel profile); on a task
+with bimodal returns (reacher_easy) it moves by hundreds between evaluations
+(docs/results/README.md, "The final checkpoints re-evaluated"). Here every checkpoint plays
+the same ``--episodes`` episodes (one ``--seed``: episode i starts from the same state
+whatever the policy, tests/test_envs.py). One JSON line per run is appended to ``--out``
+(rewritten atomically; runs already there with these episodes and seed are skipped, so a
+stopped invocation resumes). Then it prints, per agent label, the aggregates
+(:func:`cp3er.stats.aggregate_metrics` of return / 1000) of the re-evaluated means beside
+those of the same runs' logged finals.
 """
 
 from __future__ import annotations

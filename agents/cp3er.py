@@ -305,6 +305,20 @@ class CP3ERLoss(EncoderActorCriticLoss):
             online denoiser without gradient (the reference).
         normalize_q, bound_penalty, adaptive_lambda, adaptive_statistic: the collapse
             remedies, off by default (:mod:`agents.stability`).
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from agents.encoder import StateEncoder
+        >>> enc = TensorDictModule(StateEncoder(5), ["observation"], ["features"])
+        >>> actor = make_consistency_actor(5, 2, hidden_dim=32)
+        >>> critic = MoGCritic(5, 2, feature_dim=8, hidden_dim=32)
+        >>> loss = CP3ERLoss(enc, actor, critic)
+        >>> td = TensorDict({"observation": torch.randn(4, 5), "action": torch.rand(4, 2),
+        ...     "next": {"observation": torch.randn(4, 5), "reward": torch.randn(4, 1),
+        ...              "discount": torch.full((4, 1), 0.99)}}, [4])
+        >>> sorted(k for k in loss(td).keys() if k.startswith("loss_"))
+        ['loss_actor', 'loss_critic']
     """
 
     critic: MoGCritic
@@ -510,6 +524,27 @@ class ConsistencyRegularizedLoss(LossModule):
         actor: the consistency actor it trains (default ``loss.actor_network``).
         weight: lambda (CP3ER: 0.05).
         consistency_loss: as in :class:`ConsistencyRegularizer`.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl.data import Bounded
+        >>> from torchrl.modules import MLP, ValueOperator
+        >>> from torchrl.objectives import TD3Loss
+        >>> spec = Bounded(-2.0, 2.0, shape=(1,))
+        >>> actor = make_consistency_actor(3, 1, in_key="observation", spec=spec,
+        ...                                hidden_dim=32)
+        >>> qvalue = ValueOperator(MLP(in_features=4, out_features=1, num_cells=[32]),
+        ...                        in_keys=["observation", "action"])
+        >>> loss = ConsistencyRegularizedLoss(TD3Loss(actor, qvalue, action_spec=spec))
+        >>> batch = TensorDict({"observation": torch.randn(8, 3),
+        ...     "action": torch.rand(8, 1) * 4 - 2,
+        ...     "next": {"observation": torch.randn(8, 3), "reward": torch.randn(8, 1),
+        ...              "done": torch.zeros(8, 1, dtype=torch.bool),
+        ...              "terminated": torch.zeros(8, 1, dtype=torch.bool)}}, [8])
+        >>> out = loss(batch)
+        >>> sorted(k for k in out.keys() if k.startswith("loss_"))
+        ['loss_actor', 'loss_consistency', 'loss_qvalue']
     """
 
     deterministic_sampling_mode = ExplorationType.RANDOM

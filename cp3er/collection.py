@@ -1,42 +1,12 @@
 """Collectors of the training environments stepped by workers (``collector.workers``,
-``collector.backend``): TorchRL's multi-process collectors on this machine (``local``) or its
-``RayCollector`` on the nodes of a Ray cluster (``ray``), all feeding the one learner.
+``collector.backend``): TorchRL's multi-process collectors here (``local``) or its
+``RayCollector`` on a Ray cluster (``ray``), all feeding the one learner.
 
-Both backends take the same inputs (one env factory per worker,
-:func:`cp3er.builders.worker_env_factories`, and the workers' copy of the policy) and yield
-the same batches: ``[workers, T]`` stacks when ``collector.sync`` (row ``k`` = worker ``k``,
-written to replay stream ``k``), one worker's ``[T]`` chunk otherwise (routed to the replay
-stream whose episode it continues by ``("collector", "traj_ids")``). What the Ray backend
-adds, and why (TorchRL 0.14.1, Ray 2.60):
-
-- **Trajectory ids.** The local collectors draw every worker's trajectory ids from one
-  shared counter; each Ray worker is a separate ``Collector`` numbering its episodes from
-  0, so two workers' episodes would share ids (an async chunk routed to the wrong replay
-  stream, one episode's success merged with another's). Worker ``k`` offsets its ids by
-  ``k * TRAJ_ID_OFFSET`` (its ``postproc``, run in the worker).
-- **Random exploration steps.** ``RayCollector`` gives each worker
-  ``init_random_frames // workers`` random steps, counted by the worker itself (the local
-  collectors count all workers' steps in the main process). :func:`worker_collector`
-  rounds the request up to whole batches of all workers, so every worker acts randomly for
-  the same number of whole chunks and the total is what the local synchronous collector
-  takes (``ceil(steps / (workers x T)) x workers x T``). Asynchronously, a fast worker may
-  start acting with the policy before a slow one has finished its random steps.
-- **Weights** go to the workers through ``RayWeightSyncScheme`` (torch.distributed gloo
-  from this process, rank 0, to each actor), connected once when the collector is built;
-  ``update_policy_weights_()`` then sends the workers' policy copy's current weights and
-  buffers. The workers act on the CPU (a CPU node has no GPU): the policy copy lives there,
-  its tensors contiguous (:func:`make_contiguous_`: gloo refuses channels-last weights).
-  TorchRL waits a fixed 60 s (a private module constant, no argument) for every actor to
-  join that gloo group; an actor still importing torch and building its env on a busy
-  machine takes longer and the run died with ``DistStoreError: wait timeout``.
-  :func:`lengthen_ray_weight_sync_timeout` raises the wait to
-  ``RAY_WEIGHT_SYNC_TIMEOUT``.
-- **Ray's lifetime** (:func:`ray_runtime`): ``ray.init`` (a local Ray with ``workers`` CPUs
-  when ``collector.ray_address`` is null, else the cluster at that address) for the
-  duration of the collection, ``ray.shutdown()`` at its end only if this process started
-  Ray. ``ray.init`` replaces the process's SIGTERM handler with an immediate exit; the
-  handler in place before (the run's preemption handler, which checkpoints first) is put
-  back.
+Both yield ``[workers, T]`` stacks when ``collector.sync`` (row ``k`` = worker ``k``, replay
+stream ``k``), else one worker's ``[T]`` chunk (routed by ``("collector", "traj_ids")``).
+What the Ray backend adds (trajectory-id offsets, whole-batch random steps, gloo weight
+sync with a longer join timeout, contiguous CPU weights, Ray's lifetime and the SIGTERM
+handler) and why: docs/scale.md, "Collection on other machines (Ray)".
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-noise", choices=DETERMINISTIC_MODES, default=None,
                         help="a CP3ER run's evaluation actions: sample (one-step samples, the "
                              "reference's) or zero_noise (the repeatable D(0, sigma_max | s)); "
-                             "default: the run's agent.eval_noise (sample before it existed)")
+                             "default: the run's agent.eval_noise")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (one bar per episode on stderr by default)")
     add_device_threads_arguments(parser)

@@ -234,8 +234,8 @@ class Trainer:
                              self.frame)
             self.last_return = episode_return
 
-    def update(self) -> None:
-        """One agent update on a replay batch (copied to the agent's device)."""
+    def update(self) -> dict[str, torch.Tensor]:
+        """One agent update on a replay batch (copied to the agent's device); its metrics."""
         batch = self.buffer.sample().to(self.device)
         try:
             metrics = self.agent.update(batch)
@@ -251,6 +251,7 @@ class Trainer:
                 f"values: {checkpoint.first_line(error)}") from None
         self.loop.updates += 1
         self.update_metrics.add(self.loop.updates, self.frame, metrics)
+        return metrics
 
     def evaluate(self) -> dict:
         """``schedule.eval_episodes`` episodes of the deterministic policy: an eval row, the
@@ -331,6 +332,10 @@ class Trainer:
     def step(self) -> int:
         """Agent steps taken in the training env."""
         return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
 
     @property
     def frame(self) -> int:

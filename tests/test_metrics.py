@@ -69,16 +69,14 @@ def test_usage_glossary_explains_every_column() -> None:
     assert not missing, f"docs/usage.md glossary lacks {sorted(missing)}"
 
 
-def test_an_unregistered_metric_is_refused() -> None:
-    """A loss that reports a name the registry does not know fails loudly (its column would
-    otherwise be dropped from metrics.csv without a word)."""
-    from agents import agent as agent_module
+def test_an_unregistered_metric_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss that reports a name the registry does not know fails loudly at the first read
+    of its metrics (its column would otherwise be dropped from metrics.csv without a word)."""
+    from cp3er import run_metrics
 
-    saved = dict(agent_module.UPDATE_METRICS)
-    agent_module.UPDATE_METRICS.pop("q_mean")
-    try:
-        with pytest.raises(KeyError, match=r"\['q_mean'\] are not in agents.metrics"):
-            _update_metrics(AGENT_OVERRIDES["cp3er"])
-    finally:
-        agent_module.UPDATE_METRICS.clear()
-        agent_module.UPDATE_METRICS.update(saved)
+    metrics = _update_metrics(AGENT_OVERRIDES["cp3er"])
+    registry = {k: v for k, v in run_metrics.UPDATE_METRICS.items() if k != "q_mean"}
+    monkeypatch.setattr(run_metrics, "UPDATE_METRICS", registry)
+    reader = run_metrics.UpdateMetrics(torch.nn.Linear(1, 1), every=1, queued={})
+    with pytest.raises(KeyError, match=r"\['q_mean'\] are not in agents.metrics"):
+        reader.add(1, 0, metrics)

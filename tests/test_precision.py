@@ -38,7 +38,7 @@ def _run(agent: Agent, obs_dim: int) -> list[dict[str, float]]:
     for i in range(UPDATES):
         batch = random_state_batch(obs_dim, size=16, seed=i)
         torch.manual_seed(100 + i)
-        metrics.append(agent.update(batch))
+        metrics.append({k: float(v) for k, v in agent.update(batch).items()})
     return metrics
 
 

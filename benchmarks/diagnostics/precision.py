@@ -52,7 +52,7 @@ def run(cfg, precision: str, batches: list, device: torch.device) -> dict:
     for i, batch in enumerate(batches):
         torch.manual_seed(1000 + i)
         start = time.perf_counter()
-        metrics = agent.update(batch.to(device))  # reads the metrics: synchronised
+        metrics = {k: float(v) for k, v in agent.update(batch.to(device)).items()}  # synced
         times.append(time.perf_counter() - start)
         for key in LOSSES:
             losses[key].append(metrics[key])

@@ -4,7 +4,7 @@ The update is DrQ-v2's (Yarats et al. 2021, ``drqv2.py``): encode the augmented 
 step the critic (which trains the encoder), step the actor on the same features detached
 with the updated critic, then Polyak-average the target critic. A CP3ER run distilling from
 a diffusion teacher steps the teacher between critic and actor. The losses are the agents'
-``LossModule`` s (``agents.cp3er.CP3ERLoss``, ``agents.drqv2.DrQV2Loss``).
+``LossModule`` s (``agents.consistency_policy.CP3ERLoss``, ``agents.drqv2.DrQV2Loss``).
 
 ``perf.precision``: ``tf32`` allows TF32 CUDA matmuls/convolutions for the whole update;
 ``bf16`` runs the forward computations under bfloat16 autocast, losses cast back to

@@ -12,7 +12,7 @@ from torchrl.objectives import LossModule, SoftUpdate
 
 from agents.agent import Agent
 from agents.augment import RandomShift
-from agents.cp3er import (
+from agents.consistency_policy import (
     CP3ERLoss,
     QSelectedPolicy,
     make_consistency_actor,

@@ -22,7 +22,7 @@ from tensordict import TensorDictBase
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from agents.cp3er import DETERMINISTIC_MODES, set_deterministic_mode
+from agents.consistency_policy import DETERMINISTIC_MODES, set_deterministic_mode
 from cp3er.faults import NumericalError, check_finite_actions
 from cp3er.stats import bootstrap_mean_ci, interquartile_mean
 

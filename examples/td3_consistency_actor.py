@@ -23,7 +23,7 @@ from torchrl.modules import MLP, ValueOperator
 from torchrl.objectives import SoftUpdate, TD3Loss
 from tqdm import tqdm
 
-from agents.cp3er import ConsistencyRegularizer, make_consistency_actor
+from agents.consistency_policy import ConsistencyRegularizer, make_consistency_actor
 from cp3er.evaluate import run_episodes
 from cp3er.logs import quiet_torchrl
 from cp3er.threads import add_device_threads_arguments, apply_threads

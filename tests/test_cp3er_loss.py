@@ -9,7 +9,7 @@ from tensordict.nn import TensorDictModule
 from torchrl.objectives import SoftUpdate
 
 from agents.augment import RandomShift
-from agents.cp3er import CP3ERLoss, make_consistency_actor, make_denoiser, make_policy
+from agents.consistency_policy import CP3ERLoss, make_consistency_actor, make_denoiser, make_policy
 from agents.critic import MoGCritic
 from agents.encoder import PixelEncoder, StateEncoder
 from cp3er.consistency import ConsistencyDistillationLoss

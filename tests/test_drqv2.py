@@ -11,7 +11,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import SoftUpdate
 
 from agents.agent import Agent
-from agents.cp3er import make_policy
+from agents.consistency_policy import make_policy
 from agents.drqv2 import (
     DoubleQCritic,
     DrQV2Loss,

@@ -14,7 +14,7 @@ from tensordict.nn import TensorDictModule
 from torchrl.objectives import SoftUpdate
 
 from agents.agent import Agent
-from agents.cp3er import CP3ERLoss, make_consistency_actor, make_policy
+from agents.consistency_policy import CP3ERLoss, make_consistency_actor, make_policy
 from agents.critic import MoGCritic
 from agents.encoder import StateEncoder
 from cp3er.config_schema import CONFIG_DIR

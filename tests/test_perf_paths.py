@@ -13,7 +13,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from agents.build import compile_networks
-from agents.cp3er import CP3ERLoss, make_consistency_actor
+from agents.consistency_policy import CP3ERLoss, make_consistency_actor
 from agents.critic import MoGCritic
 from agents.encoder import PixelEncoder
 from cp3er.consistency import ConditionalMLP, ProjectedCondition

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from agents.cp3er import make_consistency_actor
+from agents.consistency_policy import make_consistency_actor
 from agents.policy_stats import action_spread, bound_fraction
 
 

@@ -12,7 +12,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from agents.cp3er import CP3ERLoss, QSelectedPolicy, make_consistency_actor
+from agents.consistency_policy import CP3ERLoss, QSelectedPolicy, make_consistency_actor
 from agents.critic import MoGCritic
 from agents.policy_stats import action_spread, bound_fraction
 from agents.stability import AdaptiveWeight, bound_penalty, normalized_q_term

@@ -8,7 +8,7 @@ from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.objectives import SoftUpdate
 
-from agents.cp3er import ConsistencyRegularizer, make_consistency_actor
+from agents.consistency_policy import ConsistencyRegularizer, make_consistency_actor
 from agents.drqv2 import make_drqv2_actor
 from examples.td3_consistency_actor import build
 from examples.td3_consistency_actor import main as example_main

@@ -21,7 +21,7 @@ from torchrl.modules import MLP, ValueOperator
 from torchrl.objectives import SoftUpdate, TD3Loss
 
 from agents.build import build_agent
-from agents.cp3er import (
+from agents.consistency_policy import (
     ConsistencyRegularizedLoss,
     ConsistencyRegularizer,
     CP3ERLoss,

@@ -3,10 +3,10 @@ prefers the action bounds? ``python benchmarks/diagnostics/actor_balance.py [--u
 [--seeds 2]`` prints one JSON object (docs/results/actor_balance.json).
 
 A controlled stand-in for the pixel runs' actor step (docs/results, "Diagnosis"): the
-production :meth:`agents.cp3er.CP3ERLoss.actor_loss` on the profile's actor (3 x 1024, trunk
-to 50, clamp, Adam lr 1e-4), the critic replaced by a *fixed* function, the replay holding
-uniform random actions only (the most favourable replay for the entropy term). Critics,
-with ``u(s) = tanh(3 W s)``, ``a*(s) = 0.5 tanh(W s)``:
+production :meth:`agents.consistency_policy.CP3ERLoss.actor_loss` on the profile's actor
+(3 x 1024, trunk to 50, clamp, Adam lr 1e-4), the critic replaced by a *fixed* function,
+the replay holding uniform random actions only (the most favourable replay for the entropy
+term). Critics, with ``u(s) = tanh(3 W s)``, ``a*(s) = 0.5 tanh(W s)``:
 
 - ``none``: Q = 0, the control (the policy should spread like the replay, ~0.58);
 - ``linear``: Q = slope * u(s) . a, best on the bound sign(u(s)); slopes 0.05 and 0.15 vary
@@ -29,7 +29,7 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torch import nn
 
-from agents.cp3er import CP3ERLoss, make_consistency_actor
+from agents.consistency_policy import CP3ERLoss, make_consistency_actor
 from agents.policy_stats import action_spread, bound_fraction
 
 #: name: (critic kind, slope, batch size, lambda)

@@ -1,12 +1,9 @@
 """The training run: collect -> store -> update -> evaluate -> checkpoint (:meth:`Trainer.run`).
 
-DrQ-v2's schedule (Yarats et al. 2021; the CP3ER reference keeps it): uniform random
-actions for the first ``schedule.explore_frames`` frames, no update before
-``schedule.seed_frames``, then one every ``schedule.update_every_steps`` agent steps; an
-evaluation every ``schedule.eval_every_frames`` frames on an env of its own whose
-transitions never enter the replay buffer. Frames = agent steps x action repeat.
-Checkpoints, resume, signals and faults: docs/checkpoints.md. The command line:
-:mod:`cp3er.train_cli`.
+DrQ-v2's schedule (Yarats et al. 2021; kept by the CP3ER reference): random actions for
+``explore_frames``, updates from ``seed_frames`` on, one per ``update_every_steps`` agent
+steps, an evaluation (own env, never replayed) every ``eval_every_frames``. Frames = agent
+steps x action repeat. Checkpoints and faults: docs/checkpoints.md; CLI: cp3er.train_cli.
 """
 
 from __future__ import annotations
@@ -94,9 +91,8 @@ class Trainer:
         self._last_obs: torch.Tensor | None = None  # newest collected observation
         self._succeeded: set[int] = set()  # trajectory ids of episodes that succeeded so far
         self.speed = SpeedReport(cfg.frames)
-        # the uniform random policy's return (console.random_reference), or why not measured
-        self.random_reference: dict | None = None
-        self.random_note: str | None = None
+        self.random_reference: dict | None = None  # console.random_reference's, at the end
+        self.random_note: str | None = None  # or why it was not measured
         if resume_state is not None:  # before config.yaml: a refused resume leaves it as it was
             self._restore(resume_state, replay_dir)
         self.update_metrics = UpdateMetrics(self.agent.loss, cfg.log.metrics_every_updates,

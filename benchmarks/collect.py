@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cp3er.plot import PlotError, eval_rows, find_run_dirs, load_run, summarize
+from cp3er.plot import summarize
+from cp3er.run_data import PlotError, eval_rows, find_run_dirs, load_run
 from cp3er.stats import bootstrap_mean_ci
 
 COLUMNS = ["task", "agent", "obs", "seed", "frames", "final_return", "best_return",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cp3er.plot import RANDOM_POLICY_FILE
+from cp3er.run_data import RANDOM_POLICY_FILE
 
 LOG = logging.getLogger("cp3er.console")
 
@@ -143,7 +143,7 @@ def random_reference(cfg: DictConfig, run_dir: Path, frames: int
                      ) -> tuple[dict | None, str | None]:
     """``(summary, None)`` of :data:`RANDOM_EPISODES` uniform-random episodes on the run's
     task from states (same returns as pixels, no rendering), cached in
-    :data:`~cp3er.plot.RANDOM_POLICY_FILE`; ``(None, reason)`` when too costly
+    :data:`~cp3er.run_data.RANDOM_POLICY_FILE`; ``(None, reason)`` when too costly
     (:data:`RANDOM_SHARE`) or failed. It draws from torch's global RNG: the run's RNG
     states are restored afterwards."""
     from envs import TASKS

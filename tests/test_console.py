@@ -24,7 +24,8 @@ from cp3er import console, plot
 from cp3er.config_schema import CONFIG_DIR
 from cp3er.evaluate import main as evaluate_main
 from cp3er.evaluate import random_policy_summary
-from cp3er.plot import RANDOM_POLICY_FILE, plot_learning_curve
+from cp3er.plot import plot_learning_curve
+from cp3er.run_data import RANDOM_POLICY_FILE
 from cp3er.toy import main as toy_main
 from cp3er.train import Trainer
 from cp3er.train_cli import _end_line, cli

@@ -334,7 +334,7 @@ def test_damaged_run_files_and_nan_rows_are_one_line_each(dmc_runs, tmp_path, ca
 def test_collect_reports_the_collapse_metrics_at_the_end_of_each_run(tmp_path) -> None:
     """bound_frac_end / spread_end: means over the train rows of the last 10% of the run's
     frames; a run (DrQ-v2) that logs no spread gets an empty cell."""
-    from cp3er.plot import Run
+    from cp3er.run_data import Run
 
     collect = benchmark_module("collect")
     rows = [{"frame": str(f), "phase": "train", "action_bound_frac": str(f / 100_000),

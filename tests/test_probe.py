@@ -15,7 +15,7 @@ from tiny_run import tiny_cfg
 from cp3er import builders
 from cp3er.builders import load_agent_for_eval, restore_agent_for_eval
 from cp3er.checkpoint import load_checkpoint
-from cp3er.plot import read_metrics
+from cp3er.run_data import read_metrics
 from cp3er.train import Trainer
 
 

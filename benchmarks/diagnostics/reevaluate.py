@@ -28,7 +28,7 @@ import torch
 from cp3er.builders import restore_agent_for_eval
 from cp3er.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from cp3er.evaluate import run_episodes, summarize
-from cp3er.plot import PlotError, eval_rows, load_run
+from cp3er.run_data import PlotError, eval_rows, load_run
 from cp3er.stats import aggregate_metrics
 
 

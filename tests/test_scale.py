@@ -120,7 +120,7 @@ def test_the_slurm_preset_renders_an_sbatch_script(tmp_path: Path, monkeypatch) 
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v
                                   for k, v in params.items()})
-    script = executor._executor._make_submission_file_text("python -m cp3er.train", "uid")
+    script = executor._executor._make_submission_file_text("python -m cp3er.train_cli", "uid")
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=1440",
                  "#SBATCH --signal=USR2@300", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --mem=64GB", "export MUJOCO_GL=egl"):

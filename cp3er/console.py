@@ -48,9 +48,9 @@ def say(message: str) -> None:
     Hydra's job logging is set up."""
     from tqdm import tqdm
 
+    LOG.info(message)  # first: a line seen on stderr is already in train.log
     tqdm.write(f"cp3er-train: {message}", file=sys.stderr)
     sys.stderr.flush()
-    LOG.info(message)
 
 
 def plural(count: int, noun: str) -> str:

@@ -1,8 +1,8 @@
 """Collect a task x agent x seed grid of run folders into a CSV, a Markdown table and a PNG.
 
-``python benchmarks/collect.py <grid_dir> --out <prefix> [--min-frames N]`` reads the run
-folders under ``grid_dir`` that have an evaluation (others: a line on stderr) and writes
-``<prefix>.csv`` (a row per run, with its ``cp3er-train`` command from Hydra's
+``python benchmarks/collect.py <grid_dir> --out <prefix> [--min-frames N] [--seeds 1,2]``
+reads the run folders under ``grid_dir`` that have an evaluation (others: a line on
+stderr) and writes ``<prefix>.csv`` (a row per run, with its ``cp3er-train`` command from Hydra's
 ``overrides.yaml`` less ``resume`` and ``log.progress``: a resumed run is the same run;
 ``bound_frac_end`` / ``spread_end`` are means over the train rows of its last 10% of
 frames), ``<prefix>_table.md`` (mean final return per task and agent, 95% bootstrap CI over
@@ -10,7 +10,8 @@ seeds), ``<prefix>.png`` and ``<prefix>_aggregate.json`` (``cp3er-plot``'s curve
 aggregates) and ``<prefix>_collapse.png`` (``action_bound_frac`` and ``action_spread`` of
 the train rows over frames, a panel per task and metric). ``--min-frames``: a run whose
 last evaluation is before frame N keeps its CSV row only; without it every run's last
-evaluation is its final score, whatever frame it reached.
+evaluation is its final score, whatever frame it reached. ``--seeds``: likewise for runs of
+other seeds (a balanced comparison while a later seed is still running).
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-frames", type=int, default=0,
                         help="leave runs that stopped before this frame out of the table, "
                              "plot and aggregates (they stay in the CSV)")
+    parser.add_argument("--seeds", type=lambda text: {int(s) for s in text.split(",")},
+                        default=None, help="e.g. 1,2: compare only these seeds (a balanced "
+                        "grid while a later seed is incomplete); the rest stay in the CSV")
     args = parser.parse_args(argv)
     try:
         paths, rows = [], []
@@ -168,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             raise PlotError(f"no run under {args.grid_dir} has an evaluation yet")
         compared = []  # (path, row) of the runs that reached --min-frames
         for path, row in zip(paths, rows, strict=True):
-            if row["frames"] >= args.min_frames:
+            if args.seeds is not None and row["seed"] not in args.seeds:
+                print(f"collect: left out of the table, plot and aggregates: {path} (seed "
+                      f"{row['seed']} not in --seeds)", file=sys.stderr)
+            elif row["frames"] >= args.min_frames:
                 compared.append((path, row))
             else:
                 print(f"collect: left out of the table, plot and aggregates: {path} stopped "

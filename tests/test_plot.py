@@ -277,6 +277,22 @@ def test_collect_min_frames_compares_runs_at_equal_frames(dmc_runs: list[Path],
     assert "no run under" in capsys.readouterr().err
 
 
+
+def test_collect_seeds_compares_a_balanced_grid(dmc_runs: list[Path], tmp_path: Path,
+                                                capsys) -> None:
+    """``--seeds 0,1``: the seed-2 runs keep their CSV rows and leave the table and the
+    aggregates (a later seed still running must not tilt the comparison)."""
+    collect = benchmark_module("collect")
+    out = tmp_path / "out" / "grid"
+    assert collect.main([str(tmp_path), "--out", str(out), "--seeds", "0,1"]) == 0
+    assert "(seed 2 not in --seeds)" in capsys.readouterr().err
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(dmc_runs)
+    aggregate = json.loads(Path(f"{out}_aggregate.json").read_text())["aggregate"]
+    finals = [*FINAL[("cheetah_run", "cp3er")][:2], *FINAL[("walker_walk", "cp3er")][:2]]
+    assert aggregate["cp3er"]["runs"] == 4
+    assert aggregate["cp3er"]["mean"] == pytest.approx(np.mean(finals) / 1000)
+
 def test_cp3er_plot_of_one_run_draws_its_own_curves(tmp_path, capsys):
     """One run: the figure is the run's eval and train curves (the learning-curve figure),
     not a comparison with single-score aggregate panels."""

@@ -123,9 +123,9 @@ class SpeedReport:
         self._mark: tuple[int, int, float] | None = None  # (updates, frame, time) at the start
 
     def tick(self, updates: int, frame: int) -> None:
-        now = time.perf_counter()
         if self.done:
             return
+        now = time.perf_counter()
         if self._mark is None:
             self._mark = (updates, frame, now)
             return

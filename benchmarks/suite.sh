@@ -19,8 +19,9 @@
 # first job that is neither finished (its learning_curve.png, written when a run
 # completes) nor held by another lane (an flock on $OUT/.locks/<run>.lock, released when
 # its holder exits or dies): more lanes can be started at any time with another
-# invocation, and lanes of a stopped suite never block a later one. A run stopped by
-# SIGTERM/SIGINT (checkpoint written, see README) stops its lane too: send the signal to
+# invocation, and lanes of a stopped suite never block a later one. A lane reads the job
+# list again before each pick, so lines can be added or reordered while the suite runs.
+# A run stopped by SIGTERM/SIGINT (checkpoint written, see README) stops its lane too: send the signal to
 # the cp3er-train processes to stop a suite; the next invocation resumes them.
 # A run folder held by another process (exit 75) is skipped.
 set -euo pipefail
@@ -37,7 +38,6 @@ OUT=${OUT:-runs/cpu_pixels/main}
 JOBS=${JOBS:-benchmarks/cpu_pixel_main.txt}
 LANES=${LANES:-2}
 mkdir -p "$OUT/.locks"
-mapfile -t LINES < <(grep -v '^\s*\(#\|$\)' "$JOBS")
 
 run_job() {  # run_job task agent seed [label [override ...]]: 0 ran, 1 skipped, 2 stopped
   local task=$1 agent=$2 seed=$3 label=${4:-$2}
@@ -73,10 +73,11 @@ run_job() {  # run_job task agent seed [label [override ...]]: 0 ran, 1 skipped,
 }
 
 lane() {  # a lane: run the first available job, until none is left
-  local line code
+  local line code lines
   while true; do
     local ran=false
-    for line in "${LINES[@]}"; do
+    mapfile -t lines < <(grep -v '^\s*\(#\|$\)' "$JOBS")  # read again: edits apply at the next pick
+    for line in "${lines[@]}"; do
       read -r -a job <<< "$line"
       code=0
       run_job "${job[@]}" || code=$?

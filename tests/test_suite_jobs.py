@@ -63,3 +63,29 @@ def test_suite_refuses_an_unknown_profile(tmp_path: Path) -> None:
     assert "unknown PROFILE=cpu_nope" in result.stderr
     assert "cpu_pixels" in result.stderr and "cpu_states" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lane_reads_the_job_list_again_before_each_pick(tmp_path: Path) -> None:
+    # a stand-in cp3er-train that records its task, finishes the run (learning_curve.png),
+    # and on the first job appends a job to the list while the suite runs
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "cp3er-train"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'for a in "$@"; do case $a in\n'
+        '  run_dir=*) d=${a#run_dir=};; task=*) t=${a#task=};; esac; done\n'
+        'mkdir -p "$d"; echo "$t" >> "$RAN"\n'
+        '[ "$t" = first ] && echo "added cp3er 1" >> "$JOBS"\n'
+        'touch "$d/learning_curve.png"\n')
+    fake.chmod(0o755)
+    jobs, ran = tmp_path / "jobs.txt", tmp_path / "ran.txt"
+    jobs.write_text("# a job list\nfirst cp3er 1\nsecond cp3er 1\n")
+    env = {**os.environ, "PROFILE": "cpu_states", "OUT": str(tmp_path / "out"), "LANES": "1",
+           "JOBS": str(jobs), "RAN": str(ran), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert ran.read_text().split() == ["first", "second", "added"]
+    log = (tmp_path / "out" / "lane.log").read_text()
+    assert log.count(" end ") == 3

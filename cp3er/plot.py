@@ -40,7 +40,7 @@ from cp3er.run_data import (
     run_series,
     warn,
 )
-from cp3er.stats import AGGREGATES, aggregate_metrics
+from cp3er.stats import AGGREGATES, aggregate_metrics, pairwise_improvement
 
 # -- figures ----------------------------------------------------------------------------
 
@@ -199,11 +199,10 @@ def summarize(run_dirs: Sequence[str | Path], out_png: str | Path,
         warn("Meta-World returns are not on DMC's 0-1000 scale; the aggregates divide "
               "them by 1000 anyway (use --metric success for Meta-World)")
     curves = learning_curves(groups, metric, phase, reps, seed)
-    aggregate = {
-        agent: aggregate_metrics({t: normalize(s, metric) for t, s in by_task.items()},
-                                 reps, seed)
-        for agent, by_task in sorted(final_scores(groups, metric).items())
-    }
+    normalized = {agent: {t: normalize(s, metric) for t, s in by_task.items()}
+                  for agent, by_task in sorted(final_scores(groups, metric).items())}
+    aggregate = {agent: aggregate_metrics(by_task, reps, seed)
+                 for agent, by_task in normalized.items()}
     if len(unique) == 1:
         # one run: its own eval and train curves; aggregates of a single score would be
         # panels with nothing to compare
@@ -214,6 +213,7 @@ def summarize(run_dirs: Sequence[str | Path], out_png: str | Path,
         "curves": {t: {a: c.to_json() for a, c in by_agent.items()}
                    for t, by_agent in curves.items()},
         "aggregate": aggregate,
+        "probability_of_improvement": pairwise_improvement(normalized, reps, seed),
         "metric": metric,
         "phase": phase,
         "normalization": f"{metric} / {SCORE_SCALE[metric]:g}",
@@ -253,6 +253,10 @@ def _table(report: dict) -> str:
                  for name in AGGREGATES]
         lines.append(f"  {agent} ({agg['runs']} runs, {len(agg['tasks'])} tasks): "
                      + "  ".join(cells))
+    for pair, value in report.get("probability_of_improvement", {}).items():
+        low, high = value["ci"]
+        lines.append(f"  P({pair}) {value['probability']:.3f} [{low:.3f}, {high:.3f}] "
+                     f"over {len(value['tasks'])} tasks")
     return "\n".join(lines)
 
 

@@ -21,7 +21,9 @@ __all__ = [
     "bootstrap_mean_ci",
     "interquartile_mean",
     "optimality_gap",
+    "pairwise_improvement",
     "percentile_ci",
+    "probability_of_improvement",
     "stratified_bootstrap_ci",
 ]
 
@@ -103,4 +105,49 @@ def aggregate_metrics(scores_by_task: dict[str, np.ndarray], reps: int = 2000, s
         result[f"{name}_ci"] = list(stratified_bootstrap_ci(per_task, statistic, reps, seed))
     result["runs"] = len(pooled)
     result["tasks"] = tasks
+    return result
+
+
+def _improvement(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """P(X > Y) on one task from runs ``x [..., n]`` and ``y [..., m]``: the Mann-Whitney U
+    statistic over ``n m`` (pairs won, ties half)."""
+    wins = x[..., :, None] - y[..., None, :]
+    return np.mean((wins > 0) + 0.5 * (wins == 0), axis=(-2, -1))
+
+
+def probability_of_improvement(x_by_task: Sequence[np.ndarray], y_by_task: Sequence[np.ndarray],
+                               reps: int = 2000, seed: int = 0) -> dict:
+    """P(X > Y): the chance that a run of X beats a run of Y on a task drawn at random, the
+    mean over tasks of the Mann-Whitney U statistic (rliable ``probability_of_improvement``,
+    Agarwal et al. 2021, Sec. 4.3), with a 95% CI from a stratified bootstrap that resamples
+    X's and Y's runs of each task independently. Tasks pair up by position."""
+    if len(x_by_task) != len(y_by_task) or not x_by_task:
+        raise ValueError("probability_of_improvement needs the same tasks, at least one, "
+                         f"for X and Y (got {len(x_by_task)} and {len(y_by_task)})")
+    rng = np.random.default_rng(seed)
+    point, samples = [], []
+    for x, y in zip(x_by_task, y_by_task, strict=True):
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        point.append(_improvement(x, y))
+        samples.append(_improvement(x[rng.integers(0, len(x), size=(reps, len(x)))],
+                                    y[rng.integers(0, len(y), size=(reps, len(y)))]))
+    low, high = percentile_ci(np.mean(samples, axis=0))
+    return {"probability": float(np.mean(point)), "ci": [float(low), float(high)]}
+
+
+def pairwise_improvement(scores: dict[str, dict[str, np.ndarray]], reps: int = 2000,
+                         seed: int = 0) -> dict[str, dict]:
+    """``{"a > b": probability_of_improvement(...)}`` for each pair of agents of
+    ``{agent: {task: normalized scores}}``, ``a`` before ``b`` in name order (P(b > a) is one
+    minus it), over the tasks both ran; a pair without a common task is left out."""
+    agents = sorted(scores)
+    result = {}
+    for i, a in enumerate(agents):
+        for b in agents[i + 1:]:
+            tasks = sorted(set(scores[a]) & set(scores[b]))
+            if tasks:
+                result[f"{a} > {b}"] = {
+                    **probability_of_improvement([scores[a][t] for t in tasks],
+                                                 [scores[b][t] for t in tasks], reps, seed),
+                    "tasks": tasks}
     return result

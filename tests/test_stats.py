@@ -12,6 +12,8 @@ from cp3er.stats import (
     bootstrap_mean_ci,
     interquartile_mean,
     optimality_gap,
+    pairwise_improvement,
+    probability_of_improvement,
 )
 
 
@@ -56,3 +58,34 @@ def test_optimality_gap_clips_scores_above_one():
     assert agg["optimality_gap"] == pytest.approx(0.25)
     assert agg["mean"] == pytest.approx(1.0)
 
+
+
+def test_probability_of_improvement_is_the_mean_over_tasks_of_mann_whitney_u():
+    rng = np.random.default_rng(5)
+    x = [rng.normal(0.6, 0.1, 5), rng.normal(0.2, 0.1, 3), np.array([0.3, 0.3, 0.5])]
+    y = [rng.normal(0.5, 0.1, 4), rng.normal(0.3, 0.1, 3), np.array([0.3, 0.1, 0.3])]
+    expected = np.mean([scipy_stats.mannwhitneyu(a, b).statistic / (len(a) * len(b))
+                        for a, b in zip(x, y, strict=True)])  # scipy's U counts a tie as half a win
+    forward, backward = probability_of_improvement(x, y), probability_of_improvement(y, x)
+    assert forward["probability"] == pytest.approx(expected)
+    assert forward["probability"] + backward["probability"] == pytest.approx(1.0)
+    low, high = forward["ci"]
+    assert 0.0 < low < forward["probability"] < high < 1.0
+
+
+def test_probability_of_improvement_of_a_dominating_and_an_identical_agent():
+    x, y = [np.array([0.9, 0.8]), np.array([0.5])], [np.array([0.1, 0.2]), np.array([0.4])]
+    assert probability_of_improvement(x, y) == {"probability": 1.0, "ci": [1.0, 1.0]}
+    same = probability_of_improvement(x, x)
+    assert same["probability"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same tasks"):
+        probability_of_improvement(x, y[:1])
+
+
+def test_pairwise_improvement_pairs_agents_in_name_order_over_common_tasks():
+    scores = {"b": {"t1": np.array([0.2]), "t2": np.array([0.9])},
+              "a": {"t1": np.array([0.5])},
+              "c": {"t3": np.array([0.1])}}
+    pairs = pairwise_improvement(scores, reps=50)
+    assert list(pairs) == ["a > b"]  # c shares no task with a or b
+    assert pairs["a > b"]["probability"] == 1.0 and pairs["a > b"]["tasks"] == ["t1"]

@@ -42,11 +42,15 @@ suite: $(STAMP)
 
 ## state-suite: CP3ER (paper and stable preset) vs DrQ-v2 from states, 6 tasks x 3 seeds x
 ## 100k frames at batch 256 (+profile=cpu_states; resumable lanes, one run per core;
-## benchmarks/state_suite.txt), then its CSV / table / plots (docs/results, "Collapse remedies")
+## benchmarks/state_suite.txt), then its CSV / table / plots (docs/results, "Collapse remedies"):
+## the 3-seed grid, and seed 1 with each remedy alone
 state-suite: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH PROFILE=cpu_states OUT=runs/state_suite \
 	  JOBS=benchmarks/state_suite.txt bash benchmarks/suite.sh
-	$(BIN)/python benchmarks/collect.py runs/state_suite --out runs/state_suite/state_suite --min-frames 100000
+	$(BIN)/python benchmarks/collect.py runs/state_suite --out runs/state_suite/state_suite \
+	  --min-frames 100000 --agents cp3er,cp3er-stable,drqv2
+	$(BIN)/python benchmarks/collect.py runs/state_suite --out runs/state_suite/state_remedies \
+	  --min-frames 100000 --seeds 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

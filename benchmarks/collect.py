@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=lambda text: {int(s) for s in text.split(",")},
                         default=None, help="e.g. 1,2: compare only these seeds (a balanced "
                         "grid while a later seed is incomplete); the rest stay in the CSV")
+    parser.add_argument("--agents", type=lambda text: set(text.split(",")), default=None,
+                        help="e.g. cp3er,drqv2: compare only these agents (labels), as the "
+                        "main grid beside extra variants of one seed; the rest stay in the CSV")
     args = parser.parse_args(argv)
     try:
         paths, rows = [], []
@@ -175,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.seeds is not None and row["seed"] not in args.seeds:
                 print(f"collect: left out of the table, plot and aggregates: {path} (seed "
                       f"{row['seed']} not in --seeds)", file=sys.stderr)
+            elif args.agents is not None and row["agent"] not in args.agents:
+                print(f"collect: left out of the table, plot and aggregates: {path} (agent "
+                      f"{row['agent']} not in --agents)", file=sys.stderr)
             elif row["frames"] >= args.min_frames:
                 compared.append((path, row))
             else:

@@ -11,7 +11,8 @@
 #   python benchmarks/collect.py runs/cpu_pixels --out docs/results/cpu_pixels --min-frames 60000
 #   make state-suite                                       # = the two lines below
 #   PROFILE=cpu_states OUT=runs/state_suite JOBS=benchmarks/state_suite.txt bash benchmarks/suite.sh
-#   python benchmarks/collect.py runs/state_suite --out docs/results/state_suite --min-frames 100000
+#   python benchmarks/collect.py runs/state_suite --out docs/results/state_suite --min-frames 100000 \
+#     --agents cp3er,cp3er-stable,drqv2
 #
 # A job is one line "task agent seed [label [override ...]]"; the run folder is
 # $OUT/<task>_<label>_s<seed> (label defaults to the agent) and the label names the run in

@@ -293,6 +293,22 @@ def test_collect_seeds_compares_a_balanced_grid(dmc_runs: list[Path], tmp_path: 
     assert aggregate["cp3er"]["runs"] == 4
     assert aggregate["cp3er"]["mean"] == pytest.approx(np.mean(finals) / 1000)
 
+
+def test_collect_agents_compares_only_the_named_agents(dmc_runs: list[Path], tmp_path: Path,
+                                                       capsys) -> None:
+    """``--agents cp3er``: the other agent's runs keep their CSV rows and leave the table,
+    the aggregates and the pairwise comparisons."""
+    collect = benchmark_module("collect")
+    out = tmp_path / "out" / "grid"
+    assert collect.main([str(tmp_path), "--out", str(out), "--agents", "cp3er"]) == 0
+    assert "(agent drqv2 not in --agents)" in capsys.readouterr().err
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(dmc_runs)
+    report = json.loads(Path(f"{out}_aggregate.json").read_text())
+    assert list(report["aggregate"]) == ["cp3er"]
+    assert report["probability_of_improvement"] == {}
+    assert "drqv2" not in Path(f"{out}_table.md").read_text()
+
 def test_cp3er_plot_of_one_run_draws_its_own_curves(tmp_path, capsys):
     """One run: the figure is the run's eval and train curves (the learning-curve figure),
     not a comparison with single-score aggregate panels."""

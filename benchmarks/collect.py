@@ -176,17 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         compared = []  # (path, row) of the runs that reached --min-frames
         for path, row in zip(paths, rows, strict=True):
             if args.seeds is not None and row["seed"] not in args.seeds:
-                print(f"collect: left out of the table, plot and aggregates: {path} (seed "
-                      f"{row['seed']} not in --seeds)", file=sys.stderr)
+                why = f"(seed {row['seed']} not in --seeds)"
             elif args.agents is not None and row["agent"] not in args.agents:
-                print(f"collect: left out of the table, plot and aggregates: {path} (agent "
-                      f"{row['agent']} not in --agents)", file=sys.stderr)
-            elif row["frames"] >= args.min_frames:
-                compared.append((path, row))
+                why = f"(agent {row['agent']} not in --agents)"
+            elif row["frames"] < args.min_frames:
+                why = f"stopped at frame {row['frames']} (< --min-frames {args.min_frames})"
             else:
-                print(f"collect: left out of the table, plot and aggregates: {path} stopped "
-                      f"at frame {row['frames']} (< --min-frames {args.min_frames})",
-                      file=sys.stderr)
+                compared.append((path, row))
+                continue
+            print(f"collect: left out of the table, plot and aggregates: {path} {why}",
+                  file=sys.stderr)
         if not compared:
             raise PlotError(f"no run under {args.grid_dir} reached frame {args.min_frames}")
         report = summarize([path for path, _ in compared], args.out.with_suffix(".png"))

@@ -22,8 +22,8 @@
 # its holder exits or dies): more lanes can be started at any time with another
 # invocation, and lanes of a stopped suite never block a later one. A lane reads the job
 # list again before each pick, so lines can be added or reordered while the suite runs.
-# A run stopped by SIGTERM/SIGINT (checkpoint written, see README) stops its lane too: send the signal to
-# the cp3er-train processes to stop a suite; the next invocation resumes them.
+# A run stopped by SIGTERM/SIGINT (checkpoint written, see README) stops its lane too: send
+# the signal to the cp3er-train processes to stop a suite; the next invocation resumes them.
 # A run folder held by another process (exit 75) is skipped.
 set -euo pipefail
 if ! command -v cp3er-train > /dev/null; then

@@ -253,7 +253,7 @@ def _table(report: dict) -> str:
                  for name in AGGREGATES]
         lines.append(f"  {agent} ({agg['runs']} runs, {len(agg['tasks'])} tasks): "
                      + "  ".join(cells))
-    for pair, value in report.get("probability_of_improvement", {}).items():
+    for pair, value in report["probability_of_improvement"].items():
         low, high = value["ci"]
         lines.append(f"  P({pair}) {value['probability']:.3f} [{low:.3f}, {high:.3f}] "
                      f"over {len(value['tasks'])} tasks")

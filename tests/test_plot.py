@@ -277,7 +277,6 @@ def test_collect_min_frames_compares_runs_at_equal_frames(dmc_runs: list[Path],
     assert "no run under" in capsys.readouterr().err
 
 
-
 def test_collect_seeds_compares_a_balanced_grid(dmc_runs: list[Path], tmp_path: Path,
                                                 capsys) -> None:
     """``--seeds 0,1``: the seed-2 runs keep their CSV rows and leave the table and the
@@ -308,6 +307,7 @@ def test_collect_agents_compares_only_the_named_agents(dmc_runs: list[Path], tmp
     assert list(report["aggregate"]) == ["cp3er"]
     assert report["probability_of_improvement"] == {}
     assert "drqv2" not in Path(f"{out}_table.md").read_text()
+
 
 def test_cp3er_plot_of_one_run_draws_its_own_curves(tmp_path, capsys):
     """One run: the figure is the run's eval and train curves (the learning-curve figure),

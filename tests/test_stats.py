@@ -59,7 +59,6 @@ def test_optimality_gap_clips_scores_above_one():
     assert agg["mean"] == pytest.approx(1.0)
 
 
-
 def test_probability_of_improvement_is_the_mean_over_tasks_of_mann_whitney_u():
     rng = np.random.default_rng(5)
     x = [rng.normal(0.6, 0.1, 5), rng.normal(0.2, 0.1, 3), np.array([0.3, 0.3, 0.5])]

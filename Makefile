@@ -43,7 +43,8 @@ suite: $(STAMP)
 ## state-suite: CP3ER (paper and stable preset) vs DrQ-v2 from states, 6 tasks x 3 seeds x
 ## 100k frames at batch 256 (+profile=cpu_states; resumable lanes, one run per core;
 ## benchmarks/state_suite.txt), then its CSV / table / plots (docs/results, "Collapse remedies"):
-## the 3-seed grid, and seed 1 with each remedy alone
+## the 3-seed grid, seed 1 with each remedy alone, and the candidate (the bound penalty
+## alone) on its 3 seeds beside the grid
 state-suite: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH PROFILE=cpu_states OUT=runs/state_suite \
 	  JOBS=benchmarks/state_suite.txt bash benchmarks/suite.sh
@@ -51,6 +52,8 @@ state-suite: $(STAMP)
 	  --min-frames 100000 --agents cp3er,cp3er-stable,drqv2
 	$(BIN)/python benchmarks/collect.py runs/state_suite --out runs/state_suite/state_remedies \
 	  --min-frames 100000 --seeds 1
+	$(BIN)/python benchmarks/collect.py runs/state_suite --out runs/state_suite/state_candidate \
+	  --min-frames 100000 --seeds 1,2,3 --agents cp3er,cp3er-penalty1,cp3er-stable,drqv2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,6 +20,7 @@ JOB_LISTS = {
     "cpu_pixel_main.txt": "cpu_pixels",
     "cpu_pixel_ablations.txt": "cpu_pixels",
     "cpu_pixel_stable.txt": "cpu_pixels",
+    "cpu_pixel_penalty.txt": "cpu_pixels",
     "state_screen.txt": "cpu_states",
     "state_suite.txt": "cpu_states",
 }

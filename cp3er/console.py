@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,19 +19,25 @@ LOG = logging.getLogger("cp3er.console")
 
 #: A run expected to take longer than this (seconds) says so at its start.
 LONG_RUN_S = 3600.0
-#: Training frames per second measured in docs/performance.md, by (obs, device, actor
-#: trunk), with where they come from. A rough guide: other sizes run at other speeds.
-DOCUMENTED_FPS: dict[tuple[str, str, bool], tuple[float, str]] = {
-    ("pixels", "cpu", False): (3.3, "docs/performance.md: pixels on a 2-core CPU, the "
-                                    "paper's sizes"),
-    ("pixels", "cpu", True): (4.9, "docs/performance.md: pixels on a 2-core CPU, the paper's "
-                                   "sizes with the actor trunk"),
-    ("pixels", "cuda", False): (84.0, "docs/performance.md: pixels on one H200"),
-    ("pixels", "cuda", True): (84.0, "docs/performance.md: pixels on one H200"),
-    ("state", "cpu", False): (80.0, "+profile=cpu_states: 100,000 frames in 15-25 minutes on "
-                                    "one core at hidden_dim 256; larger networks are slower"),
-    ("state", "cpu", True): (80.0, "+profile=cpu_states: 100,000 frames in 15-25 minutes on "
-                                   "one core at hidden_dim 256; larger networks are slower"),
+#: Training frames per second measured in docs/performance.md and docs/implementation.md,
+#: by (obs, device, actor trunk, batch size), with where they come from. A rough guide:
+#: other sizes run at other speeds.
+DOCUMENTED_FPS: dict[tuple[str, str, bool, int], tuple[float, str]] = {
+    ("pixels", "cpu", False, 256): (3.3, "docs/performance.md: pixels on a 2-core CPU, the "
+                                         "paper's sizes"),
+    ("pixels", "cpu", True, 256): (4.9, "docs/performance.md: pixels on a 2-core CPU, the "
+                                        "paper's sizes with the actor trunk"),
+    # +profile=cpu_pixels: a 60k-frame run in 131 minutes (69 with the trunk) alone on a core
+    ("pixels", "cpu", False, 32): (7.6, "docs/implementation.md: the CPU pixel profile "
+                                        "without the actor trunk, one run per core"),
+    ("pixels", "cpu", True, 32): (14.5, "docs/implementation.md: the CPU pixel profile, one "
+                                        "run per core"),
+    ("pixels", "cuda", False, 256): (84.0, "docs/performance.md: pixels on one H200"),
+    ("pixels", "cuda", True, 256): (84.0, "docs/performance.md: pixels on one H200"),
+    ("state", "cpu", False, 256): (80.0, "+profile=cpu_states: 100,000 frames in 15-25 "
+                                         "minutes on one core at hidden_dim 256"),
+    ("state", "cpu", True, 256): (80.0, "+profile=cpu_states: 100,000 frames in 15-25 "
+                                        "minutes on one core at hidden_dim 256"),
 }
 #: Updates timed (from this process's first) before the measured estimate.
 TIMED_UPDATES = 50
@@ -87,11 +94,26 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def documented_fps(obs: str, device: str, trunk: bool, batch_size: int
+                   ) -> tuple[float, str] | None:
+    """:data:`DOCUMENTED_FPS` for these sizes; at another batch size, the figure measured at
+    the nearest one (by ratio) with the batch it was measured at named; ``None`` if none."""
+    figures = {batch: figure for (o, d, t, batch), figure in DOCUMENTED_FPS.items()
+               if (o, d, t) == (obs, device, trunk)}
+    if not figures:
+        return None
+    if batch_size in figures:
+        return figures[batch_size]
+    nearest = min(figures, key=lambda batch: abs(math.log(batch / batch_size)))
+    fps, source = figures[nearest]
+    return fps, f"{source}, measured at batch {nearest}, this run's is {batch_size}"
+
+
 def expected_duration(cfg: DictConfig, from_frame: int = 0) -> str | None:
     """The start-up line of a run expected (:data:`DOCUMENTED_FPS`) to take more than
     :data:`LONG_RUN_S`, else ``None``."""
     trunk = bool(cfg.agent.get("actor_trunk", False))
-    figure = DOCUMENTED_FPS.get((str(cfg.obs), str(cfg.device), trunk))
+    figure = documented_fps(str(cfg.obs), str(cfg.device), trunk, int(cfg.batch_size))
     frames = cfg.frames - from_frame
     if figure is None or frames / figure[0] <= LONG_RUN_S:
         return None

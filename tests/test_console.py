@@ -122,6 +122,15 @@ def test_a_long_run_states_its_expected_duration(talkative_run, tmp_path) -> Non
     assert "docs/performance.md" in line and "+profile=cpu_states" in line
     assert console.expected_duration(cfg("+profile=cpu_states", "task=cartpole_swingup")) is None
     assert console.expected_duration(cfg(name="demo")) is None  # 8,000 frames
+    # the CPU pixel profile's batch 32 has its own figures, with and without the trunk
+    profile = ("+profile=cpu_pixels", "task=cartpole_swingup")
+    assert console.expected_duration(cfg(*profile, "agent.actor_trunk=false")).startswith(
+        "expected duration about 2.2 hours: 60,000 frames at ~7.6 frames/s")
+    assert console.expected_duration(cfg(*profile)).startswith(
+        "expected duration about 69 minutes: 60,000 frames at ~14.5 frames/s")
+    # a batch size with no figure of its own borrows the nearest one's and says so
+    line = console.expected_duration(cfg("task=walker_walk", "obs=pixels", "device=cpu"))
+    assert "~3.3 frames/s" in line and "measured at batch 256, this run's is 512" in line
     assert console.measured_duration(3_000_000, 3.0, 50).endswith("about 12 days left for "
                                                                    "3,000,000 frames")
     assert console.measured_duration(1000, 100.0, 50) is None

@@ -43,8 +43,8 @@ suite: $(STAMP)
 ## state-suite: CP3ER (paper and stable preset) vs DrQ-v2 from states, 6 tasks x 3 seeds x
 ## 100k frames at batch 256 (+profile=cpu_states; resumable lanes, one run per core;
 ## benchmarks/state_suite.txt), then its CSV / table / plots (docs/results, "Collapse remedies"):
-## the 3-seed grid, seed 1 with each remedy alone, and the candidate (the bound penalty
-## alone) on its 3 seeds beside the grid
+## the 3-seed grid, seed 1 with each remedy alone, and the bound penalty alone (the best
+## remedy on states) on its 3 seeds beside the grid
 state-suite: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH PROFILE=cpu_states OUT=runs/state_suite \
 	  JOBS=benchmarks/state_suite.txt bash benchmarks/suite.sh

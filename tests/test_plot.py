@@ -252,17 +252,25 @@ def test_collect_writes_rows_tables_and_each_run_command(dmc_runs: list[Path],
     assert "| cheetah_run | cp3er |" in table and Path(f"{out}_aggregate.json").is_file()
 
 
-def test_collect_min_frames_compares_runs_at_equal_frames(dmc_runs: list[Path],
-                                                          tmp_path: Path, capsys) -> None:
+def collect_leaving_runs_out(runs: list[Path], tmp_path: Path, flags: list[str],
+                             capsys) -> tuple[Path, str]:
+    """Run collect.py with ``flags`` that leave some runs out of the comparison; check that
+    every run still has its CSV row. Returns the output prefix and collect's stderr."""
     collect = benchmark_module("collect")
     out = tmp_path / "out" / "grid"
-    assert collect.main([str(tmp_path), "--out", str(out), "--min-frames", "30000"]) == 0
-    short = tmp_path / "cheetah_run_cp3er_s2"  # its last evaluation is at 20k frames
+    assert collect.main([str(tmp_path), "--out", str(out), *flags]) == 0
     err = capsys.readouterr().err
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(runs)  # every run in the CSV
+    return out, err
+
+
+def test_collect_min_frames_compares_runs_at_equal_frames(dmc_runs: list[Path],
+                                                          tmp_path: Path, capsys) -> None:
+    out, err = collect_leaving_runs_out(dmc_runs, tmp_path, ["--min-frames", "30000"], capsys)
+    short = tmp_path / "cheetah_run_cp3er_s2"  # its last evaluation is at 20k frames
     assert (f"left out of the table, plot and aggregates: {short} stopped at frame 20000 "
             "(< --min-frames 30000)") in err
-    with open(out.with_suffix(".csv"), newline="") as handle:
-        assert len(list(csv.DictReader(handle))) == len(dmc_runs)  # every run in the CSV
     table = Path(f"{out}_table.md").read_text()
     # cheetah_run / cp3er: seeds 0 and 1 only (800, 850), all at 30k frames
     assert "| cheetah_run | cp3er | 825 [800, 850] | 2 | 30000 |" in table
@@ -270,6 +278,7 @@ def test_collect_min_frames_compares_runs_at_equal_frames(dmc_runs: list[Path],
     finals = [800.0, 850.0, *FINAL[("walker_walk", "cp3er")]]
     assert aggregate["cp3er"]["mean"] == pytest.approx(np.mean(finals) / 1000)
     # without it the short run's last evaluation (100 at 20k) is its final score
+    collect = benchmark_module("collect")
     assert collect.main([str(tmp_path), "--out", str(out)]) == 0
     table = Path(f"{out}_table.md").read_text()
     assert "| cheetah_run | cp3er | 583 " in table and "| 3 | 20000/30000 |" in table
@@ -281,12 +290,8 @@ def test_collect_seeds_compares_a_balanced_grid(dmc_runs: list[Path], tmp_path: 
                                                 capsys) -> None:
     """``--seeds 0,1``: the seed-2 runs keep their CSV rows and leave the table and the
     aggregates (a later seed still running must not tilt the comparison)."""
-    collect = benchmark_module("collect")
-    out = tmp_path / "out" / "grid"
-    assert collect.main([str(tmp_path), "--out", str(out), "--seeds", "0,1"]) == 0
-    assert "(seed 2 not in --seeds)" in capsys.readouterr().err
-    with open(out.with_suffix(".csv"), newline="") as handle:
-        assert len(list(csv.DictReader(handle))) == len(dmc_runs)
+    out, err = collect_leaving_runs_out(dmc_runs, tmp_path, ["--seeds", "0,1"], capsys)
+    assert "(seed 2 not in --seeds)" in err
     aggregate = json.loads(Path(f"{out}_aggregate.json").read_text())["aggregate"]
     finals = [*FINAL[("cheetah_run", "cp3er")][:2], *FINAL[("walker_walk", "cp3er")][:2]]
     assert aggregate["cp3er"]["runs"] == 4
@@ -297,12 +302,8 @@ def test_collect_agents_compares_only_the_named_agents(dmc_runs: list[Path], tmp
                                                        capsys) -> None:
     """``--agents cp3er``: the other agent's runs keep their CSV rows and leave the table,
     the aggregates and the pairwise comparisons."""
-    collect = benchmark_module("collect")
-    out = tmp_path / "out" / "grid"
-    assert collect.main([str(tmp_path), "--out", str(out), "--agents", "cp3er"]) == 0
-    assert "(agent drqv2 not in --agents)" in capsys.readouterr().err
-    with open(out.with_suffix(".csv"), newline="") as handle:
-        assert len(list(csv.DictReader(handle))) == len(dmc_runs)
+    out, err = collect_leaving_runs_out(dmc_runs, tmp_path, ["--agents", "cp3er"], capsys)
+    assert "(agent drqv2 not in --agents)" in err
     report = json.loads(Path(f"{out}_aggregate.json").read_text())
     assert list(report["aggregate"]) == ["cp3er"]
     assert report["probability_of_improvement"] == {}

@@ -24,7 +24,10 @@
 # list again before each pick, so lines can be added or reordered while the suite runs.
 # A run stopped by SIGTERM/SIGINT (checkpoint written, see README) stops its lane too: send
 # the signal to the cp3er-train processes to stop a suite; the next invocation resumes them.
-# A run folder held by another process (exit 75) is skipped.
+# A run folder held by another process (exit 75) is skipped. ARCHIVE=<folder> (optional)
+# also skips every job whose run was archived there as <folder>/<run>/metrics.csv (the
+# finished runs kept in docs/results/*_runs), so a suite resumes on a fresh machine whose
+# runs/ is empty, e.g. ARCHIVE=docs/results/state_suite_runs for state_suite.txt.
 set -euo pipefail
 if ! command -v cp3er-train > /dev/null; then
   echo "suite: cp3er-train is not on PATH (activate .venv)" >&2
@@ -38,6 +41,11 @@ fi
 OUT=${OUT:-runs/cpu_pixels/main}
 JOBS=${JOBS:-benchmarks/cpu_pixel_main.txt}
 LANES=${LANES:-2}
+ARCHIVE=${ARCHIVE:-}
+if [ -n "$ARCHIVE" ] && [ ! -d "$ARCHIVE" ]; then
+  echo "suite: ARCHIVE=$ARCHIVE is not a folder (leave it unset to run every job)" >&2
+  exit 2
+fi
 mkdir -p "$OUT/.locks"
 
 run_job() {  # run_job task agent seed [label [override ...]]: 0 ran, 1 skipped, 2 stopped
@@ -45,6 +53,7 @@ run_job() {  # run_job task agent seed [label [override ...]]: 0 ran, 1 skipped,
   local overrides=("${@:5}") name="${task}_${label}_s${seed}"
   local run_dir="$OUT/$name"
   [ -f "$run_dir/learning_curve.png" ] && return 1
+  [ -n "$ARCHIVE" ] && [ -f "$ARCHIVE/$name/metrics.csv" ] && return 1  # finished elsewhere
   [ -f "$OUT/.locks/$name.failed" ] && return 1  # a run that cannot start: see its log
   exec {lock}> "$OUT/.locks/$name.lock"
   if ! flock -n "$lock"; then exec {lock}>&-; return 1; fi

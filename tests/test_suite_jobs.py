@@ -66,9 +66,9 @@ def test_suite_refuses_an_unknown_profile(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_a_lane_reads_the_job_list_again_before_each_pick(tmp_path: Path) -> None:
-    # a stand-in cp3er-train that records its task, finishes the run (learning_curve.png),
-    # and on the first job appends a job to the list while the suite runs
+def _fake_train(tmp_path: Path) -> Path:
+    """A stand-in cp3er-train that records its task, finishes the run (learning_curve.png),
+    and on the job of task "first" appends a job to the list while the suite runs."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "cp3er-train"
@@ -80,6 +80,11 @@ def test_a_lane_reads_the_job_list_again_before_each_pick(tmp_path: Path) -> Non
         '[ "$t" = first ] && echo "added cp3er 1" >> "$JOBS"\n'
         'touch "$d/learning_curve.png"\n')
     fake.chmod(0o755)
+    return bin_dir
+
+
+def test_a_lane_reads_the_job_list_again_before_each_pick(tmp_path: Path) -> None:
+    bin_dir = _fake_train(tmp_path)
     jobs, ran = tmp_path / "jobs.txt", tmp_path / "ran.txt"
     jobs.write_text("# a job list\nfirst cp3er 1\nsecond cp3er 1\n")
     env = {**os.environ, "PROFILE": "cpu_states", "OUT": str(tmp_path / "out"), "LANES": "1",
@@ -90,3 +95,24 @@ def test_a_lane_reads_the_job_list_again_before_each_pick(tmp_path: Path) -> Non
     assert ran.read_text().split() == ["first", "second", "added"]
     log = (tmp_path / "out" / "lane.log").read_text()
     assert log.count(" end ") == 3
+
+
+def test_archived_runs_are_skipped_and_a_missing_archive_is_refused(tmp_path: Path) -> None:
+    bin_dir = _fake_train(tmp_path)
+    jobs, ran, archive = tmp_path / "jobs.txt", tmp_path / "ran.txt", tmp_path / "archive"
+    jobs.write_text("second cp3er 1\nthird cp3er 2 lbl x=1\nfourth cp3er 1\n")
+    (archive / "second_cp3er_s1").mkdir(parents=True)
+    (archive / "second_cp3er_s1" / "metrics.csv").write_text("frame\n")
+    (archive / "third_lbl_s2").mkdir()  # a folder without metrics.csv is not a finished run
+    env = {**os.environ, "PROFILE": "cpu_states", "OUT": str(tmp_path / "out"), "LANES": "1",
+           "JOBS": str(jobs), "RAN": str(ran), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT,
+                            env={**env, "ARCHIVE": str(archive)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert ran.read_text().split() == ["third", "fourth"]
+    missing = subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT,
+                             env={**env, "ARCHIVE": str(tmp_path / "nope")},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2
+    assert "ARCHIVE=" in missing.stderr and "is not a folder" in missing.stderr

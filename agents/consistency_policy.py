@@ -13,7 +13,7 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictSequential
 from tensordict.utils import NestedKey
-from torch import nn
+from torch import Tensor, nn
 from torchrl.data import Bounded, Composite, TensorSpec
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.objectives import LossModule
@@ -446,8 +446,9 @@ class CP3ERLoss(EncoderActorCriticLoss):
         metadata = {
             "actor_q": q.mean().detach(),
             "consistency_loss": consistency.mean().detach(),
-            "lambda_consistency": torch.as_tensor(weight, dtype=q.dtype,
-                                                  device=q.device).detach(),
+            # a fill, not torch.as_tensor(float, device=...): no host-to-device copy
+            "lambda_consistency": (weight.detach().to(q.dtype) if isinstance(weight, Tensor)
+                                   else q.new_full((), weight)),
             "action_spread": action_spread(samples),
             "action_bound_frac": bound_fraction(unit_action.detach()),
             "preclip_beyond_frac": (unclipped.detach().abs() > 1).float().mean(),

@@ -43,6 +43,10 @@ VARIANTS = [
     ("cp3er_distillation", ["obs=state", "agent.consistency.loss=distillation"]),
     ("cp3er_unshared", ["obs=state", "perf.share_condition=false",
                         "agent.consistency.coupling=generator"]),
+    ("cp3er_stable", ["obs=state", "agent=cp3er_stable"]),
+    ("cp3er_all_remedies", ["obs=state", "agent.stability.normalize_q=true",
+                            "agent.stability.target_spread=0.2",
+                            "agent.stability.actor_grad_clip=2.0"]),
 ]
 BATCH = 16
 
@@ -115,8 +119,10 @@ class HostReads(TorchDispatchMode):
 class HostMadeTensors(TorchFunctionMode):
     """Records every non-scalar tensor made by a :data:`HOST_FACTORIES` function from host
     data or without a ``device`` (the call as written: a ``TorchFunctionMode`` sees the
-    caller's arguments, before defaults are filled in). 0-d results are left out: a CPU
-    scalar tensor enters a GPU kernel as an argument, not as a copy."""
+    caller's arguments, before defaults are filled in). 0-d results left on the CPU are
+    left out: a CPU scalar tensor enters a GPU kernel as an argument, not as a copy; a 0-d
+    tensor made from a Python number with a ``device`` is not (on a GPU it is a copy: the
+    first GPU run failed its capture on ``torch.as_tensor(sigma_max, device=x.device)``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,11 +132,13 @@ class HostMadeTensors(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
+        sent = False  # host data sent to the update's device: a copy, whatever its size
         if name in ("tensor", "as_tensor"):  # from host data, not from a tensor
             on_host = not isinstance(args[0] if args else kwargs.get("data"), torch.Tensor)
+            sent = on_host and kwargs.get("device") is not None
         else:
             on_host = name in HOST_FACTORIES and kwargs.get("device") is None
-        if on_host and isinstance(out, torch.Tensor) and out.dim() > 0:
+        if on_host and isinstance(out, torch.Tensor) and (out.dim() > 0 or sent):
             self.made.append(f"torch.{name} on the host:\n" + _frames())
         return out
 

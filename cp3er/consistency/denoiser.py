@@ -81,7 +81,11 @@ class Denoiser(nn.Module):
 def batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     """Noise level(s) as a ``x.shape[:-1]`` tensor of ``x``'s dtype and device."""
     batch = x.shape[:-1]
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if not isinstance(sigma, Tensor):
+        # a fill on x's device: torch.as_tensor(float, device=cuda) is a host-to-device copy,
+        # which a CUDA graph capture refuses (perf.cuda_graph)
+        return x.new_full(batch, float(sigma))
+    sigma = sigma.to(dtype=x.dtype, device=x.device)
     if sigma.ndim == len(batch) + 1 and sigma.shape[-1] == 1:
         sigma = sigma.squeeze(-1)
     return sigma.expand(batch)

@@ -55,11 +55,17 @@ def test_every_job_composes_and_validates(name: str, tmp_path: Path) -> None:
             validate_config(cfg)
 
 
+def _run_suite(tmp_path: Path, bin_dir: Path, **settings: str) -> subprocess.CompletedProcess:
+    """benchmarks/suite.sh with OUT under ``tmp_path``, ``bin_dir`` first on PATH and
+    ``settings`` (PROFILE, LANES, JOBS, ARCHIVE...) as environment variables."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), **settings,
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_suite_refuses_an_unknown_profile(tmp_path: Path) -> None:
-    env = {**os.environ, "PROFILE": "cpu_nope", "OUT": str(tmp_path / "out"),
-           "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = _run_suite(tmp_path, ROOT / ".venv" / "bin", PROFILE="cpu_nope")
     assert result.returncode == 2
     assert "unknown PROFILE=cpu_nope" in result.stderr
     assert "cpu_pixels" in result.stderr and "cpu_states" in result.stderr
@@ -87,10 +93,8 @@ def test_a_lane_reads_the_job_list_again_before_each_pick(tmp_path: Path) -> Non
     bin_dir = _fake_train(tmp_path)
     jobs, ran = tmp_path / "jobs.txt", tmp_path / "ran.txt"
     jobs.write_text("# a job list\nfirst cp3er 1\nsecond cp3er 1\n")
-    env = {**os.environ, "PROFILE": "cpu_states", "OUT": str(tmp_path / "out"), "LANES": "1",
-           "JOBS": str(jobs), "RAN": str(ran), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = _run_suite(tmp_path, bin_dir, PROFILE="cpu_states", LANES="1", JOBS=str(jobs),
+                        RAN=str(ran))
     assert result.returncode == 0, result.stderr
     assert ran.read_text().split() == ["first", "second", "added"]
     log = (tmp_path / "out" / "lane.log").read_text()
@@ -104,15 +108,10 @@ def test_archived_runs_are_skipped_and_a_missing_archive_is_refused(tmp_path: Pa
     (archive / "second_cp3er_s1").mkdir(parents=True)
     (archive / "second_cp3er_s1" / "metrics.csv").write_text("frame\n")
     (archive / "third_lbl_s2").mkdir()  # a folder without metrics.csv is not a finished run
-    env = {**os.environ, "PROFILE": "cpu_states", "OUT": str(tmp_path / "out"), "LANES": "1",
-           "JOBS": str(jobs), "RAN": str(ran), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT,
-                            env={**env, "ARCHIVE": str(archive)},
-                            capture_output=True, text=True, timeout=60)
+    settings = {"PROFILE": "cpu_states", "LANES": "1", "JOBS": str(jobs), "RAN": str(ran)}
+    result = _run_suite(tmp_path, bin_dir, **settings, ARCHIVE=str(archive))
     assert result.returncode == 0, result.stderr
     assert ran.read_text().split() == ["third", "fourth"]
-    missing = subprocess.run(["bash", "benchmarks/suite.sh"], cwd=ROOT,
-                             env={**env, "ARCHIVE": str(tmp_path / "nope")},
-                             capture_output=True, text=True, timeout=60)
+    missing = _run_suite(tmp_path, bin_dir, **settings, ARCHIVE=str(tmp_path / "nope"))
     assert missing.returncode == 2
     assert "ARCHIVE=" in missing.stderr and "is not a folder" in missing.stderr

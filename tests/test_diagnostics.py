@@ -46,3 +46,28 @@ def test_mixture_critic_reaches_the_return_scale_slower_than_drqv2s() -> None:
     cp3er = critic_scale.run(*critic_scale.VARIANTS["cp3er_h256"], steps=1000, scale=100.0)
     assert drqv2[1000] < drqv2[500] and cp3er[1000] < cp3er[500]  # both learn
     assert drqv2[1000] < 10 and cp3er[1000] > 50
+
+
+def test_first_difference_finds_the_first_changed_row_and_ignores_timing(tmp_path) -> None:
+    """Rows matched by (phase, frame): a changed wall-clock column is not a difference, a
+    changed loss is; a row with no partner (a resumed run off the grid) is counted apart."""
+    first_difference = benchmark_module("first_difference")
+    header = "frame,step,phase,seconds,loss_actor,episode_return\n"
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "metrics.csv").write_text(
+        header + "1000,500,train,1.0,,10\n2000,1000,train,2.0,0.5,11\n"
+        "3000,1500,train,3.0,0.4,12\n4000,2000,eval,4.0,,30\n")
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    rows = ("1000,500,train,9.0,,10\n2500,1250,train,9.5,0.3,11\n2000,1000,train,9.9,0.5,11\n"
+            "3000,1500,train,10.0,0.41,12\n")
+    (variant / "metrics.csv").write_text(header + rows)
+    result = first_difference.first_difference(first_difference.read_rows(variant),
+                                               first_difference.read_rows(reference))
+    assert result["compared"] == 2 and result["unmatched"] == 1
+    assert result["first_difference"] == {"phase": "train", "frame": 3000,
+                                          "columns": {"loss_actor": ["0.41", "0.4"]}}
+    same = first_difference.first_difference(first_difference.read_rows(reference),
+                                             first_difference.read_rows(reference))
+    assert same["first_difference"] is None and same["last_frame"] == 4000

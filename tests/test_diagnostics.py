@@ -50,7 +50,7 @@ def test_mixture_critic_reaches_the_return_scale_slower_than_drqv2s() -> None:
 
 def test_first_difference_finds_the_first_changed_row_and_ignores_timing(tmp_path) -> None:
     """Rows matched by (phase, frame): a changed wall-clock column is not a difference, a
-    changed loss is; a row with no partner (a resumed run off the grid) is counted apart."""
+    changed loss is; a row with no partner (off the other run's frame grid) is counted apart."""
     first_difference = benchmark_module("first_difference")
     header = "frame,step,phase,seconds,loss_actor,episode_return\n"
     reference = tmp_path / "reference"

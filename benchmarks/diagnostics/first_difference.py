@@ -3,7 +3,7 @@
 A switch that changes nothing until some event (``agent.stability.actor_grad_clip``: the
 clip engages only when the actor's gradient norm exceeds it) leaves a run identical to the
 unswitched run of the same seed, row for row, until that event. Rows are matched by
-(phase, frame), so a run resumed off the 1,000-frame grid still lines up where it can;
+(phase, frame), so runs whose rows drift off the 1,000-frame grid line up where they can;
 timing columns and cells empty in either run are not compared. Prints JSON: rows compared,
 rows without a partner, and the first differing row with its differing columns (null when
 every matched row is equal).
